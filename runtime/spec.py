@@ -279,6 +279,64 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
+class ConditionType:
+    """FederatedJob condition types, named as states (Kubeflow Trainer's habit)."""
+
+    READY = "Ready"  # the coordinator is up and reachable
+    CONVERGED = "Converged"  # training stopped early: target accuracy or patience
+    BUDGET_EXHAUSTED = "BudgetExhausted"  # another round would exceed targetEpsilon
+    DEGRADED = "Degraded"  # the coordinator pod is failing or too few clients are live
+    INSECURE = "Insecure"  # in-cluster without TLS or a join token
+    SPEC_ACCEPTED = "SpecAccepted"  # the spec validated; False names the field and reason
+    SPEC_CHANGE_REFUSED = "SpecChangeRefused"  # an edit touched an immutable field
+
+
+class Reason:
+    """CamelCase reasons for conditions and events; Kubernetes' own where they fit."""
+
+    INVALID_SPEC = "InvalidSpec"  # validation failed; the message names the field
+    CREATED = "Created"  # children created for the job
+    COORDINATOR_READY = "CoordinatorReady"
+    COORDINATOR_NOT_READY = "CoordinatorNotReady"
+    COORDINATOR_FAILED = "CoordinatorFailed"
+    ROUND_COMPLETED = "RoundCompleted"
+    TARGET_ACCURACY_REACHED = "TargetAccuracyReached"
+    NO_IMPROVEMENT = "NoImprovement"  # patience ran out
+    ROUNDS_COMPLETED = "RoundsCompleted"  # all configured rounds ran
+    BUDGET_EXHAUSTED = "BudgetExhausted"
+    TOO_FEW_CLIENTS = "TooFewClients"  # a round closed below minClients, retries spent
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"
+    IMMUTABLE_FIELD = "ImmutableField"
+    STOPPED = "Stopped"
+
+
+def upsert_condition(
+    conditions: list[Condition],
+    *,
+    type: str,
+    status: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    now: str,
+    observed_generation: int | None = None,
+) -> list[Condition]:
+    """A new list with `type`'s condition set; lastTransitionTime moves only when the
+    status flips, as Kubernetes' meta.SetStatusCondition does."""
+    previous = next((c for c in conditions if c.type == type), None)
+    changed = previous is None or previous.status != status
+    updated = Condition(
+        type=type,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now if changed or previous is None else previous.last_transition_time,
+        observed_generation=observed_generation,
+    )
+    return [updated if c.type == type else c for c in conditions] if previous else [
+        *conditions, updated]
+
+
 class ClientCounts(_Model):
     registered: int = 0
     active: int = 0
