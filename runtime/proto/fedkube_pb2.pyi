@@ -165,7 +165,7 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("node_id", "round", "model_version", "num_samples", "metrics", "epsilon_spent", "delta", "payload")
+    __slots__ = ("node_id", "round", "model_version", "num_samples", "metrics", "epsilon_spent", "delta", "payload", "refusal_reason")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class UpdateHeader(_message.Message):
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_REASON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     round: int
     model_version: int
@@ -189,7 +190,8 @@ class UpdateHeader(_message.Message):
     epsilon_spent: float
     delta: float
     payload: str
-    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., payload: _Optional[str] = ...) -> None: ...
+    refusal_reason: str
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., payload: _Optional[str] = ..., refusal_reason: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "tensor")
