@@ -1,0 +1,194 @@
+"""Prometheus metrics of one coordinator.
+
+Each `CoordinatorMetrics` owns its own `CollectorRegistry` rather than the process-wide
+default one: tests and `fedkube run` can hold several coordinators in one process, and
+the default registry refuses a second metric of the same name. The round engine and the
+servicer call the typed methods below; nothing here knows about gRPC or Kubernetes.
+
+Names follow Prometheus' conventions (base units, `_total` on counters, `fedkube_` prefix):
+
+| metric | type | meaning |
+|---|---|---|
+| fedkube_rounds_total | counter | rounds closed and aggregated |
+| fedkube_round_duration_seconds | histogram | dispatch to aggregated model |
+| fedkube_updates_accepted_total | counter | client updates folded into a round |
+| fedkube_updates_rejected_total{reason} | counter | updates refused, by reason |
+| fedkube_bytes_received_total | counter | update bytes from clients |
+| fedkube_bytes_sent_total | counter | model bytes to clients |
+| fedkube_clients_registered | gauge | clients registered with the coordinator |
+| fedkube_clients_active | gauge | clients heard from recently |
+| fedkube_privacy_epsilon | gauge | DP budget spent so far |
+| fedkube_round_current | gauge | the round in progress or last closed |
+| fedkube_model_accuracy | gauge | test accuracy of the global model |
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+__all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics", "RejectReason"]
+
+# Rounds last from a fraction of a second (simulated clients on one machine) to tens of
+# minutes (phones that train only while charging); the default buckets stop at 10 s.
+ROUND_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+# A reason is a label value, and every distinct value is a new time series: only short
+# identifiers are allowed, so an error message can never end up as a label.
+_REASON = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+class RejectReason:
+    """Usual values of `reason` on fedkube_updates_rejected_total (others may be added,
+    as long as they are short snake_case identifiers)."""
+
+    UNKNOWN_NODE = "unknown_node"  # the node id was never registered, or was evicted
+    WRONG_ROUND = "wrong_round"  # the update answers a round that is not open
+    BAD_SHAPE = "bad_shape"  # tensor names or shapes differ from the global model
+    NON_FINITE = "non_finite"  # NaN or Inf in the update
+    OVERSIZE = "oversize"  # more bytes than the model could need
+    LATE = "late"  # arrived after the round closed
+    MALFORMED = "malformed"  # could not be decoded
+    UNAUTHENTICATED = "unauthenticated"  # missing or wrong join token
+    ROBUST_FILTERED = "robust_filtered"  # set aside by krum/median/trimmed mean/bulyan
+
+
+class CoordinatorMetrics:
+    """The coordinator's counters and gauges over a private registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        r = self.registry
+        self._rounds = Counter("fedkube_rounds", "Rounds closed and aggregated.", registry=r)
+        self._round_duration = Histogram(
+            "fedkube_round_duration_seconds",
+            "Time from dispatching a round's tasks to its aggregated model.",
+            buckets=ROUND_DURATION_BUCKETS, registry=r,
+        )
+        self._accepted = Counter(
+            "fedkube_updates_accepted", "Client updates folded into a round.", registry=r
+        )
+        self._rejected = Counter(
+            "fedkube_updates_rejected", "Client updates refused, by reason.", ["reason"],
+            registry=r,
+        )
+        self._bytes_received = Counter(
+            "fedkube_bytes_received", "Update bytes received from clients.", registry=r
+        )
+        self._bytes_sent = Counter(
+            "fedkube_bytes_sent", "Model bytes sent to clients.", registry=r
+        )
+        self._registered = Gauge(
+            "fedkube_clients_registered", "Clients registered with the coordinator.", registry=r
+        )
+        self._active = Gauge(
+            "fedkube_clients_active", "Clients that sent a heartbeat recently.", registry=r
+        )
+        self._epsilon = Gauge(
+            "fedkube_privacy_epsilon", "Differential-privacy budget spent so far.", registry=r
+        )
+        self._round = Gauge(
+            "fedkube_round_current", "The round in progress or last closed.", registry=r
+        )
+        self._accuracy = Gauge(
+            "fedkube_model_accuracy", "Test accuracy of the global model (0 to 1).", registry=r
+        )
+
+    # ------------------------------------------------------------------ recording
+
+    def round_completed(self, seconds: float) -> None:
+        """A round closed and was aggregated after `seconds` (from dispatch)."""
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"round duration must be a finite number >= 0, got {seconds}")
+        self._rounds.inc()
+        self._round_duration.observe(seconds)
+
+    def update_accepted(self) -> None:
+        """One client update was folded into the running aggregate."""
+        self._accepted.inc()
+
+    def update_rejected(self, reason: str) -> None:
+        """One client update was refused; `reason` is a snake_case identifier
+        (see `RejectReason`), never a free-text message."""
+        if not _REASON.match(reason):
+            raise ValueError(
+                f"reject reason must be a short snake_case identifier, got {reason!r}"
+            )
+        self._rejected.labels(reason=reason).inc()
+
+    def bytes_received(self, n: int) -> None:
+        """`n` bytes of update payload arrived from a client."""
+        self._bytes_received.inc(_non_negative(n, "bytes received"))
+
+    def bytes_sent(self, n: int) -> None:
+        """`n` bytes of model payload went to a client."""
+        self._bytes_sent.inc(_non_negative(n, "bytes sent"))
+
+    def clients(self, registered: int, active: int) -> None:
+        """Current client counts."""
+        _non_negative(registered, "registered clients")
+        _non_negative(active, "active clients")
+        if active > registered:
+            raise ValueError(f"active clients ({active}) exceed registered ({registered})")
+        self._registered.set(registered)
+        self._active.set(active)
+
+    def privacy_epsilon(self, eps: float) -> None:
+        """Privacy budget spent so far (infinite when noise was too small to bound it)."""
+        if math.isnan(eps) or eps < 0:
+            raise ValueError(f"epsilon must be >= 0, got {eps}")
+        self._epsilon.set(eps)
+
+    def accuracy(self, acc: float) -> None:
+        """Test accuracy of the newest global model, as a fraction."""
+        if not 0.0 <= acc <= 1.0:
+            raise ValueError(f"accuracy must lie in [0, 1], got {acc}")
+        self._accuracy.set(acc)
+
+    def round(self, n: int) -> None:
+        """The round now in progress (or last closed)."""
+        self._round.set(_non_negative(n, "round"))
+
+    # ------------------------------------------------------------------ exposing
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format (`CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP from a daemon thread; port 0 picks a free port.
+        Returns the port actually bound. Call `close()` to stop."""
+        if self._server is not None:
+            raise RuntimeError(f"metrics already served on port {self._server.server_port}")
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP server started by `serve` (no-op when none runs)."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+
+def _non_negative(n: int, what: str) -> int:
+    if n < 0:
+        raise ValueError(f"{what} must be >= 0, got {n}")
+    return n
