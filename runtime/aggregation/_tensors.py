@@ -1,0 +1,144 @@
+"""Shared checks and conversions for the aggregation rules.
+
+Every rule works on the same shape of data: a model's tensors by name, in state_dict
+order. Aggregation arithmetic runs in float64 and is cast back to each tensor's own dtype
+at the end, so float32 models lose nothing to summation order and integer buffers (such
+as BatchNorm's ``num_batches_tracked``) come back as integers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+Weights = dict[str, Tensor]
+"""A model's tensors by name, in state_dict order (a model, or a delta from one)."""
+
+ACCUMULATOR_DTYPE = torch.float64
+
+
+class TensorMeta(NamedTuple):
+    """What aggregation needs to know about one tensor of the template."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+Layout = tuple[TensorMeta, ...]
+
+
+def layout_of(template: Mapping[str, Tensor]) -> Layout:
+    """The names, shapes and dtypes of `template`, in its order.
+
+    Complex tensors are refused: averaging them in float64 would drop the imaginary
+    part silently, and no model in the zoo has any.
+    """
+    if not template:
+        raise ValueError("the template has no tensors")
+    metas = []
+    for name, tensor in template.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.is_complex():
+            raise TypeError(f"tensor {name!r}: complex dtype {tensor.dtype} is not supported")
+        metas.append(TensorMeta(name, tensor.shape, tensor.dtype, tensor.device))
+    return tuple(metas)
+
+
+def check_matches(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> None:
+    """Raise ValueError naming the first tensor of `update` that does not fit `layout`.
+
+    Checked: the same names (none missing, none extra), the same shapes, no complex
+    dtype, and only finite values in floating tensors (one NaN would poison the global
+    model for every later round).
+    """
+    expected = {meta.name for meta in layout}
+    missing = [meta.name for meta in layout if meta.name not in update]
+    if missing:
+        raise ValueError(f"{what} lacks tensor {missing[0]!r} ({len(missing)} missing)")
+    extra = [name for name in update if name not in expected]
+    if extra:
+        raise ValueError(f"{what} has unexpected tensor {extra[0]!r} ({len(extra)} extra)")
+    for meta in layout:
+        tensor = update[meta.name]
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{what} tensor {meta.name!r}: expected a torch.Tensor, "
+                f"got {type(tensor).__name__}"
+            )
+        if tensor.shape != meta.shape:
+            raise ValueError(
+                f"{what} tensor {meta.name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(meta.shape)}"
+            )
+        if tensor.is_complex():
+            raise ValueError(f"{what} tensor {meta.name!r}: complex dtype {tensor.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what} tensor {meta.name!r} contains NaN or Inf")
+
+
+def to_accumulator(tensor: Tensor, meta: TensorMeta) -> Tensor:
+    """`tensor` as float64 on the template's device (a copy whenever a cast is needed)."""
+    return tensor.detach().to(device=meta.device, dtype=ACCUMULATOR_DTYPE)
+
+
+def cast_back(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float64 result in the template's `dtype`.
+
+    Non-floating tensors are rounded half to even before the cast: a plain cast would
+    truncate towards zero, so the mean of counters 1 and 2 would become 1 and negative
+    deltas would drift upward.
+    """
+    if dtype.is_floating_point:
+        return value.to(dtype)
+    return torch.round(value).to(dtype)
+
+
+def flatten(updates: Sequence[Mapping[str, Tensor]], layout: Layout) -> Tensor:
+    """The updates as rows of one float64 matrix ``[len(updates), numel of the model]``.
+
+    Each update must already have passed `check_matches`.
+    """
+    rows = torch.empty(
+        (len(updates), sum(meta.numel for meta in layout)),
+        dtype=ACCUMULATOR_DTYPE,
+        device=layout[0].device,
+    )
+    offset = 0
+    for meta in layout:
+        end = offset + meta.numel
+        for row, update in enumerate(updates):
+            rows[row, offset:end] = to_accumulator(update[meta.name], meta).reshape(-1)
+        offset = end
+    return rows
+
+
+def unflatten(vector: Tensor, layout: Layout) -> Weights:
+    """Split a flat float64 vector back into tensors of the template's shapes and dtypes."""
+    out: Weights = {}
+    offset = 0
+    for meta in layout:
+        end = offset + meta.numel
+        out[meta.name] = cast_back(vector[offset:end].reshape(meta.shape), meta.dtype)
+        offset = end
+    return out
+
+
+def check_updates(updates: Sequence[Mapping[str, Tensor]]) -> Layout:
+    """The layout shared by all `updates` (taken from the first); ValueError otherwise."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    layout = layout_of(updates[0])
+    for index, update in enumerate(updates):
+        check_matches(layout, update, what=f"update {index}")
+    return layout

@@ -1,0 +1,114 @@
+"""Weighted averaging of client updates: the aggregation step of FedAvg.
+
+FedAvg (McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", Algorithm 1) averages client models weighted by their number of
+training examples. Clients send deltas, so the coordinator averages deltas the same way
+and the server optimizer (`server.py`) applies the mean.
+
+`WeightedSum` folds updates in as they arrive and keeps only one float64 accumulator per
+tensor: memory is O(model), whatever the number of clients. `weighted_mean` computes the
+same thing from a list in one go; it is the reference the streaming sum is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensors import (
+    ACCUMULATOR_DTYPE,
+    Weights,
+    cast_back,
+    check_matches,
+    layout_of,
+    to_accumulator,
+)
+
+
+class EmptyAggregationError(ValueError):
+    """A mean was asked of no updates."""
+
+
+def _check_weight(weight: float) -> float:
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+    return value
+
+
+class WeightedSum:
+    """A running weighted sum of updates shaped like `template`.
+
+    Every `add` validates the update completely before touching the accumulators, so a
+    rejected update leaves the sum exactly as it was. The template's tensors are not
+    kept, only their names, shapes, dtypes and devices.
+    """
+
+    def __init__(self, template: Mapping[str, Tensor]) -> None:
+        self._layout = layout_of(template)
+        self._sums = {
+            meta.name: torch.zeros(meta.shape, dtype=ACCUMULATOR_DTYPE, device=meta.device)
+            for meta in self._layout
+        }
+        self._count = 0
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many updates were added."""
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        """The sum of their weights."""
+        return self._total_weight
+
+    def add(self, update: Mapping[str, Tensor], weight: float) -> None:
+        """Fold `update` in with `weight` (> 0). `update` is not modified or kept.
+
+        Raises ValueError naming the tensor when names or shapes differ from the
+        template, or when a floating tensor holds NaN/Inf.
+        """
+        scale = _check_weight(weight)
+        check_matches(self._layout, update)
+        for meta in self._layout:
+            # In place on our own accumulator only; the caller's tensor is read once.
+            self._sums[meta.name].add_(to_accumulator(update[meta.name], meta), alpha=scale)
+        self._count += 1
+        self._total_weight += scale
+
+    def mean(self) -> Weights:
+        """The weighted mean so far, as new tensors in the template's dtypes."""
+        if self._count == 0:
+            raise EmptyAggregationError("no updates were added: the mean of nothing is undefined")
+        return {
+            meta.name: cast_back(self._sums[meta.name] / self._total_weight, meta.dtype)
+            for meta in self._layout
+        }
+
+
+def weighted_mean(pairs: Sequence[tuple[Mapping[str, Tensor], float]]) -> Weights:
+    """The weighted mean of (update, weight) pairs, in the first update's dtypes.
+
+    Holds every update at once (stacked per tensor); the coordinator uses `WeightedSum`.
+    """
+    if not pairs:
+        raise EmptyAggregationError("no updates to average")
+    layout = layout_of(pairs[0][0])
+    for index, (update, _) in enumerate(pairs):
+        check_matches(layout, update, what=f"update {index}")
+    weights = torch.tensor(
+        [_check_weight(weight) for _, weight in pairs],
+        dtype=ACCUMULATOR_DTYPE,
+        device=layout[0].device,
+    )
+    total = weights.sum()
+    out: Weights = {}
+    for meta in layout:
+        stacked = torch.stack([to_accumulator(update[meta.name], meta) for update, _ in pairs])
+        mixed = torch.tensordot(weights.to(meta.device), stacked, dims=1) / total.to(meta.device)
+        out[meta.name] = cast_back(mixed, meta.dtype)
+    return out
