@@ -51,18 +51,22 @@ class RegisterRequest(_message.Message):
     def __init__(self, join_token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., simulated_index: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("node_id", "job_name", "job_spec_json", "heartbeat_interval_seconds", "num_simulated_clients")
+    __slots__ = ("node_id", "job_name", "job_spec_json", "heartbeat_interval_seconds", "num_simulated_clients", "input_shape", "num_classes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     JOB_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NUM_SIMULATED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     job_name: str
     job_spec_json: str
     heartbeat_interval_seconds: float
     num_simulated_clients: int
-    def __init__(self, node_id: _Optional[str] = ..., job_name: _Optional[str] = ..., job_spec_json: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_simulated_clients: _Optional[int] = ...) -> None: ...
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, node_id: _Optional[str] = ..., job_name: _Optional[str] = ..., job_spec_json: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_simulated_clients: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "state", "epsilon_spent")

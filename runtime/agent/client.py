@@ -1,0 +1,217 @@
+"""The agent's loop: register, heartbeat, take tasks, train, upload; reconnect with
+backoff whenever the coordinator goes away. All I/O of the agent is here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from .. import wire
+from ..proto import fedkube_pb2 as pb
+from ..proto import fedkube_pb2_grpc as pb_grpc
+from ..spec import FederatedJobSpec
+from ..training import pick_device
+from .facts import device_facts
+from .trainer import LocalTrainer, Refusal
+
+log = logging.getLogger("fedkube.agent")
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 2 * wire.CHUNK_BYTES + (64 << 10)),
+    ("grpc.max_send_message_length", 2 * wire.CHUNK_BYTES + (64 << 10)),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+# Errors after which the agent reconnects instead of giving up.
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str
+    node_id: str = ""
+    device: str = "auto"
+    data_path: str | None = None
+    simulated_index: int | None = None
+    state_dir: Path = Path.home() / ".fedkube"
+    join_token: str = ""
+    tls_ca: Path | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    max_backoff: float = 10.0
+    give_up_after: float | None = None  # seconds without a coordinator; None: never
+
+
+class JobEnded(Exception):
+    """The coordinator said STOP."""
+
+
+class Disconnected(Exception):
+    """The task stream ended without a STOP: the coordinator went away."""
+
+
+def _channel(config: AgentConfig) -> grpc.aio.Channel:
+    if config.tls_ca is not None:
+        credentials = grpc.ssl_channel_credentials(config.tls_ca.read_bytes())
+        return grpc.aio.secure_channel(config.coordinator, credentials, options=GRPC_OPTIONS)
+    return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device = pick_device(None if config.device == "auto" else config.device)
+        self.node_id = config.node_id
+        self.trainer: LocalTrainer | None = None
+        self.state = "idle"
+
+    async def run(self) -> int:
+        """Returns the process exit code: 0 when the job ended, 2 when refused for good."""
+        backoff = 0.5
+        loop = asyncio.get_running_loop()
+        last_contact = loop.time()
+        while True:
+            try:
+                async with _channel(self.config) as channel:
+                    stub = pb_grpc.CoordinatorStub(channel)
+                    await self._register(stub)
+                    last_contact = loop.time()
+                    backoff = 0.5
+                    await self._serve(stub)
+            except JobEnded as ended:
+                log.info("job ended: %s", ended)
+                return 0
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _TRANSIENT:
+                    log.error("coordinator refused this agent: %s: %s", error.code().name,
+                              error.details())
+                    return 2
+                log.warning("coordinator unreachable (%s); retrying in %.1fs",
+                            error.code().name, backoff)
+            except Disconnected:
+                log.warning("coordinator closed the task stream; retrying in %.1fs", backoff)
+            gone_for = loop.time() - last_contact
+            if self.config.give_up_after is not None and gone_for > self.config.give_up_after:
+                log.error("no coordinator for %.0fs; giving up", gone_for)
+                return 1
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(self.config.max_backoff, backoff * 2)
+
+    async def _register(self, stub: pb_grpc.CoordinatorStub) -> None:
+        simulated = self.config.simulated_index is not None
+        samples = self.trainer.num_samples if self.trainer else 0
+        reply = await stub.Register(pb.RegisterRequest(
+            join_token=self.config.join_token, node_id=self.node_id,
+            facts=device_facts(self.device, labels=self.config.labels, num_samples=samples),
+            simulated_index=self.config.simulated_index or 0, simulated=simulated,
+        ), timeout=30)
+        self.node_id = reply.node_id
+        if self.trainer is None:
+            spec = FederatedJobSpec.model_validate_json(reply.job_spec_json)
+            self.trainer = await asyncio.to_thread(
+                LocalTrainer.create, spec=spec, job=reply.job_name, node_id=self.node_id,
+                device=self.device, input_shape=tuple(reply.input_shape),
+                num_classes=reply.num_classes, simulated_index=self.config.simulated_index,
+                num_simulated=reply.num_simulated_clients, data_path=self.config.data_path,
+                state_dir=self.config.state_dir)
+            # Tell the coordinator how much data we hold now that it is loaded.
+            await stub.Register(pb.RegisterRequest(
+                join_token=self.config.join_token, node_id=self.node_id,
+                facts=device_facts(self.device, labels=self.config.labels,
+                                   num_samples=self.trainer.num_samples),
+                simulated_index=self.config.simulated_index or 0, simulated=simulated,
+            ), timeout=30)
+        log.info("registered as %s for job %s", self.node_id, reply.job_name)
+
+    async def _serve(self, stub: pb_grpc.CoordinatorStub) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(stub))
+        try:
+            async for task in stub.StreamTasks(pb.StreamTasksRequest(node_id=self.node_id)):
+                if task.kind == pb.Task.STOP:
+                    raise JobEnded(task.reason or "stopped")
+                await self._handle(stub, task)
+            raise Disconnected("task stream ended")
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await heartbeat
+
+    async def _heartbeat(self, stub: pb_grpc.CoordinatorStub) -> None:
+        while True:
+            epsilon = self.trainer.epsilon_spent() if self.trainer else 0.0
+            try:
+                await stub.Heartbeat(pb.HeartbeatRequest(
+                    node_id=self.node_id, state=self.state, epsilon_spent=epsilon), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                log.debug("heartbeat failed: %s", error.code().name)
+            await asyncio.sleep(2.0)
+
+    async def _handle(self, stub: pb_grpc.CoordinatorStub, task: pb.Task) -> None:
+        assert self.trainer is not None
+        if self.trainer.drops_out():
+            log.info("round %d: simulated dropout, not answering", task.round)
+            return
+        refusal = self.trainer.refusal(task)
+        if refusal is not None:
+            await self._refuse(stub, task, refusal)
+            return
+        self.state = "training"
+        try:
+            global_weights = wire.from_chunks(
+                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+                    node_id=self.node_id, model_version=task.model_version))],
+                self.trainer.schema)
+            result = await asyncio.to_thread(self.trainer.train, task, global_weights)
+            self.state = "uploading"
+            header = pb.UpdateHeader(
+                node_id=self.node_id, round=task.round, model_version=task.model_version,
+                num_samples=result.num_samples, metrics=result.metrics,
+                epsilon_spent=result.epsilon, delta=result.delta, payload="delta")
+            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights,
+                                                           task.model_version))
+            log.info("round %d: %s (loss %.4f)", task.round, reply.message,
+                     result.metrics.get("loss", float("nan")))
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                grpc.StatusCode.ALREADY_EXISTS):
+                log.warning("round %d: update not taken: %s", task.round, error.details())
+            else:
+                raise
+        finally:
+            self.state = "idle"
+
+    async def _refuse(self, stub: pb_grpc.CoordinatorStub, task: pb.Task,
+                      refusal: Refusal) -> None:
+        log.warning("round %d: declining: %s", task.round, refusal.reason)
+        header = pb.UpdateHeader(
+            node_id=self.node_id, round=task.round, model_version=task.model_version,
+            payload="refusal", refusal_reason=refusal.reason, epsilon_spent=refusal.epsilon,
+            delta=refusal.delta)
+        try:
+            await stub.SubmitUpdate(_update_stream(header, {}, task.model_version))
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION,
+                                    grpc.StatusCode.ALREADY_EXISTS):
+                raise
+
+
+async def _update_stream(header: pb.UpdateHeader, weights: dict, version: int
+                         ) -> AsyncIterator[pb.UpdateChunk]:
+    yield pb.UpdateChunk(header=header)
+    for chunk in wire.to_chunks(weights, model_version=version):
+        yield pb.UpdateChunk(tensor=chunk)
+
+
+def run_agent(config: AgentConfig) -> int:
+    return asyncio.run(Agent(config).run())

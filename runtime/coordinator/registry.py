@@ -1,0 +1,135 @@
+"""Who has joined the job, who is alive, and how each client has behaved."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+
+from ..proto import fedkube_pb2 as pb
+from ..spec import ClientNodeSpec, ClientNodeStatus, ClientPhase, Device, Hardware, PrivacySpent
+
+
+@dataclass
+class Client:
+    node_id: str
+    spec: ClientNodeSpec
+    simulated_index: int | None
+    last_seen: float
+    tasks: asyncio.Queue[pb.Task] = field(default_factory=asyncio.Queue)
+    streaming: bool = False
+    state: str = "idle"
+    rounds_participated: int = 0
+    dispatched: int = 0
+    answered: int = 0
+    set_aside: int = 0
+    epsilon: float = 0.0
+    delta: float = 0.0
+
+    def phase(self, *, now: float, offline_after: float) -> ClientPhase:
+        if now - self.last_seen > offline_after:
+            return ClientPhase.offline
+        return ClientPhase.training if self.state in ("training", "uploading") else ClientPhase.ready
+
+    def status(self, *, job: str, now: float, offline_after: float, wall_now: float
+               ) -> ClientNodeStatus:
+        heartbeat = wall_now - (now - self.last_seen)
+        privacy = {job: PrivacySpent(epsilon=self.epsilon, delta=self.delta)} if self.epsilon else {}
+        return ClientNodeStatus(
+            phase=self.phase(now=now, offline_after=offline_after),
+            last_heartbeat=_iso(heartbeat),
+            rounds_participated=self.rounds_participated,
+            reliability=round(self.answered / self.dispatched, 4) if self.dispatched else None,
+            suspicion=round(self.set_aside / self.answered, 4) if self.answered else None,
+            privacy=privacy,
+        )
+
+
+def _iso(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+_NODE_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+
+
+class ClientRegistry:
+    """The clients of one job. Node ids are stable across agent and coordinator restarts,
+    so a client that comes back resumes its record instead of counting twice."""
+
+    def __init__(self, *, job: str, offline_after: float) -> None:
+        self.job = job
+        self.offline_after = offline_after
+        self._clients: dict[str, Client] = {}
+        self._counter = 0
+        self.changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self._clients
+
+    def get(self, node_id: str) -> Client | None:
+        return self._clients.get(node_id)
+
+    def register(self, request: pb.RegisterRequest) -> Client:
+        node_id = request.node_id.strip().lower()
+        if node_id and not _NODE_ID.match(node_id):
+            raise ValueError(
+                f"node_id {request.node_id!r} must be lowercase letters, digits, '-' or '.', "
+                "at most 63 characters")
+        if not node_id:
+            self._counter += 1
+            node_id = f"client-{self._counter:04d}"
+            while node_id in self._clients:
+                self._counter += 1
+                node_id = f"client-{self._counter:04d}"
+        facts = request.facts
+        device = facts.device if facts.device in Device.__members__ else "cpu"
+        spec = ClientNodeSpec(
+            node_id=node_id,
+            job=self.job,
+            device=Device(device),
+            hardware=Hardware(
+                platform=facts.platform, machine=facts.machine, cpus=facts.cpus,
+                memory_bytes=facts.memory_bytes, accelerator=facts.accelerator),
+            labels=dict(facts.labels),
+            data_size=max(0, facts.num_samples),
+        )
+        now = time.monotonic()
+        client = self._clients.get(node_id)
+        if client is None:
+            client = Client(
+                node_id=node_id, spec=spec,
+                simulated_index=request.simulated_index if request.simulated else None,
+                last_seen=now)
+            self._clients[node_id] = client
+        else:
+            client.spec = spec
+            client.last_seen = now
+            client.state = "idle"
+        self.changed.set()
+        return client
+
+    def heartbeat(self, node_id: str, state: str, epsilon: float) -> Client:
+        client = self._clients[node_id]
+        client.last_seen = time.monotonic()
+        client.state = state or client.state
+        client.epsilon = max(client.epsilon, epsilon)
+        return client
+
+    def live(self, selector: dict[str, str] | None = None) -> list[Client]:
+        """Clients seen recently, with a task stream open, matching the label selector."""
+        now = time.monotonic()
+        return [
+            c for c in self._clients.values()
+            if c.streaming and now - c.last_seen <= self.offline_after
+            and all(c.spec.labels.get(k) == v for k, v in (selector or {}).items())
+        ]
+
+    def all(self) -> list[Client]:
+        return list(self._clients.values())
+
+    def max_epsilon(self) -> float:
+        return max((c.epsilon for c in self._clients.values()), default=0.0)
