@@ -1,0 +1,55 @@
+"""The operator's own configuration: what a cluster admin sets (through the Helm chart's
+environment), as opposed to what a FederatedJob's author sets in the spec."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_IMAGE = "fedkube:0.1.0"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Knobs of the operator. `from_env` reads them as FEDKUBE_* variables."""
+
+    # Image of coordinator and agent pods when a job's spec.coordinator.image is unset.
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    # A ClientNode whose last heartbeat is older than this is marked Offline.
+    offline_after_seconds: float = 30.0
+    # How often job health (coordinator pod failing, children present) is checked.
+    health_interval_seconds: float = 10.0
+    # Port the coordinator serves Prometheus metrics on; 0 leaves metrics off.
+    coordinator_metrics_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.offline_after_seconds <= 0:
+            raise ValueError(f"offline_after_seconds must be > 0, got {self.offline_after_seconds}")
+        if self.health_interval_seconds <= 0:
+            raise ValueError(
+                f"health_interval_seconds must be > 0, got {self.health_interval_seconds}")
+        if not 0 <= self.coordinator_metrics_port <= 65535:
+            raise ValueError(f"coordinator_metrics_port out of range: {self.coordinator_metrics_port}")
+        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise ValueError(f"image_pull_policy must be Always, IfNotPresent or Never, got "
+                             f"{self.image_pull_policy!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Settings from FEDKUBE_IMAGE, FEDKUBE_IMAGE_PULL_POLICY,
+        FEDKUBE_OFFLINE_AFTER_SECONDS, FEDKUBE_HEALTH_INTERVAL_SECONDS and
+        FEDKUBE_COORDINATOR_METRICS_PORT; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            image=env.get("FEDKUBE_IMAGE") or defaults.image,
+            image_pull_policy=env.get("FEDKUBE_IMAGE_PULL_POLICY") or defaults.image_pull_policy,
+            offline_after_seconds=float(
+                env.get("FEDKUBE_OFFLINE_AFTER_SECONDS") or defaults.offline_after_seconds),
+            health_interval_seconds=float(
+                env.get("FEDKUBE_HEALTH_INTERVAL_SECONDS") or defaults.health_interval_seconds),
+            coordinator_metrics_port=int(
+                env.get("FEDKUBE_COORDINATOR_METRICS_PORT") or defaults.coordinator_metrics_port),
+        )

@@ -1,0 +1,257 @@
+"""The operator's pure builders: what a FederatedJob's children look like."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from fedkube.operator import resources as r
+from fedkube.operator.settings import OperatorSettings
+from fedkube.runtime.spec import FederatedJobSpec, parse_job, parse_job_spec
+
+JOB = r.JobRef(name="digits", namespace="team-a")
+SETTINGS = OperatorSettings(image="registry.local/fedkube:test")
+
+
+def _spec(**overrides: Any) -> FederatedJobSpec:
+    return parse_job_spec({"model": "mlp", "rounds": 3, **overrides})
+
+
+def _by_kind(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objs:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out
+
+
+def _container(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod_spec["containers"]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_children_of_a_simulated_job() -> None:
+    spec = _spec(simulation={"clients": 3})
+    children = r.job_children(JOB, spec, SETTINGS)
+    kinds = [c["kind"] for c in children]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
+                     "Deployment", "Pod", "Pod", "Pod"]
+    names = [c["metadata"]["name"] for c in children]
+    assert names[:6] == ["digits-coordinator"] * 3 + ["digits-spec"] + ["digits-coordinator"] * 2
+    assert names[6:] == ["digits-agent-0", "digits-agent-1", "digits-agent-2"]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert "ownerReferences" not in meta  # the handler adopts them
+        assert meta["labels"]["app.kubernetes.io/name"] == "fedkube"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "fedkube-operator"
+        assert meta["labels"]["fedkube.io/job"] == "digits"
+        assert meta["labels"]["app.kubernetes.io/component"] in ("coordinator", "agent")
+
+
+def test_no_agent_pods_without_simulation() -> None:
+    kinds = [c["kind"] for c in r.job_children(JOB, _spec(), SETTINGS)]
+    assert "Pod" not in kinds
+
+
+def test_config_map_holds_a_manifest_the_runtime_loads() -> None:
+    spec = _spec(clientsPerRound=2, simulation={"clients": 3}, privacy={
+        "mode": "local", "targetEpsilon": 3.0})
+    cm = r.spec_config_map(JOB, spec)
+    assert cm["metadata"]["name"] == "digits-spec"
+    manifest = yaml.safe_load(cm["data"]["job.yaml"])
+    job = parse_job(manifest)
+    assert (job.metadata.name, job.metadata.namespace) == ("digits", "team-a")
+    assert job.spec == spec
+
+
+def test_coordinator_deployment() -> None:
+    spec = _spec(coordinator={"port": 6000, "resources": {"limits": {"cpu": "2"}}})
+    dep = r.coordinator_deployment(JOB, spec, SETTINGS)
+    assert dep["metadata"]["name"] == "digits-coordinator"
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    template = dep["spec"]["template"]
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    pod = template["spec"]
+    assert pod["serviceAccountName"] == "digits-coordinator"
+    container = _container(pod)
+    assert container["name"] == "coordinator"
+    assert container["image"] == "registry.local/fedkube:test"
+    assert container["command"] == [
+        "fedkube", "coordinator", "--job", "/etc/fedkube/job.yaml", "--port", "6000",
+        "--kube", "--output", "/var/lib/fedkube"]
+    assert container["ports"] == [{"name": "grpc", "containerPort": 6000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert container["resources"] == {"limits": {"cpu": "2"}}
+    env = _env(container)
+    assert env["FEDKUBE_JOB_NAME"] == "digits"
+    assert env["FEDKUBE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/fedkube"]]["configMap"] == {"name": "digits-spec"}
+    assert volumes[mounts["/var/lib/fedkube"]] == {"name": "state", "emptyDir": {}}
+    assert "/tmp" in mounts
+
+
+def test_coordinator_is_hardened() -> None:
+    dep = r.coordinator_deployment(JOB, _spec(), SETTINGS)
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = _container(pod)["securityContext"]
+    assert ctx == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                   "capabilities": {"drop": ["ALL"]}}
+
+
+def test_checkpoint_claim_replaces_empty_dir() -> None:
+    dep = r.coordinator_deployment(JOB, _spec(coordinator={"checkpointVolumeClaim": "ckpt"}),
+                                   SETTINGS)
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"] == {"name": "state", "persistentVolumeClaim": {"claimName": "ckpt"}}
+
+
+def test_spec_image_wins_over_the_operator_default() -> None:
+    dep = r.coordinator_deployment(JOB, _spec(coordinator={"image": "mine:1"}), SETTINGS)
+    assert _container(dep["spec"]["template"]["spec"])["image"] == "mine:1"
+    assert r.image_of(_spec(), SETTINGS) == "registry.local/fedkube:test"
+
+
+def test_service_routes_the_grpc_port_to_the_coordinator() -> None:
+    spec = _spec(coordinator={"port": 6000})
+    svc = r.coordinator_service(JOB, spec, SETTINGS)
+    dep = r.coordinator_deployment(JOB, spec, SETTINGS)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"][0] == {"name": "grpc", "port": 6000, "targetPort": "grpc",
+                                      "protocol": "TCP", "appProtocol": "grpc"}
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    agent_labels = r.agent_pod(JOB, _spec(simulation={"clients": 1}), 0, SETTINGS)[
+        "metadata"]["labels"]
+    assert not svc["spec"]["selector"].items() <= agent_labels.items()
+
+
+def test_endpoint_names_the_service() -> None:
+    assert r.coordinator_endpoint(JOB, _spec()) == "digits-coordinator.team-a.svc:50051"
+
+
+def test_agent_pods() -> None:
+    spec = _spec(simulation={"clients": 2})
+    pods = r.agent_pods(JOB, spec, SETTINGS)
+    assert [p["metadata"]["name"] for p in pods] == ["digits-agent-0", "digits-agent-1"]
+    pod = pods[1]["spec"]
+    assert pod["restartPolicy"] == "OnFailure"
+    assert pod["automountServiceAccountToken"] is False
+    container = _container(pod)
+    assert container["command"] == [
+        "fedkube", "agent", "--coordinator", "digits-coordinator.team-a.svc:50051",
+        "--simulated-index", "1", "--node-id", "digits-agent-1", "--device", "cpu"]
+    assert "FEDKUBE_JOIN_TOKEN" not in _env(container)
+    with pytest.raises(ValueError, match="outside"):
+        r.agent_pod(JOB, spec, 2, SETTINGS)
+
+
+def test_join_token_reaches_coordinator_as_file_and_agents_as_env() -> None:
+    spec = _spec(simulation={"clients": 1}, coordinator={"joinTokenSecret": "fj-token"})
+    dep = r.coordinator_deployment(JOB, spec, SETTINGS)
+    pod = dep["spec"]["template"]["spec"]
+    command = _container(pod)["command"]
+    assert command[command.index("--join-token-file") + 1] == "/etc/fedkube-token/token"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["join-token"]["secret"]["secretName"] == "fj-token"
+    mounts = {m["name"]: m["mountPath"] for m in _container(pod)["volumeMounts"]}
+    assert mounts["join-token"] == "/etc/fedkube-token"
+    agent = _container(r.agent_pod(JOB, spec, 0, SETTINGS)["spec"])
+    assert _env(agent)["FEDKUBE_JOIN_TOKEN"] == {
+        "secretKeyRef": {"name": "fj-token", "key": "token"}}
+
+
+def test_tls_secret_gives_the_coordinator_its_key_and_agents_only_the_ca() -> None:
+    spec = _spec(simulation={"clients": 1}, coordinator={"tlsSecret": "fj-tls"})
+    pod = r.coordinator_deployment(JOB, spec, SETTINGS)["spec"]["template"]["spec"]
+    command = _container(pod)["command"]
+    assert command[command.index("--tls-cert") + 1] == "/etc/fedkube-tls/tls.crt"
+    assert command[command.index("--tls-key") + 1] == "/etc/fedkube-tls/tls.key"
+    agent_pod = r.agent_pod(JOB, spec, 0, SETTINGS)["spec"]
+    agent_command = _container(agent_pod)["command"]
+    assert agent_command[agent_command.index("--tls-ca") + 1] == "/etc/fedkube-tls/ca.crt"
+    (secret_volume,) = [v for v in agent_pod["volumes"] if "secret" in v]
+    assert secret_volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_metrics_port_is_opt_in() -> None:
+    assert "--metrics-port" not in r.coordinator_command(_spec(), SETTINGS)
+    settings = OperatorSettings(coordinator_metrics_port=9400)
+    command = r.coordinator_command(_spec(), settings)
+    assert command[command.index("--metrics-port") + 1] == "9400"
+    ports = r.coordinator_service(JOB, _spec(), settings)["spec"]["ports"]
+    assert [p["name"] for p in ports] == ["grpc", "metrics"]
+
+
+def test_coordinator_rbac_is_least_privilege() -> None:
+    role = r.coordinator_role(JOB)
+    grants = {(g, res, v) for rule in role["rules"] for g in rule["apiGroups"]
+              for res in rule["resources"] for v in rule["verbs"]}
+    assert grants == {
+        ("fedkube.io", "federatedjobs", "get"),
+        ("fedkube.io", "federatedjobs/status", "get"),
+        ("fedkube.io", "federatedjobs/status", "patch"),
+        ("fedkube.io", "clientnodes", "get"),
+        ("fedkube.io", "clientnodes", "list"),
+        ("fedkube.io", "clientnodes", "create"),
+        ("fedkube.io", "clientnodes", "patch"),
+        ("fedkube.io", "clientnodes/status", "get"),
+        ("fedkube.io", "clientnodes/status", "patch"),
+        ("", "events", "create"),
+    }
+    job_rules = [rule for rule in role["rules"] if "federatedjobs" in rule["resources"][0]]
+    assert all(rule["resourceNames"] == ["digits"] for rule in job_rules)
+    binding = r.coordinator_role_binding(JOB)
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "digits-coordinator", "namespace": "team-a"}]
+
+
+def test_running_children_leave_the_config_map() -> None:
+    spec = _spec(simulation={"clients": 2})
+    kinds = sorted(c["kind"] for c in r.running_children(JOB, spec, SETTINGS))
+    assert kinds == ["Deployment", "Pod", "Pod", "Service"]
+
+
+def test_builders_do_not_mutate_the_spec() -> None:
+    spec = _spec(simulation={"clients": 2}, coordinator={"joinTokenSecret": "t", "tlsSecret": "s"})
+    before = copy.deepcopy(spec.model_dump())
+    first = r.job_children(JOB, spec, SETTINGS)
+    r.job_children(JOB, spec, SETTINGS)[0]["metadata"]["labels"]["x"] = "y"
+    assert spec.model_dump() == before
+    assert "x" not in first[0]["metadata"]["labels"]
+    assert r.job_children(JOB, spec, SETTINGS) == first
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_children_are_valid_kubernetes_objects(secure: bool) -> None:
+    coordinator = ({"joinTokenSecret": "t", "tlsSecret": "s", "checkpointVolumeClaim": "c",
+                    "resources": {"requests": {"memory": "1Gi"}}} if secure else {})
+    spec = _spec(simulation={"clients": 2}, coordinator=coordinator)
+    settings = OperatorSettings(coordinator_metrics_port=9400 if secure else 0)
+    for child in r.job_children(JOB, spec, settings):
+        kubernetes_validate.validate(child, "1.34.0", strict=True)
+
+
+def test_settings_from_env() -> None:
+    settings = OperatorSettings.from_env({
+        "FEDKUBE_IMAGE": "x:1", "FEDKUBE_OFFLINE_AFTER_SECONDS": "2.5",
+        "FEDKUBE_COORDINATOR_METRICS_PORT": "9400"})
+    assert (settings.image, settings.offline_after_seconds, settings.coordinator_metrics_port) == (
+        "x:1", 2.5, 9400)
+    assert OperatorSettings.from_env({}) == OperatorSettings()
+    with pytest.raises(ValueError, match="offline_after_seconds"):
+        OperatorSettings.from_env({"FEDKUBE_OFFLINE_AFTER_SECONDS": "0"})
