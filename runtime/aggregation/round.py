@@ -1,0 +1,218 @@
+"""One round's aggregation, as the coordinator drives it.
+
+Updates are folded in as they arrive. Averaging strategies (fedavg, fedprox, fedadam,
+fedyogi) keep only a running weighted sum, so a round costs O(model) memory however many
+clients report. Robust rules need every update at once; they keep them in a buffer whose
+size the coordinator bounds. `finish` turns what arrived into the round's mean delta,
+which the coordinator hands to the `ServerOptimizer` from `server_optimizer_for`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..spec import ROBUST_STRATEGIES, StrategyName, StrategySpec
+from ._tensors import Weights, check_matches, layout_of
+from .robust import (
+    RobustResult,
+    bulyan,
+    bulyan_minimum,
+    coordinate_median,
+    krum,
+    krum_minimum,
+    trimmed_mean,
+)
+from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
+from .weighted import EmptyAggregationError, WeightedSum
+
+UpdateTransform = Callable[[Weights], Weights]
+"""Applied to each delta before it is aggregated (central DP clips here); must return
+new tensors shaped like its input and leave its input alone."""
+
+_SERVER_STEP: dict[StrategyName, ServerOptimizerName] = {
+    StrategyName.fedadam: "fedadam",
+    StrategyName.fedyogi: "fedyogi",
+}
+
+
+class BufferFullError(RuntimeError):
+    """A robust round was offered more updates than its buffer may hold."""
+
+
+@dataclass(frozen=True)
+class AggregateOutcome:
+    """The result of a round.
+
+    mean_delta: the aggregate delta to hand to the server optimizer.
+    used: node ids whose updates went into it, in arrival order.
+    set_aside: node ids a robust rule rejected (suspicion material), in arrival order.
+    """
+
+    mean_delta: Weights
+    used: tuple[str, ...]
+    set_aside: tuple[str, ...]
+
+
+def minimum_updates(strategy: StrategySpec) -> int:
+    """The fewest updates with which `strategy` can close a round."""
+    if strategy.name in (StrategyName.krum, StrategyName.multikrum):
+        return krum_minimum(strategy.byzantine)
+    if strategy.name is StrategyName.bulyan:
+        return bulyan_minimum(strategy.byzantine)
+    return 1
+
+
+def server_optimizer_for(strategy: StrategySpec) -> ServerOptimizer:
+    """The server step for `strategy`: fedadam and fedyogi are their own; fedavg, fedprox
+    (whose proximal term acts on clients only) and the robust rules apply their
+    aggregate with a plain fedavg step of size serverLearningRate."""
+    return ServerOptimizer(
+        ServerOptimizerConfig(
+            name=_SERVER_STEP.get(strategy.name, "fedavg"),
+            learning_rate=strategy.server_learning_rate,
+            beta1=strategy.beta1,
+            beta2=strategy.beta2,
+            tau=strategy.tau,
+        )
+    )
+
+
+class RoundAggregator:
+    """Collects one round's client deltas and aggregates them by `strategy`.
+
+    Averaging strategies weight each delta by its client's num_samples, or equally when
+    `uniform_weights` is set (DP-FedAvg, McMahan et al., 2018, "Learning Differentially
+    Private Recurrent Language Models", averages clipped updates with fixed weights so one
+    client's influence stays bounded). Robust rules ignore num_samples: weighting by a
+    number the client itself reports would hand attackers a lever.
+
+    `max_buffered` bounds how many updates a robust round holds (ignored, and may be 0,
+    for averaging strategies). Buffered deltas are kept by reference, never modified;
+    callers must not modify a delta after handing it over.
+    """
+
+    def __init__(
+        self,
+        strategy: StrategySpec,
+        template: Weights,
+        *,
+        max_buffered: int,
+        transform: UpdateTransform | None = None,
+        uniform_weights: bool = False,
+    ) -> None:
+        robust = strategy.name in ROBUST_STRATEGIES
+        # Averaging strategies buffer nothing, so 0 is fine for them; a robust round
+        # that may hold nothing could never aggregate.
+        least = 1 if robust else 0
+        if isinstance(max_buffered, bool) or not isinstance(max_buffered, int) or max_buffered < least:
+            raise ValueError(
+                f"max_buffered must be an integer >= {least} for strategy "
+                f"{strategy.name.value!r}, got {max_buffered!r}"
+            )
+        self._strategy = strategy
+        self._layout = layout_of(template)
+        self._max_buffered = max_buffered
+        self._transform = transform
+        self._uniform = uniform_weights
+        self._robust = robust
+        self._sum: WeightedSum | None = None if self._robust else WeightedSum(template)
+        self._buffer: list[Weights] = []
+        self._nodes: list[str] = []
+        self._finished = False
+
+    @property
+    def strategy(self) -> StrategySpec:
+        return self._strategy
+
+    @property
+    def count(self) -> int:
+        """How many updates were accepted."""
+        return len(self._nodes)
+
+    @property
+    def buffered(self) -> int:
+        """How many whole updates are held in memory (always 0 for averaging strategies)."""
+        return len(self._buffer)
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Who contributed, in arrival order."""
+        return tuple(self._nodes)
+
+    def add(self, node_id: str, delta: Mapping[str, Tensor], num_samples: int) -> None:
+        """Accept `node_id`'s delta, trained on `num_samples` examples.
+
+        Raises ValueError (naming the node and tensor) for a delta that does not match
+        the template or holds NaN/Inf, a repeated node, or a bad num_samples;
+        BufferFullError when a robust round already holds max_buffered updates;
+        RuntimeError after `finish`. A rejected update changes nothing.
+        """
+        if self._finished:
+            raise RuntimeError("this round was already aggregated; start a new RoundAggregator")
+        if node_id in self._nodes:
+            raise ValueError(f"node {node_id!r} already submitted an update this round")
+        least = 0 if self._uniform or self._robust else 1
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < least:
+            raise ValueError(
+                f"update from {node_id!r}: num_samples must be an integer >= {least}, "
+                f"got {num_samples!r}"
+            )
+        if self._robust and len(self._buffer) >= self._max_buffered:
+            raise BufferFullError(
+                f"update from {node_id!r} refused: the {self._strategy.name.value} buffer "
+                f"already holds max_buffered={self._max_buffered} updates"
+            )
+        check_matches(self._layout, delta, what=f"update from {node_id!r}")
+        if self._transform is not None:
+            delta = self._transform(dict(delta))
+            check_matches(self._layout, delta, what=f"transformed update from {node_id!r}")
+        if self._sum is not None:
+            self._sum.add(delta, 1.0 if self._uniform else float(num_samples))
+        else:
+            self._buffer.append(dict(delta))
+        self._nodes.append(node_id)
+
+    def finish(self) -> AggregateOutcome:
+        """Aggregate what arrived. Once only; frees the buffer.
+
+        Raises EmptyAggregationError when nothing arrived and TooFewUpdatesError when a
+        robust rule got fewer updates than `minimum_updates` (the round can then be
+        retried; nothing was consumed).
+        """
+        if self._finished:
+            raise RuntimeError("finish() was already called for this round")
+        if not self._nodes:
+            raise EmptyAggregationError("no client updates arrived this round")
+        if self._sum is not None:
+            outcome = AggregateOutcome(self._sum.mean(), tuple(self._nodes), ())
+        else:
+            result = self._robust_aggregate()
+            outcome = AggregateOutcome(
+                mean_delta=result.aggregate,
+                used=tuple(self._nodes[i] for i in result.selected),
+                set_aside=tuple(self._nodes[i] for i in result.set_aside),
+            )
+        self._finished = True
+        self._buffer = []
+        self._sum = None
+        return outcome
+
+    def _robust_aggregate(self) -> RobustResult:
+        name, f = self._strategy.name, self._strategy.byzantine
+        updates = self._buffer
+        if name is StrategyName.krum:
+            return krum(updates, byzantine=f)
+        if name is StrategyName.multikrum:
+            # Blanchard et al. average the m = n - f best-scored updates.
+            return krum(updates, byzantine=f, select=len(updates) - f)
+        if name is StrategyName.median:
+            return coordinate_median(updates)
+        if name is StrategyName.trimmedmean:
+            return trimmed_mean(updates, beta=self._strategy.trim_beta)
+        if name is StrategyName.bulyan:
+            return bulyan(updates, byzantine=f)
+        raise AssertionError(f"{name} is listed as robust but has no rule here")
+
