@@ -1,0 +1,45 @@
+"""Differential privacy for fedkube: privacy arithmetic (``analysis``), a persistent
+cumulative accountant (``accountant``, ``store``), DP-SGD on clients through Opacus
+(``dpsgd``, local mode) and DP-FedAvg clipping and noise at the coordinator (``central``,
+central mode)."""
+
+from .accountant import PrivacyAccountant
+from .analysis import (
+    MECHANISMS,
+    Mechanism,
+    Step,
+    calibrate_noise,
+    central_noise_std,
+    central_sample_rate,
+    compose_epsilon,
+    epsilon_for,
+    rdp_epsilon_floor,
+    steps_within_budget,
+)
+from .central import add_gaussian_noise, clip_update, update_norm
+from .dpsgd import local_steps, prepare_model, private_training, unwrap
+from .store import BudgetFileError, BudgetRecord, BudgetStore
+
+__all__ = [
+    "MECHANISMS",
+    "BudgetFileError",
+    "BudgetRecord",
+    "BudgetStore",
+    "Mechanism",
+    "PrivacyAccountant",
+    "Step",
+    "add_gaussian_noise",
+    "calibrate_noise",
+    "central_noise_std",
+    "central_sample_rate",
+    "clip_update",
+    "compose_epsilon",
+    "epsilon_for",
+    "local_steps",
+    "prepare_model",
+    "private_training",
+    "rdp_epsilon_floor",
+    "steps_within_budget",
+    "unwrap",
+    "update_norm",
+]

@@ -1,0 +1,155 @@
+"""Local differential privacy on a client: DP-SGD (Abadi et al. 2016, "Deep Learning with
+Differential Privacy") through Opacus, with the steps it runs recorded in fedkube's own
+persistent :class:`PrivacyAccountant`.
+
+How the agent uses this, per job and client:
+
+1. once per job: ``steps_per_round, sample_rate = local_steps(n, batch_size, local_epochs)``
+   and ``noise = calibrate_noise(target_epsilon=..., delta=..., sample_rate=sample_rate,
+   steps=rounds_it_may_join * steps_per_round, accountant=...)`` (analysis.py), saved with
+   the accountant in the :class:`~fedkube.runtime.privacy.store.BudgetStore`; calibrating
+   per round instead would spend the whole budget every round;
+2. each round: refuse if ``accountant.would_exceed(noise_multiplier=noise,
+   sample_rate=sample_rate, steps=steps_per_round, ...)``; otherwise train with the triple
+   from :func:`private_training`, which records every optimizer step it really takes into
+   the accountant; save the accountant before the update leaves the device; send
+   ``unwrap(model).state_dict()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from .accountant import PrivacyAccountant
+
+__all__ = ["local_steps", "prepare_model", "private_training", "unwrap"]
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """A model Opacus can compute per-sample gradients for.
+
+    Valid models come back as they are (the same object). Others go through
+    ``ModuleValidator.fix``, which returns a fixed copy (e.g. BatchNorm → GroupNorm) and
+    leaves ``model`` untouched. A fixed model has a different architecture, so the
+    coordinator must build its global model through this same function, or global and local
+    weights will not match; the model zoo's models avoid BatchNorm and are already valid, so
+    for them this is a no-op on both sides. Raises ``ValueError`` listing what Opacus still
+    rejects after fixing.
+    """
+    if ModuleValidator.is_valid(model):
+        return model
+    fixed = ModuleValidator.fix(model)
+    problems = ModuleValidator.validate(fixed, strict=False)
+    if problems:
+        listed = "; ".join(str(problem) for problem in problems)
+        raise ValueError(f"model cannot be made compatible with DP-SGD: {listed}")
+    return fixed
+
+
+def local_steps(num_samples: int, batch_size: int, epochs: int) -> tuple[int, float]:
+    """(optimizer steps per round, sample rate) of DP-SGD with Poisson sampling over
+    ``num_samples`` examples, as Opacus runs it for a ``DataLoader(batch_size=batch_size)``.
+
+    Opacus samples each example with probability ``1 / len(loader)`` =
+    ``1 / ceil(num_samples / batch_size)`` (equal to ``batch_size / num_samples`` when the
+    batch size divides the data, slightly smaller otherwise) and runs
+    ``int(1 / sample_rate)`` steps an epoch; both are mirrored here exactly, so that the
+    plan checked with ``would_exceed`` is the mechanism that runs and is recorded.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    batches = -(-num_samples // batch_size)
+    sample_rate = 1 / batches
+    # Not simply `batches`: Opacus' sampler truncates 1 / (1 / k), which is k - 1 for some k
+    # (93, 99, ...); counting what will run keeps plan and record identical.
+    return epochs * int(1 / sample_rate), sample_rate
+
+
+def private_training(
+    model: nn.Module,
+    optimizer: Optimizer,
+    loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int | None,
+    accountant: PrivacyAccountant,
+    poisson_sampling: bool = True,
+) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+    """``model``, ``optimizer`` and ``loader`` made private by Opacus' ``PrivacyEngine``:
+    a ``GradSampleModule`` (per-sample gradients), a ``DPOptimizer`` (per-sample clipping to
+    ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm``) and, with
+    ``poisson_sampling``, a loader that draws each example independently with the sample
+    rate of :func:`local_steps`. Train with the returned triple as usual.
+
+    ``noise_multiplier`` is the one calibrated for the job's whole planned participation
+    (``analysis.calibrate_noise``), never re-derived per round. Every optimizer step that
+    is taken is recorded into ``accountant`` (a step hook, as Opacus' own accountants
+    attach), so it holds what really ran, even when a round stops early.
+
+    ``model`` is the live module: its parameters are trained in place and Opacus' hooks sit
+    on it until :func:`unwrap` removes them. ``seed`` fixes Poisson sampling and noise for
+    reproducible simulations; real devices pass None. A seed known to the server (for
+    example one sent in the task) would let it regenerate and subtract the noise, voiding
+    local DP. Without Poisson sampling Opacus keeps the loader as given and the accounting
+    is only an approximation (as Opacus documents).
+    """
+    if not noise_multiplier > 0.0:
+        raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
+    if not max_grad_norm > 0.0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    noise_generator = None
+    sampling_generator = None
+    if seed is not None:
+        device = next(model.parameters()).device
+        # Opacus draws noise on each parameter's device, so its generator lives there;
+        # Poisson sampling draws on the CPU.
+        noise_generator = torch.Generator(device=device).manual_seed(seed)
+        sampling_generator = torch.Generator().manual_seed(seed + 1)
+    engine = PrivacyEngine(accountant=accountant.mechanism, secure_mode=False)
+    private_model, private_optimizer, private_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling,
+        noise_generator=noise_generator,
+    )
+    if poisson_sampling and sampling_generator is not None:
+        # The Poisson loader is Opacus' new object, not the caller's; without secure mode
+        # Opacus would sample with the global RNG or the caller loader's generator.
+        private_loader.batch_sampler.generator = sampling_generator
+    # The rate Opacus' own accountant hook would record (1 / len(loader)), equal to
+    # local_steps()'s, so plan and record merge into one history entry.
+    sample_rate = 1 / len(private_loader)
+
+    def record_step(dp_optimizer: DPOptimizer) -> None:
+        accountant.record(
+            noise_multiplier=dp_optimizer.noise_multiplier,
+            sample_rate=sample_rate * dp_optimizer.accumulated_iterations,
+        )
+
+    # Replaces the engine's hook: fedkube's accountant, persisted per job, is the record;
+    # the engine's would be thrown away with the engine at the end of the round.
+    private_optimizer.attach_step_hook(record_step)
+    return private_model, private_optimizer, private_loader
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a ``GradSampleModule`` (Opacus' hooks and per-sample
+    gradient attributes removed), whose ``state_dict`` keys are the original model's rather
+    than prefixed with ``_module.``; any other module is returned as it is."""
+    if isinstance(model, GradSampleModule):
+        return model.to_standard_module()
+    return model
