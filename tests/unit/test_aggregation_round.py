@@ -60,15 +60,16 @@ def test_averaging_strategies_weight_by_num_samples(name: str) -> None:
 
 def test_fedavg_keeps_no_per_client_tensors() -> None:
     aggregator = RoundAggregator(StrategySpec(name="fedavg"), TEMPLATE, max_buffered=0)
+    alive = []
     for index in range(20):
         delta = _delta(index)
-        alive = [weakref.ref(tensor) for tensor in delta.values()]
+        alive.extend(weakref.ref(tensor) for tensor in delta.values())
         aggregator.add(f"node-{index}", delta, 5)
         del delta
-        gc.collect()
-        # Nothing inside the aggregator still refers to the client's tensors.
-        assert all(ref() is None for ref in alive)
         assert aggregator.buffered == 0
+    gc.collect()
+    # Nothing inside the aggregator still refers to any client's tensors.
+    assert all(ref() is None for ref in alive)
     assert aggregator.count == 20
     assert aggregator.finish().used == tuple(f"node-{i}" for i in range(20))
 
