@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from fedkube.runtime.spec import API_GROUP, API_GROUP_VERSION, FederatedJobSpec
+from fedkube.runtime.spec import API_GROUP, API_GROUP_VERSION, FederatedJobSpec, parse_job_spec
 
 from .settings import OperatorSettings
 
@@ -401,3 +401,100 @@ def running_children(job: JobRef, spec: FederatedJobSpec, settings: OperatorSett
         coordinator_service(job, spec, settings),
         *agent_pods(job, spec, settings),
     ]
+
+
+# ------------------------------------------------------------ reading children back
+
+
+# Waiting reasons after which a container will not start without someone fixing something.
+_STUCK_REASONS = frozenset({
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+
+
+@dataclass(frozen=True)
+class CoordinatorHealth:
+    """What the coordinator's Deployment and pods say: `ready` when a pod serves gRPC,
+    `failure` (a sentence) when it is failing rather than merely starting."""
+
+    ready: bool
+    failure: str | None
+
+
+def _pod_failure(pod: Obj) -> str | None:
+    name = pod.get("metadata", {}).get("name", "?")
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        why = status.get("reason") or status.get("message") or "no reason given"
+        return f"pod {name} failed: {why}"
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK_REASONS:
+            detail = f": {waiting['message']}" if waiting.get("message") else ""
+            return f"pod {name}: container {container.get('name')} {waiting['reason']}{detail}"
+        last = (container.get("lastState") or {}).get("terminated") or {}
+        if (container.get("restartCount", 0) > 0 and not container.get("ready")
+                and last.get("exitCode", 0) != 0):
+            return (f"pod {name}: container {container.get('name')} restarted "
+                    f"{container['restartCount']} time(s), last exit code {last['exitCode']}")
+    return None
+
+
+def _pod_ready(pod: Obj) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def coordinator_health(deployment: Obj | None, pods: list[Obj]) -> CoordinatorHealth:
+    """Judge the coordinator from its Deployment (None: missing) and its pods."""
+    if deployment is None:
+        return CoordinatorHealth(ready=False, failure="the coordinator Deployment is missing")
+    ready = any(_pod_ready(p) for p in pods) or (
+        (deployment.get("status") or {}).get("readyReplicas", 0) >= 1)
+    failures = [f for f in map(_pod_failure, pods) if f]
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == (
+                "ProgressDeadlineExceeded"):
+            failures.append(f"deployment: {condition.get('message') or 'progress deadline exceeded'}")
+    # A ready pod next to a failed one (an old pod left behind) is not a failing job.
+    return CoordinatorHealth(ready=ready, failure=None if ready else "; ".join(failures) or None)
+
+
+# ------------------------------------------------------------------- spec changes
+
+# What a running job may change: the round engine re-reads them from its job file.
+MUTABLE_FIELDS = frozenset({"rounds", "clientsPerRound"})
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_leaves(sub, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def changed_fields(running: FederatedJobSpec, requested: FederatedJobSpec) -> list[str]:
+    """Dotted paths (`spec.data.partition`) whose values differ, defaults included, so a
+    field spelled out with its default value does not count as a change."""
+    old = _leaves(running.model_dump(by_alias=True, mode="json"), "spec")
+    new = _leaves(requested.model_dump(by_alias=True, mode="json"), "spec")
+    return sorted(path for path in old.keys() | new.keys() if old.get(path) != new.get(path))
+
+
+def immutable_changes(running: FederatedJobSpec, requested: FederatedJobSpec) -> list[str]:
+    mutable = {f"spec.{name}" for name in MUTABLE_FIELDS}
+    return [path for path in changed_fields(running, requested) if path not in mutable]
+
+
+def with_mutable_fields(running: FederatedJobSpec, requested: FederatedJobSpec) -> FederatedJobSpec:
+    """The running spec with the mutable fields taken from `requested`, validated again
+    (ManifestError naming the field), since e.g. clientsPerRound must stay within
+    simulation.clients."""
+    merged = running.model_dump(by_alias=True, mode="json")
+    wanted = requested.model_dump(by_alias=True, mode="json")
+    for name in MUTABLE_FIELDS:
+        merged[name] = wanted[name]
+    return parse_job_spec(merged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from fedkube.operator import resources as r
 from fedkube.operator.settings import OperatorSettings
-from fedkube.runtime.spec import FederatedJobSpec, parse_job, parse_job_spec
+from fedkube.runtime.spec import FederatedJobSpec, ManifestError, parse_job, parse_job_spec
 
 JOB = r.JobRef(name="digits", namespace="team-a")
 SETTINGS = OperatorSettings(image="registry.local/fedkube:test")
@@ -255,3 +256,132 @@ def test_settings_from_env() -> None:
     assert OperatorSettings.from_env({}) == OperatorSettings()
     with pytest.raises(ValueError, match="offline_after_seconds"):
         OperatorSettings.from_env({"FEDKUBE_OFFLINE_AFTER_SECONDS": "0"})
+
+
+# ------------------------------------------------------------------ RBAC YAML files
+
+RBAC = Path(__file__).resolve().parents[2] / "operator" / "rbac"
+
+
+def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, res, v) for rule in rules for g in rule["apiGroups"]
+            for res in rule["resources"] for v in rule["verbs"]}
+
+
+def test_coordinator_role_template_mirrors_the_builder() -> None:
+    documents = list(yaml.safe_load_all((RBAC / "coordinator-role.yaml").read_text()))
+    role = next(d for d in documents if d["kind"] == "Role")
+    built = r.coordinator_role(r.JobRef(name="JOB_NAME", namespace="NAMESPACE"))
+    assert role["rules"] == built["rules"]
+    assert role["metadata"] == built["metadata"]
+    assert {d["kind"] for d in documents} == {"Role", "ServiceAccount", "RoleBinding"}
+
+
+def test_operator_role_covers_what_it_creates_and_what_it_grants() -> None:
+    (role,) = yaml.safe_load_all((RBAC / "operator-role.yaml").read_text())
+    kubernetes_validate.validate(role, "1.34.0", strict=True)
+    grants = _grants(role["rules"])
+    spec = _spec(simulation={"clients": 1}, coordinator={"joinTokenSecret": "t"})
+    for child in r.job_children(JOB, spec, SETTINGS):
+        group = child["apiVersion"].rpartition("/")[0]
+        assert (group, f"{child['kind'].lower()}s", "create") in grants, child["kind"]
+    for child in r.running_children(JOB, spec, SETTINGS):
+        group = child["apiVersion"].rpartition("/")[0]
+        assert (group, f"{child['kind'].lower()}s", "delete") in grants, child["kind"]
+    # RBAC refuses to let a subject grant what it does not hold (no escalate verb here).
+    assert _grants(r.coordinator_rules(JOB)) <= grants
+    assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in role["rules"])
+    assert not any(v in {"escalate", "bind", "impersonate"} for _, _, v in grants)
+    assert ("", "secrets", "get") not in grants  # secrets are mounted, never read
+
+
+# ------------------------------------------------------------- coordinator health
+
+
+def _pod(name: str = "digits-coordinator-abc", *, phase: str = "Running", ready: bool = False,
+         waiting: str | None = None, restarts: int = 0, last_exit: int | None = None,
+         ) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "coordinator", "ready": ready, "restartCount": restarts,
+                                 "state": {"waiting": {"reason": waiting}} if waiting else {}}
+    if last_exit is not None:
+        container["lastState"] = {"terminated": {"exitCode": last_exit}}
+    return {"metadata": {"name": name}, "status": {
+        "phase": phase, "containerStatuses": [container],
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+DEPLOYMENT: dict[str, Any] = {"metadata": {"name": "digits-coordinator"}, "status": {}}
+
+
+def test_health_of_a_serving_coordinator() -> None:
+    assert r.coordinator_health(DEPLOYMENT, [_pod(ready=True)]) == r.CoordinatorHealth(True, None)
+
+
+def test_health_of_a_starting_coordinator_is_not_a_failure() -> None:
+    assert r.coordinator_health(DEPLOYMENT, []) == r.CoordinatorHealth(False, None)
+    assert r.coordinator_health(DEPLOYMENT, [_pod(phase="Pending")]).failure is None
+
+
+@pytest.mark.parametrize(("pod", "expected"), [
+    (_pod(phase="Failed"), "failed"),
+    (_pod(waiting="CrashLoopBackOff"), "CrashLoopBackOff"),
+    (_pod(waiting="ImagePullBackOff"), "ImagePullBackOff"),
+    (_pod(restarts=2, last_exit=1), "restarted 2 time(s), last exit code 1"),
+])
+def test_health_of_a_failing_coordinator(pod: dict[str, Any], expected: str) -> None:
+    health = r.coordinator_health(DEPLOYMENT, [pod])
+    assert not health.ready
+    assert health.failure is not None and expected in health.failure
+    assert "digits-coordinator-abc" in health.failure
+
+
+def test_health_without_a_deployment() -> None:
+    health = r.coordinator_health(None, [])
+    assert not health.ready and health.failure is not None and "missing" in health.failure
+
+
+def test_a_ready_pod_outweighs_a_leftover_failed_one() -> None:
+    health = r.coordinator_health(DEPLOYMENT, [_pod("old", phase="Failed"), _pod(ready=True)])
+    assert health == r.CoordinatorHealth(True, None)
+
+
+def test_a_stuck_rollout_is_a_failure() -> None:
+    deployment = {"status": {"conditions": [{"type": "Progressing", "status": "False",
+                                             "reason": "ProgressDeadlineExceeded",
+                                             "message": "took too long"}]}}
+    assert "took too long" in (r.coordinator_health(deployment, []).failure or "")
+
+
+# ------------------------------------------------------------------- spec changes
+
+
+def test_mutable_changes_are_not_refused() -> None:
+    running = _spec(simulation={"clients": 4}, clientsPerRound=2)
+    requested = _spec(simulation={"clients": 4}, clientsPerRound=3, rounds=8)
+    assert r.changed_fields(running, requested) == ["spec.clientsPerRound", "spec.rounds"]
+    assert r.immutable_changes(running, requested) == []
+    effective = r.with_mutable_fields(running, requested)
+    assert (effective.rounds, effective.clients_per_round) == (8, 3)
+
+
+def test_immutable_changes_are_named_and_not_applied() -> None:
+    running = _spec(simulation={"clients": 4})
+    requested = _spec(simulation={"clients": 4}, model="cnn8", rounds=5,
+                      data={"partition": "dirichlet"})
+    assert r.immutable_changes(running, requested) == ["spec.data.partition", "spec.model"]
+    effective = r.with_mutable_fields(running, requested)
+    assert effective.model == "mlp" and effective.data.partition == "iid"
+    assert effective.rounds == 5
+
+
+def test_spelling_out_a_default_is_no_change() -> None:
+    assert r.changed_fields(_spec(), _spec(optimizer="sgd", seed=0)) == []
+
+
+def test_a_mutable_change_that_breaks_the_spec_is_refused() -> None:
+    # Valid on its own, but simulation.clients cannot follow it to the running job.
+    running = _spec(simulation={"clients": 2})
+    requested = _spec(simulation={"clients": 8}, clientsPerRound=5)
+    assert r.immutable_changes(running, requested) == ["spec.simulation.clients"]
+    with pytest.raises(ManifestError, match="clientsPerRound"):
+        r.with_mutable_fields(running, requested)
