@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -54,8 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     output = Path(args.output or Path("runs") / job.metadata.name)
-    summary = asyncio.run(run_job(job, RunOptions(
-        output=output, clients=args.clients, quiet=args.quiet)))
+    options = RunOptions(output=output, clients=args.clients, quiet=args.quiet)
+    if args.agent_processes:
+        options = dataclasses.replace(options, agent_processes=args.agent_processes)
+    summary = asyncio.run(run_job(job, options))
     accuracy = summary["final_accuracy"]
     line = (f"{job.metadata.name}: {summary['phase']} after {summary['rounds']} rounds, "
             f"accuracy {accuracy:.4f}" if accuracy is not None
@@ -113,26 +116,33 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from .agent.client import AgentConfig, run_agent
+    from .agent.client import AgentConfig, run_agents
 
     threads = os.environ.get("FEDKUBE_TORCH_THREADS")
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    config = AgentConfig(
+    indexes: list[int | None] = list(args.simulated_index) or [None]
+    if len(indexes) > 1 and args.node_id:
+        raise ManifestError("--node-id names one agent; with several --simulated-index "
+                            "each is named sim-<index>")
+    common = dict(
         coordinator=args.coordinator,
-        node_id=args.node_id or "",
         device=args.device,
         data_path=args.data,
-        simulated_index=args.simulated_index,
         state_dir=Path(args.state_dir).expanduser(),
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN"),
         tls_ca=Path(args.tls_ca) if args.tls_ca else None,
         labels=_labels(args.label),
         give_up_after=args.give_up_after,
     )
-    return run_agent(config)
+    configs = [
+        AgentConfig(node_id=args.node_id or (f"sim-{index:03d}" if index is not None else ""),
+                    simulated_index=index, **common)  # type: ignore[arg-type]
+        for index in indexes
+    ]
+    return run_agents(configs)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -158,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "metrics.png (default runs/<job name>)")
     run.add_argument("--clients", type=int, help="override spec.simulation.clients")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    run.add_argument("--agent-processes", type=int,
+                     help="OS processes the simulated agents share (default: one per core)")
     run.set_defaults(func=cmd_run)
 
     coordinator = commands.add_parser("coordinator", help="serve a job's aggregation over gRPC")
@@ -181,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--node-id", help="stable id of this device (default: assigned)")
     agent.add_argument("--device", default="auto", choices=["auto", "mps", "cuda", "cpu"])
     agent.add_argument("--data", help="this device's data (overrides spec.data.path)")
-    agent.add_argument("--simulated-index", type=int,
-                       help="train on this partition of the job's dataset (simulation)")
+    agent.add_argument("--simulated-index", type=int, action="append", default=[],
+                       help="train on this partition of the job's dataset (simulation); "
+                       "repeat to run several simulated agents in this process")
     agent.add_argument("--state-dir", default="~/.fedkube",
                        help="where the privacy budget is kept between runs")
     agent.add_argument("--join-token-file", help="default: $FEDKUBE_JOIN_TOKEN")
@@ -200,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     show_version.set_defaults(func=cmd_version)
 
     for plugin in entry_points(group="fedkube.commands"):
-        plugin.load()(commands)
+        try:
+            register = plugin.load()
+        except ImportError as error:  # e.g. the operator's dependencies are not installed
+            logging.getLogger("fedkube").debug("sub-commands %s unavailable: %s",
+                                               plugin.name, error)
+            continue
+        register(commands)
     return parser
 
 

@@ -33,6 +33,9 @@ class RunOptions:
     clients: int | None = None  # overrides spec.simulation.clients
     quiet: bool = False
     agent_threads: int = 1
+    # One interpreter per core, each hosting several agents, each with its own channel:
+    # N clients on a laptop should not cost N copies of torch in memory and start-up.
+    agent_processes: int = max(1, os.cpu_count() or 1)
     extra_agent_args: tuple[str, ...] = ()
 
 
@@ -41,8 +44,10 @@ class ConsoleProgress:
 
     def __init__(self, job: FederatedJob, *, stream: TextIO, enabled: bool) -> None:
         self.privacy = job.spec.privacy.mode != "none"
+        # The bar only where a person watches a terminal; logs get the per-round lines.
         self.bar = tqdm(total=job.spec.rounds, desc=job.metadata.name, unit="round",
-                        file=stream, disable=not enabled, dynamic_ncols=True, leave=True)
+                        file=stream, disable=not (enabled and stream.isatty()),
+                        dynamic_ncols=True, leave=True)
         self.enabled = enabled
 
     def round(self, record: RoundRecord) -> None:
@@ -52,7 +57,7 @@ class ConsoleProgress:
         if record.epsilon is not None:
             line += f"  ε {record.epsilon:.3f}"
         if self.enabled:
-            self.bar.write(line)
+            tqdm.write(line, file=sys.stderr)
         self.bar.update(1)
 
     def publish_job(self, status: FederatedJobStatus) -> None:
@@ -70,11 +75,19 @@ class ConsoleProgress:
         self.bar.close()
 
 
-def agent_command(*, port: int, index: int, state_dir: Path) -> list[str]:
-    return [sys.executable, "-P", "-m", "fedkube.runtime.cli", "agent",
-            "--coordinator", f"127.0.0.1:{port}", "--simulated-index", str(index),
-            "--node-id", f"sim-{index:03d}", "--device", "cpu",
-            "--state-dir", str(state_dir), "--give-up-after", "60"]
+def agent_command(*, port: int, indexes: list[int], state_dir: Path) -> list[str]:
+    command = [sys.executable, "-P", "-m", "fedkube.runtime.cli", "agent",
+               "--coordinator", f"127.0.0.1:{port}", "--device", "cpu",
+               "--state-dir", str(state_dir), "--give-up-after", "60"]
+    for index in indexes:
+        command += ["--simulated-index", str(index)]
+    return command
+
+
+def agent_groups(clients: int, processes: int) -> list[list[int]]:
+    """Simulated client indexes spread over `processes` OS processes, round-robin."""
+    count = max(1, min(clients, processes))
+    return [list(range(start, clients, count)) for start in range(count)]
 
 
 def _agent_env(threads: int) -> dict[str, str]:
@@ -86,17 +99,17 @@ def _agent_env(threads: int) -> dict[str, str]:
 
 
 class AgentProcesses:
-    def __init__(self, count: int, *, port: int, output: Path, threads: int,
+    def __init__(self, count: int, *, port: int, output: Path, threads: int, processes: int,
                  extra_args: tuple[str, ...]) -> None:
         logs = output / "agents"
         logs.mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen[bytes]] = []
         self._files = []
-        for index in range(count):
-            log_file = (logs / f"agent-{index:03d}.log").open("ab")
+        for number, indexes in enumerate(agent_groups(count, processes)):
+            log_file = (logs / f"agents-{number:02d}.log").open("ab")
             self._files.append(log_file)
             self.processes.append(subprocess.Popen(
-                [*agent_command(port=port, index=index, state_dir=output / "agent-state"),
+                [*agent_command(port=port, indexes=indexes, state_dir=output / "agent-state"),
                  *extra_args],
                 stdout=log_file, stderr=subprocess.STDOUT, env=_agent_env(threads),
                 start_new_session=True))
@@ -149,6 +162,7 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
         port = await asyncio.wait_for(asyncio.shield(bound), timeout=60)
         agents = AgentProcesses(clients, port=port, output=options.output,
                                 threads=options.agent_threads,
+                                processes=options.agent_processes,
                                 extra_args=options.extra_agent_args)
         status = await server
     finally:

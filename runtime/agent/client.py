@@ -213,5 +213,12 @@ async def _update_stream(header: pb.UpdateHeader, weights: dict, version: int
         yield pb.UpdateChunk(tensor=chunk)
 
 
-def run_agent(config: AgentConfig) -> int:
-    return asyncio.run(Agent(config).run())
+def run_agents(configs: list[AgentConfig]) -> int:
+    """Run one or more agents in this process (simulation packs several per process so
+    N clients need not mean N interpreters); each keeps its own channel to the coordinator.
+    Returns the worst exit code."""
+
+    async def all_agents() -> list[int]:
+        return list(await asyncio.gather(*(Agent(config).run() for config in configs)))
+
+    return max(asyncio.run(all_agents()), default=0)

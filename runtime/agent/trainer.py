@@ -10,6 +10,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,11 +18,12 @@ import torch
 from .. import wire
 from ..data import client_data, load_dataset
 from ..models import build_model
-from ..privacy import BudgetStore, PrivacyAccountant, calibrate_noise, local_steps
-from ..privacy.dpsgd import private_training, unwrap
 from ..proto import fedkube_pb2 as pb
 from ..spec import FederatedJobSpec
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
+
+if TYPE_CHECKING:
+    from ..privacy import BudgetStore, PrivacyAccountant
 
 log = logging.getLogger("fedkube.agent")
 
@@ -125,13 +127,16 @@ class LocalTrainer:
     @staticmethod
     def _local_privacy(spec: FederatedJobSpec, *, job: str, node_id: str, samples: int,
                        state_dir: Path) -> LocalPrivacy:
+        # Imported here: Opacus costs seconds of start-up that non-private jobs never need.
+        from ..privacy import BudgetStore, PrivacyAccountant, calibrate_noise, local_steps
+
         settings = spec.privacy
         store = BudgetStore(state_dir / "privacy" / node_id)
         steps_per_round, sample_rate = local_steps(samples, spec.batch_size, spec.local_epochs)
-        saved = store.load(job)
+        saved = store.read(job)
         if saved is not None:
-            accountant, extra = saved
-            noise = float(extra["noise_multiplier"])
+            accountant = saved.accountant
+            noise = float(saved.extra["noise_multiplier"])
             log.info("resuming privacy budget for %s: epsilon %.4f spent", job,
                      accountant.epsilon(settings.delta) if accountant.history else 0.0)
         else:
@@ -183,6 +188,8 @@ class LocalTrainer:
                                  global_weights=global_weights if task.proximal_mu else None)
             trained = weights_of(model)
         else:
+            from ..privacy.dpsgd import private_training, unwrap
+
             # Opacus wraps the module with hooks: train a fresh copy each round.
             model = copy.deepcopy(self.model)
             load_weights(model, global_weights)

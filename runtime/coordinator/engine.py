@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import wire
-from ..aggregation import RoundAggregator, server_optimizer_for
+from ..aggregation import RoundAggregator, minimum_updates, server_optimizer_for
 from ..data import load_dataset
 from ..models import build_model
 from ..proto import fedkube_pb2 as pb
@@ -38,8 +39,10 @@ from ..spec import (
 )
 from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
-from .privacy_budget import CentralPrivacy
 from .registry import Client, ClientRegistry
+
+if TYPE_CHECKING:
+    from .privacy_budget import CentralPrivacy
 from .status import StatusSink
 
 log = logging.getLogger("fedkube.coordinator")
@@ -150,8 +153,12 @@ class RoundEngine:
         self.rng = random.Random(self.spec.seed)
         self.noise_generator = torch.Generator().manual_seed(self.spec.seed + 1)
         self.server_optimizer = server_optimizer_for(self.spec.strategy)
-        self.central = CentralPrivacy.for_job(self.spec) if self.spec.privacy.mode == "central" \
-            else None
+        self.central: CentralPrivacy | None = None
+        if self.spec.privacy.mode == "central":
+            # Imported here: Opacus costs seconds of start-up that other jobs never need.
+            from .privacy_budget import CentralPrivacy
+
+            self.central = CentralPrivacy.for_job(self.spec)
         self._open: _OpenRound | None = None
         self._fold_lock = asyncio.Lock()
         self._chunk_cache: tuple[int, list[pb.TensorChunk]] | None = None
@@ -438,7 +445,8 @@ class RoundEngine:
         accepted = len(open_round.accepted)
         dropped = len(selected) - len(open_round.answered)
         self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * dropped / len(selected)
-        if accepted < self.spec.min_clients:
+        # Robust rules have their own floor (Krum needs n > 2f + 2): below it, retry.
+        if accepted < max(self.spec.min_clients, minimum_updates(self.spec.strategy)):
             self.status.clients = self._counts(active=0, dropped=dropped)
             return False
 
