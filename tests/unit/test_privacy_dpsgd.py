@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedkube.runtime.models import ZOO_NAMES, build_model
 from fedkube.runtime.privacy import (
     PrivacyAccountant,
     Step,
@@ -179,3 +180,11 @@ def test_prepare_model_keeps_valid_models_and_fixes_a_copy_of_others() -> None:
     assert ModuleValidator.is_valid(fixed)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fixed.modules())
     assert isinstance(with_batchnorm[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_models_need_no_fixing(name: str) -> None:
+    # The coordinator builds its global model from the zoo without prepare_model; that only
+    # matches the clients' weights because fixing is a no-op for every zoo model.
+    model = build_model(name, input_shape=(1, 28, 28), num_classes=10)
+    assert prepare_model(model) is model
