@@ -219,7 +219,11 @@ def update_job(
                            generation=generation)
 
 
-@kopf.on.field(API_GROUP, JOBS, field="status.phase", new=lambda v: v in _TERMINAL)
+def _terminal(value: Any, **_: Any) -> bool:
+    return value in _TERMINAL
+
+
+@kopf.on.field(API_GROUP, JOBS, field="status.phase", new=_terminal)
 def finish_job(
     new: str, spec: kopf.Spec, name: str, namespace: str, status: kopf.Status,
     body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any,
