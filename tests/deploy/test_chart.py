@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -299,7 +300,26 @@ def test_operator_watches_only_the_listed_namespaces(helm: str) -> None:
     args = operator_container(render(values=[EVERYTHING]))["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
-    assert "--verbose" in args  # operator.extraArgs
+    assert args[:2] == ["--verbose", "operator"]  # operator.debug
+
+
+@pytest.mark.parametrize("values", VALUES_FILES.values(), ids=VALUES_FILES.keys())
+def test_operator_command_is_one_the_fedkube_cli_accepts(helm: str,
+                                                        values: tuple[Path, ...]) -> None:
+    from fedkube.runtime.cli import build_parser
+
+    container = operator_container(render(values=values))
+    assert container["command"] == ["fedkube"]  # the image's console script
+    try:
+        parsed = build_parser().parse_args(container["args"])
+    except SystemExit:
+        pytest.fail(f"`fedkube {' '.join(container['args'])}` is refused by the CLI")
+    assert parsed.command == "operator"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert parsed.liveness_port == ports["health"]
+    assert parsed.metrics_port == ports["http-metrics"]
+    assert parsed.all_namespaces is (not values)
+    assert parsed.namespace == (["team-a", "team-b"] if values else [])
 
 
 def test_coordinator_defaults_reach_the_operator(helm: str) -> None:
@@ -516,11 +536,28 @@ def test_notes_tell_the_user_what_to_run_next(helm: str, tmp_path_factory) -> No
     assert "run insecure" in notes  # no default TLS secret or join token
     for path in re.findall(r"kubectl (?:apply|delete) -f (\S+?\.ya?ml)", notes):
         assert (REPO / path).is_file(), f"NOTES.txt tells users to apply {path}, which is missing"
+    assert_fedkube_commands_parse(notes)
+
+
+def assert_fedkube_commands_parse(notes: str) -> None:
+    """Every `fedkube ...` command the notes show (indented lines) is one the CLI accepts."""
+    from fedkube.runtime.cli import build_parser
+
+    commands = [shlex.split(line)[1:] for line in notes.splitlines()
+                if re.match(r"^ {4,}fedkube ", line)]
+    assert commands
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"NOTES.txt suggests `fedkube {shlex.join(argv)}`, which the CLI refuses")
 
 
 def test_notes_show_the_join_token_and_no_warning_when_secured(helm: str,
                                                                tmp_path_factory) -> None:
     notes = _notes((EVERYTHING,), tmp_path_factory.getbasetemp())
-    assert "secret fedkube-join-token" in notes
+    assert "get secret fedkube-join-token" in notes and "FEDKUBE_JOIN_TOKEN" in notes
+    assert "--tls-ca" in notes
+    assert_fedkube_commands_parse(notes)
     assert "insecure" not in notes
     assert "team-a, team-b" in notes
