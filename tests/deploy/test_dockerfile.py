@@ -292,6 +292,22 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
                 assert not ignored(relative), f"{relative} is copied but .dockerignore drops it"
 
 
+def test_non_editable_install_ships_every_package() -> None:
+    # The image installs the project non-editable (`pip install .`), which takes only the
+    # packages pyproject lists; the editable install used in development finds the rest
+    # anyway, so a forgotten sub-package would surface only in the image.
+    tool = pyproject()["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for package, folder in tool["package-dir"].items():
+        for directory in [REPO / folder, *(REPO / folder).rglob("*")]:
+            if directory.is_dir() and "__pycache__" not in directory.parts and \
+                    any(directory.glob("*.py")):
+                relative = directory.relative_to(REPO / folder).parts
+                name = ".".join((package, *relative))
+                assert name in listed, f"{directory.relative_to(REPO)} ({name}) is not in " \
+                    "pyproject's [tool.setuptools] packages: the image would lack it"
+
+
 def test_package_data_reaches_the_image() -> None:
     for path in ("runtime/proto/fedkube.proto", "runtime/spec.py",
                  "operator/rbac/operator-role.yaml"):
