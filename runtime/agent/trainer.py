@@ -71,9 +71,7 @@ class LocalPrivacy:
             noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
             steps=self.steps_per_round, target_epsilon=self.target_epsilon, delta=self.delta)
 
-    def record(self, steps: int) -> None:
-        self.accountant.record(noise_multiplier=self.noise_multiplier,
-                               sample_rate=self.sample_rate, steps=steps)
+    def save(self) -> None:
         self.store.save(self.job, self.accountant, extra={
             "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
             "steps_per_round": self.steps_per_round})
@@ -195,15 +193,19 @@ class LocalTrainer:
             load_weights(model, global_weights)
             optimizer = make_optimizer(task.optimizer or "sgd", model.parameters(),
                                        task.learning_rate)
+            # seed=None: the DP noise must not be reproducible by anyone who knows the
+            # job's seed (the coordinator could otherwise regenerate and subtract it).
             private_model, private_optimizer, private_loader = private_training(
                 model, optimizer, loader, noise_multiplier=self.privacy.noise_multiplier,
-                max_grad_norm=self.privacy.max_grad_norm, seed=self.seed + task.round)
+                max_grad_norm=self.privacy.max_grad_norm, seed=None,
+                accountant=self.privacy.accountant)
             result = train_local(private_model, private_loader, private_optimizer,
                                  epochs=task.local_epochs, device=self.device,
                                  proximal_mu=task.proximal_mu,
                                  global_weights=global_weights if task.proximal_mu else None)
             trained = weights_of(unwrap(private_model))
-            self.privacy.record(result.steps)
+            # The accountant already holds every step taken; persist before uploading.
+            self.privacy.save()
         self.rounds_trained += 1
         delta = {name: trained[name] - global_weights[name] for name in global_weights}
         metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),

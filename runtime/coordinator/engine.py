@@ -408,8 +408,10 @@ class RoundEngine:
     def _select(self) -> tuple[list[Client], int]:
         live = sorted(self.registry.live(self.spec.client_selector), key=lambda c: c.node_id)
         wanted = self.spec.clients_to_select(len(live))
-        # Over-select for the dropout seen so far, so the round still fills up.
-        padded = min(len(live), math.ceil(wanted / max(1e-6, 1.0 - self.dropout_estimate)))
+        # Over-select for the dropout seen so far, so the round still fills up — except
+        # under central DP, whose accountant assumes exactly `wanted` clients are sampled.
+        padding = 0.0 if self.central is not None else self.dropout_estimate
+        padded = min(len(live), math.ceil(wanted / max(1e-6, 1.0 - padding)))
         return self.rng.sample(live, padded), wanted
 
     async def _run_round(self, number: int) -> bool:
@@ -453,7 +455,8 @@ class RoundEngine:
         outcome = await asyncio.to_thread(open_round.aggregator.finish)
         mean_delta = outcome.mean_delta
         if self.central is not None:
-            mean_delta = self.central.noised(mean_delta, self.noise_generator)
+            mean_delta = self.central.noised(mean_delta, averaged=len(outcome.used),
+                                             generator=self.noise_generator)
         self.weights = await asyncio.to_thread(self.server_optimizer.step, self.weights,
                                                mean_delta)
         self.version += 1

@@ -45,16 +45,15 @@ class CentralPrivacy:
     def transform(self, delta: Weights) -> Weights:
         return clip_update(delta, max_norm=self.clip_norm)
 
-    @property
-    def noise_std(self) -> float:
-        # The denominator is the planned cohort, not the updates that arrived: dividing by
-        # a smaller, data-dependent count would leak how many clients answered.
+    def noise_std(self, averaged: int) -> float:
+        """Std of the noise on an equal-weight mean of `averaged` clipped updates: the
+        mean's sensitivity is S / averaged, so fewer arrivals need more noise."""
         return central_noise_std(noise_multiplier=self.noise_multiplier,
-                                 clip_norm=self.clip_norm,
-                                 clients_per_round=self.clients_per_round)
+                                 clip_norm=self.clip_norm, clients_per_round=averaged)
 
-    def noised(self, mean_delta: Weights, generator: torch.Generator) -> Weights:
-        return add_gaussian_noise(mean_delta, std=self.noise_std, generator=generator)
+    def noised(self, mean_delta: Weights, *, averaged: int,
+               generator: torch.Generator) -> Weights:
+        return add_gaussian_noise(mean_delta, std=self.noise_std(averaged), generator=generator)
 
     def record_round(self) -> None:
         self.accountant.record(noise_multiplier=self.noise_multiplier,
