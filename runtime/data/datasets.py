@@ -24,6 +24,8 @@ class DatasetError(ValueError):
     """A dataset that cannot be loaded; the message names the file and what is wrong."""
 
 
+# eq=False: comparing datasets field by field would compare whole arrays (and raise on
+# their truth value); identity is what the cache hands out.
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A classification dataset held in memory.
