@@ -1,0 +1,319 @@
+"""The operator as a user runs it (`fedkube operator`, a real process with a kubeconfig)
+against the test API server, driven through the API: apply, edit, delete, watch status.
+
+The API server has no controllers and no kubelet: where a test needs a pod's state, it
+writes the pod status a kubelet would write.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+from support import REPO, Processes, fedkube_command, free_port
+
+NS = "default"
+OFFLINE_AFTER = 2.0
+
+Obj = dict[str, Any]
+
+
+def _job(name: str, **spec: Any) -> Obj:
+    return {"apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"model": "mlp", "rounds": 3, **spec}}
+
+
+def _condition(obj: Obj, type_: str) -> Obj | None:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == type_), None)
+
+
+def _has_condition(type_: str, status: str, reason: str | None = None) -> Callable[[Obj], bool]:
+    def check(obj: Obj) -> bool:
+        found = _condition(obj, type_)
+        return found is not None and found["status"] == status and (
+            reason is None or found["reason"] == reason)
+    return check
+
+
+@pytest.fixture
+def operator(kube_api: Any, processes: Processes) -> Iterator[Processes]:
+    """The CRDs installed, then `fedkube operator` watching the whole test cluster; yields
+    once it is live."""
+    for crd in sorted((REPO / "crds").glob("*.yaml")):
+        kube_api.apply_file(crd)
+    port = free_port()
+    child = processes.start(
+        "operator", fedkube_command("operator", "--liveness-port", str(port)),
+        KUBECONFIG=str(kube_api.kubeconfig),
+        FEDKUBE_IMAGE="fedkube:test",
+        FEDKUBE_OFFLINE_AFTER_SECONDS=str(OFFLINE_AFTER),
+        FEDKUBE_HEALTH_INTERVAL_SECONDS="0.5",
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        assert child.poll() is None, processes.log("operator")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "operator not live:\n" + processes.log("operator")
+        time.sleep(0.2)
+    yield processes
+    # Nothing the operator did may have crashed a handler unexpectedly.
+    assert "Traceback" not in processes.log("operator").replace(
+        "kopf.PermanentError", ""), processes.log("operator")
+
+
+def _wait(kube_api: Any, resource: str, name: str, predicate: Callable[[Obj], Any],
+          processes: Processes, timeout: float = 20) -> Obj:
+    try:
+        return kube_api.wait_for(resource, name, predicate, namespace=NS, timeout=timeout)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n--- operator log ---\n"
+                             f"{processes.log('operator')[-4000:]}") from None
+
+
+def _children(kube_api: Any, job: str) -> dict[str, list[Obj]]:
+    kinds = {"ConfigMap": "v1/configmaps", "Service": "v1/services", "Pod": "v1/pods",
+             "ServiceAccount": "v1/serviceaccounts", "Deployment": "apps/v1/deployments",
+             "Role": "rbac.authorization.k8s.io/v1/roles",
+             "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings"}
+    return {kind: kube_api.list(resource, NS, label_selector=f"fedkube.io/job={job}")
+            for kind, resource in kinds.items()}
+
+
+def test_invalid_manifest_fails_with_the_field_named(kube_api: Any, operator: Processes) -> None:
+    kube_api.apply(_job("bad", simulation={"clients": 1}, minClients=3))
+    job = _wait(kube_api, "fj", "bad", lambda o: (o.get("status") or {}).get("phase") == "Failed",
+                operator)
+    accepted = _condition(job, "SpecAccepted")
+    assert accepted is not None and accepted["status"] == "False"
+    assert accepted["reason"] == "InvalidSpec"
+    assert "minClients" in accepted["message"] and "simulation.clients" in accepted["message"]
+    assert "minClients" in job["status"]["message"]
+    # Failed is terminal: it gets a completion time, and nothing was created.
+    _wait(kube_api, "fj", "bad", lambda o: o["status"].get("completionTime"), operator)
+    assert not any(_children(kube_api, "bad").values())
+    warnings = [e for e in kube_api.events(NS) if e["reason"] == "InvalidSpec"]
+    assert warnings and warnings[0]["type"] == "Warning"
+    assert warnings[0]["involvedObject"]["name"] == "bad"
+
+
+def test_valid_job_gets_owned_children_and_an_endpoint(kube_api: Any, operator: Processes,
+                                                       ) -> None:
+    kube_api.apply(_job("digits", simulation={"clients": 2}, clientsPerRound=2,
+                        privacy={"mode": "central", "targetEpsilon": 5.0}))
+    job = _wait(kube_api, "fj", "digits", lambda o: (o.get("status") or {}).get("endpoint"),
+                operator)
+    status = job["status"]
+    assert status["phase"] == "Pending"
+    assert status["endpoint"] == "digits-coordinator.default.svc:50051"
+    assert status["targetEpsilon"] == 5.0 and status["startTime"]
+    assert _has_condition("SpecAccepted", "True", "Created")(job)
+    assert _has_condition("Insecure", "True", "NoTLSOrJoinToken")(job)
+
+    children = _children(kube_api, "digits")
+    names = {kind: sorted(o["metadata"]["name"] for o in objs) for kind, objs in children.items()}
+    assert names == {
+        "ConfigMap": ["digits-spec"],
+        "Service": ["digits-coordinator"],
+        "Pod": ["digits-agent-0", "digits-agent-1"],
+        "ServiceAccount": ["digits-coordinator"],
+        "Deployment": ["digits-coordinator"],
+        "Role": ["digits-coordinator"],
+        "RoleBinding": ["digits-coordinator"],
+    }
+    uid = job["metadata"]["uid"]
+    for objs in children.values():
+        for obj in objs:
+            (owner,) = obj["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+                "FederatedJob", "digits", uid, True)
+    manifest = yaml.safe_load(children["ConfigMap"][0]["data"]["job.yaml"])
+    assert manifest["metadata"] == {"name": "digits", "namespace": NS}
+    assert manifest["spec"]["clientsPerRound"] == 2
+    (container,) = children["Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "fedkube:test"
+    assert [e["reason"] for e in kube_api.events(NS)].count("Created") == 1
+
+
+def test_deleting_a_job_removes_what_it_owns(kube_api: Any, operator: Processes) -> None:
+    kube_api.apply(_job("gone", simulation={"clients": 1}))
+    _wait(kube_api, "fj", "gone", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    # ClientNodes are owned by the job too (the coordinator creates them that way).
+    job = kube_api.get("fj", "gone", NS)
+    kube_api.apply({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "ClientNode",
+        "metadata": {"name": "gone-gone-agent-0", "namespace": NS,
+                     "labels": {"fedkube.io/job": "gone"},
+                     "ownerReferences": [{"apiVersion": "fedkube.io/v1alpha1",
+                                          "kind": "FederatedJob", "name": "gone",
+                                          "uid": job["metadata"]["uid"], "controller": True}]},
+        "spec": {"nodeId": "gone-agent-0"}})
+    assert any(_children(kube_api, "gone").values())
+    kube_api.delete("fj", "gone", NS)
+    kube_api.wait_gone("fj", "gone", NS, timeout=20)
+    kube_api.wait_gone("cn", "gone-gone-agent-0", NS, timeout=20)
+    assert not any(_children(kube_api, "gone").values())
+
+
+def test_finished_job_keeps_config_and_loses_its_pods(kube_api: Any, operator: Processes,
+                                                      ) -> None:
+    kube_api.apply(_job("done", simulation={"clients": 2}))
+    _wait(kube_api, "fj", "done", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    # What the coordinator writes when its last round ends.
+    kube_api.patch("fj", "done", {"status": {
+        "phase": "Succeeded", "round": 3, "accuracy": 0.91,
+        "modelRef": "/var/lib/fedkube/model.pt"}}, namespace=NS, subresource="status")
+    job = _wait(kube_api, "fj", "done", lambda o: o["status"].get("completionTime"), operator)
+    deadline = time.monotonic() + 20
+    while any(_children(kube_api, "done")[kind] for kind in ("Deployment", "Service", "Pod")):
+        assert time.monotonic() < deadline, _children(kube_api, "done")
+        time.sleep(0.1)
+    left = _children(kube_api, "done")
+    assert [o["metadata"]["name"] for o in left["ConfigMap"]] == ["done-spec"]
+    assert job["status"]["modelRef"] == "/var/lib/fedkube/model.pt"
+    assert job["status"]["phase"] == "Succeeded"
+    finished = [e for e in kube_api.events(NS) if e["reason"] == "Succeeded"]
+    assert finished and "model at /var/lib/fedkube/model.pt" in finished[0]["message"]
+
+
+def test_spec_edits_apply_mutable_fields_and_refuse_the_rest(kube_api: Any, operator: Processes,
+                                                             ) -> None:
+    kube_api.apply(_job("edit", simulation={"clients": 3}, clientsPerRound=2))
+    _wait(kube_api, "fj", "edit", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+
+    def running_spec() -> Obj:
+        config_map = kube_api.get("v1/configmaps", "edit-spec", NS)
+        return yaml.safe_load(config_map["data"]["job.yaml"])["spec"]
+
+    kube_api.patch("fj", "edit", {"spec": {"rounds": 7, "clientsPerRound": 3}}, namespace=NS)
+    deadline = time.monotonic() + 20
+    while running_spec()["rounds"] != 7:
+        assert time.monotonic() < deadline, operator.log("operator")[-3000:]
+        time.sleep(0.1)
+    assert running_spec()["clientsPerRound"] == 3
+    assert _condition(kube_api.get("fj", "edit", NS), "SpecChangeRefused") is None
+
+    kube_api.patch("fj", "edit", {"spec": {"model": "cnn8", "rounds": 9,
+                                           "data": {"partition": "shards"}}}, namespace=NS)
+    job = _wait(kube_api, "fj", "edit", _has_condition("SpecChangeRefused", "True",
+                                                       "ImmutableField"), operator)
+    message = _condition(job, "SpecChangeRefused")["message"]  # type: ignore[index]
+    assert "spec.model" in message and "spec.data.partition" in message
+    assert "spec.rounds" not in message.split("cannot change")[0]
+    spec = running_spec()
+    assert (spec["model"], spec["data"]["partition"], spec["rounds"]) == ("mlp", "iid", 9)
+
+    # Putting the immutable fields back clears the refusal.
+    kube_api.patch("fj", "edit", {"spec": {"model": "mlp", "data": {"partition": "iid"}}},
+                   namespace=NS)
+    _wait(kube_api, "fj", "edit", _has_condition("SpecChangeRefused", "False"), operator)
+
+
+def _coordinator_pod(job: str) -> Obj:
+    """A pod as the Deployment's ReplicaSet would create it."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{job}-coordinator-7d9f-x2x", "namespace": NS,
+                         "labels": {"app.kubernetes.io/name": "fedkube",
+                                    "app.kubernetes.io/component": "coordinator",
+                                    "app.kubernetes.io/managed-by": "fedkube-operator",
+                                    "fedkube.io/job": job}},
+            "spec": {"containers": [{"name": "coordinator", "image": "fedkube:test"}]}}
+
+
+def test_failing_coordinator_degrades_the_job_until_it_recovers(kube_api: Any,
+                                                                operator: Processes) -> None:
+    kube_api.apply(_job("flaky"))
+    _wait(kube_api, "fj", "flaky", _has_condition("Ready", "False", "CoordinatorNotReady"),
+          operator)
+    crashing = {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{"name": "coordinator", "ready": False, "restartCount": 4,
+                                       "state": {"waiting": {"reason": "CrashLoopBackOff",
+                                                             "message": "back-off 40s"}}}]}
+    kube_api.apply(_coordinator_pod("flaky"))
+    # What the kubelet reports about it.
+    kube_api.patch("v1/pods", "flaky-coordinator-7d9f-x2x", {"status": crashing}, namespace=NS,
+                   subresource="status")
+    job = _wait(kube_api, "fj", "flaky", _has_condition("Degraded", "True", "CoordinatorFailed"),
+                operator)
+    assert "CrashLoopBackOff" in _condition(job, "Degraded")["message"]  # type: ignore[index]
+
+    serving = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+               "containerStatuses": [{"name": "coordinator", "ready": True, "restartCount": 4,
+                                      "state": {"running": {}}}]}
+    kube_api.patch("v1/pods", "flaky-coordinator-7d9f-x2x", {"status": serving}, namespace=NS,
+                   subresource="status")
+    job = _wait(kube_api, "fj", "flaky", _has_condition("Degraded", "False", "CoordinatorReady"),
+                operator)
+    assert _has_condition("Ready", "True", "CoordinatorReady")(job)
+    reasons = [e["reason"] for e in kube_api.events(NS)
+               if e["involvedObject"]["name"] == "flaky"]
+    assert "CoordinatorFailed" in reasons and "CoordinatorReady" in reasons
+
+
+def _register_node(kube_api: Any, name: str, heartbeat: str) -> None:
+    """A ClientNode as the coordinator writes it: the object, then its status."""
+    kube_api.apply({"apiVersion": "fedkube.io/v1alpha1", "kind": "ClientNode",
+                    "metadata": {"name": name, "namespace": NS},
+                    "spec": {"nodeId": name, "device": "mps"}})
+    kube_api.patch("cn", name, {"status": {"phase": "Ready", "lastHeartbeat": heartbeat}},
+                   namespace=NS, subresource="status")
+
+
+def _phase(phase: str) -> Callable[[Obj], bool]:
+    return lambda obj: (obj.get("status") or {}).get("phase") == phase
+
+
+def _iso(seconds_ago: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
+
+
+def test_silent_client_nodes_go_offline(kube_api: Any, operator: Processes) -> None:
+    _register_node(kube_api, "stale", heartbeat=_iso(120))
+    node = _wait(kube_api, "cn", "stale", _phase("Offline"), operator)
+    assert node["status"]["lastHeartbeat"]  # the last sighting stays for `kubectl get cn`
+
+    # A node that keeps heartbeating stays Ready past the threshold...
+    _register_node(kube_api, "alive", heartbeat=_iso(0))
+    deadline = time.monotonic() + OFFLINE_AFTER * 2
+    while time.monotonic() < deadline:
+        kube_api.patch("cn", "alive", {"status": {"lastHeartbeat": _iso(0)}}, namespace=NS,
+                       subresource="status")
+        assert kube_api.get("cn", "alive", NS)["status"]["phase"] == "Ready"
+        time.sleep(0.3)
+    # ...and goes Offline once it falls silent.
+    _wait(kube_api, "cn", "alive", _phase("Offline"), operator)
+    offline_events = [e for e in kube_api.events(NS) if e["reason"] == "Offline"]
+    assert {e["involvedObject"]["name"] for e in offline_events} == {"stale", "alive"}
+
+
+def test_a_node_back_from_offline_is_watched_again(kube_api: Any, operator: Processes) -> None:
+    _register_node(kube_api, "back", heartbeat=_iso(60))
+    _wait(kube_api, "cn", "back", _phase("Offline"), operator)
+    # The coordinator hears from it again and says so.
+    kube_api.patch("cn", "back", {"status": {"phase": "Ready", "lastHeartbeat": _iso(0)}},
+                   namespace=NS, subresource="status")
+    _wait(kube_api, "cn", "back", _phase("Ready"), operator, timeout=2)
+    _wait(kube_api, "cn", "back", _phase("Offline"), operator, timeout=OFFLINE_AFTER + 15)
+
+
+def test_kubectl_get_shows_the_printer_columns(kube_api: Any, kubectl: Any,
+                                               operator: Processes) -> None:
+    kube_api.apply(_job("cols"))
+    _wait(kube_api, "fj", "cols", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    # What the coordinator publishes mid-run.
+    kube_api.patch("fj", "cols", {"status": {"phase": "Running", "round": 2, "accuracy": 0.875,
+                                             "epsilon": 1.25, "clientsSummary": "3/3"}},
+                   namespace=NS, subresource="status")
+    out = kubectl("get", "fj", "cols", "-n", NS, check=True).stdout.splitlines()
+    assert out[0].split() == ["NAME", "PHASE", "ROUND", "ACCURACY", "EPSILON", "CLIENTS", "AGE"]
+    assert out[1].split()[:6] == ["cols", "Running", "2", "0.875", "1.25", "3/3"]
