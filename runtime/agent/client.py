@@ -17,7 +17,7 @@ from .. import wire
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..spec import FederatedJobSpec
-from ..training import pick_device
+from ..training import TrainingDiverged, pick_device
 from .facts import device_facts
 from .trainer import LocalTrainer, Refusal
 
@@ -172,7 +172,14 @@ class Agent:
                 [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=task.model_version))],
                 self.trainer.schema)
-            result = await asyncio.to_thread(self.trainer.train, task, global_weights)
+            try:
+                result = await asyncio.to_thread(self.trainer.train, task, global_weights)
+            except TrainingDiverged as error:
+                # Nothing useful to send; say so rather than let the round wait for us.
+                await self._refuse(stub, task, Refusal(
+                    reason=f"local training diverged: {error}",
+                    epsilon=self.trainer.epsilon_spent(), delta=0.0))
+                return
             self.state = "uploading"
             header = pb.UpdateHeader(
                 node_id=self.node_id, round=task.round, model_version=task.model_version,

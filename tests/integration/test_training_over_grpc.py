@@ -117,3 +117,47 @@ def test_coordinator_restart_resumes_from_checkpoint(
     assert "resumed from checkpoint" in processes.log("coordinator-restarted")
     for agent in processes.children[1:3]:
         assert agent.wait(timeout=30) == 0
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_endpoint_counters_move_during_a_run(tmp_path: Path,
+                                                     processes: Processes) -> None:
+    job = write_job(tmp_path / "job.yaml", "grpc-metrics", model="mlp",
+                    data={"dataset": "digits"}, rounds=4, clientsPerRound=2, minClients=2,
+                    localEpochs=4, batchSize=8, learningRate=0.05,
+                    simulation={"clients": 2}, roundTimeoutSeconds=30)
+    output, port, metrics_port = tmp_path / "out", free_port(), free_port()
+    processes.start("coordinator", fedkube_command(
+        "coordinator", "--job", str(job), "--host", "127.0.0.1", "--port", str(port),
+        "--output", str(output), "--metrics-port", str(metrics_port)))
+    for index in range(2):
+        processes.start(f"agent-{index}", fedkube_command(
+            "agent", "--coordinator", f"127.0.0.1:{port}", "--simulated-index", str(index),
+            "--state-dir", str(tmp_path / "state"), "--give-up-after", "30"))
+    _wait(lambda: len(_read_metrics(output)) >= 1, timeout=120, what="round 1",
+          processes=processes)
+    first = _scrape(metrics_port)
+    _wait(lambda: len(_read_metrics(output)) >= 3, timeout=120, what="round 3",
+          processes=processes)
+    later = _scrape(metrics_port)
+    assert processes.children[0].wait(timeout=120) == 0
+
+    assert first["fedkube_rounds_total"] >= 1
+    assert later["fedkube_rounds_total"] > first["fedkube_rounds_total"]
+    assert later["fedkube_updates_accepted_total"] > first["fedkube_updates_accepted_total"]
+    assert later["fedkube_bytes_received_total"] > first["fedkube_bytes_received_total"]
+    assert later["fedkube_bytes_sent_total"] > first["fedkube_bytes_sent_total"]
+    assert later["fedkube_clients_registered"] == 2
+    assert 0 < later["fedkube_model_accuracy"] <= 1
