@@ -85,6 +85,8 @@ def _now() -> str:
 
 
 def _transient(error: Exception) -> bool:
+    if isinstance(error, _JobGone):
+        return False
     if isinstance(error, ApiException):
         return (error.status or 0) in _TRANSIENT_STATUS
     return True  # connection refused, timeouts, TLS hiccups: the server may come back
@@ -259,8 +261,15 @@ class KubernetesStatusSink:
         return self._request("PATCH", path, body, "application/merge-patch+json")
 
     def _owner(self) -> str:
+        """The job's uid, read once (ownerReferences and Events name it)."""
         if self._owner_uid is None:
-            self._owner_uid = self._request("GET", self._job_path)["metadata"]["uid"]
+            try:
+                self._owner_uid = self._request("GET", self._job_path)["metadata"]["uid"]
+            except ApiException as error:
+                if error.status == 404:
+                    raise _JobGone(f"FederatedJob {self.namespace}/{self.job_name} is gone",
+                                   ) from error
+                raise
         return self._owner_uid
 
     def _patch_job(self, status: FederatedJobStatus) -> None:
@@ -312,10 +321,11 @@ class KubernetesStatusSink:
                 time.monotonic() - sent[2] < self._heartbeat_refresh):
             return  # only the heartbeat moved, and it was refreshed recently
         path = f"{self._nodes_path}/{name}"
+        node = self._client_node(spec, name) if name not in self._created else None
         try:
-            if name not in self._created:
+            if node is not None:
                 try:
-                    self._request("POST", self._nodes_path, self._client_node(spec, name))
+                    self._request("POST", self._nodes_path, node)
                 except ApiException as error:
                     if error.status != 409:
                         raise
@@ -336,11 +346,7 @@ class KubernetesStatusSink:
     def _post_event(self, reason: str, message: str, warning: bool, at: str) -> None:
         involved: Obj = {"apiVersion": API_GROUP_VERSION, "kind": "FederatedJob",
                          "name": self.job_name, "namespace": self.namespace}
-        try:
-            involved["uid"] = self._owner()
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        involved["uid"] = self._owner()
         self._request("POST", f"/api/v1/namespaces/{self.namespace}/events", {
             "apiVersion": "v1",
             "kind": "Event",
@@ -356,6 +362,12 @@ class KubernetesStatusSink:
             "lastTimestamp": at,
             "count": 1,
         })
+
+
+class _JobGone(Exception):
+    """The FederatedJob was deleted: nothing more can be written about it."""
+
+    status = 404
 
 
 class _Vanished(Exception):
