@@ -179,8 +179,7 @@ BUILTIN_RESOURCES: tuple[ServedResource, ...] = (
     ServedResource("", "v1", "events", "Event", True, ("ev",),
                    columns=(_column("Reason", ".reason"), _column("Object", ".involvedObject.name"),
                             _column("Message", ".message"), _AGE)),
-    ServedResource("apps", "v1", "deployments", "Deployment", True, ("deploy",),
-                   frozenset({"status", "scale"}),
+    ServedResource("apps", "v1", "deployments", "Deployment", True, ("deploy",), _STATUS,
                    (_column("Ready", ".status.readyReplicas", "integer"),
                     _column("Replicas", ".spec.replicas", "integer"), _AGE), ("all",)),
     ServedResource("rbac.authorization.k8s.io", "v1", "roles", "Role", True, columns=(_AGE,)),
@@ -215,7 +214,8 @@ def served_from_crd(crd: Mapping[str, Any]) -> list[ServedResource]:
             group=spec["group"], version=version["name"], plural=names["plural"],
             kind=names["kind"], namespaced=spec.get("scope", "Namespaced") == "Namespaced",
             short_names=tuple(names.get("shortNames") or ()),
-            subresources=frozenset((version.get("subresources") or {}).keys()),
+            # Only the status subresource is emulated (no scale).
+            subresources=frozenset((version.get("subresources") or {}).keys()) & _STATUS,
             columns=columns, categories=tuple(names.get("categories") or ()),
             singular=names.get("singular") or names["kind"].lower(),
             schema=(version.get("schema") or {}).get("openAPIV3Schema"),
@@ -317,6 +317,7 @@ class ApiServer(kmock.KubernetesEmulator):
         self.served: dict[kmock.resource, ServedResource] = {r.key: r for r in BUILTIN_RESOURCES}
         self.changes: list[Change] = []
         self.resource_version = 0
+        self._uids: set[str] = set()  # of live objects, for the garbage collector
         self.log_reader: Callable[[str, str, str | None], str | None] | None = None
         self._changed = asyncio.Event()
         self._closing = False
@@ -423,7 +424,12 @@ class ApiServer(kmock.KubernetesEmulator):
         obj = self._admit(res, obj, None, strict=strict)
         if dry_run:
             return obj
-        return self._commit(res, "ADDED", obj, None)
+        stored = self._commit(res, "ADDED", obj, None)
+        owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+        if owners and not owners & self._uids:
+            # Every owner is already gone: the garbage collector takes it, as it would soon.
+            self._delete_quietly(res, stored)
+        return stored
 
     def update(
         self,
@@ -633,10 +639,13 @@ class ApiServer(kmock.KubernetesEmulator):
         key = (res.key, namespace, name)
         if event == "DELETED":
             self.objects[key].delete()
+            self._uids.discard(obj["metadata"]["uid"])
         elif key in self.objects:
             self.objects[key].history.append(obj)
         else:
             self.objects[key] = obj
+        if event == "ADDED":
+            self._uids.add(obj["metadata"]["uid"])
         if res.key == _CRDS and event != "DELETED":
             for old in [r for r in self.served.values() if r.crd == name]:
                 del self.served[old.key]
@@ -705,6 +714,14 @@ class ApiServer(kmock.KubernetesEmulator):
         # fallbacks below, and only if no test-defined reaction intercepted the request first.
         return await kmock.RawHandler._handle(self, request)
 
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        # kmock decodes every body as text before any handler runs, so a binary body
+        # (protobuf, CBOR) fails there; kube-apiserver would answer 415 to a type it does
+        # not take, and clients then fall back to JSON.
+        if isinstance(exc, UnicodeDecodeError):
+            exc = _binary_body()
+        return await super()._render_error(exc)
+
     def _request_resource(self, request: kmock.Request) -> ServedResource:
         if request.resource is None or request.resource not in self.served:
             raise api_error(404, "NotFound", "the server could not find the requested resource")
@@ -741,6 +758,8 @@ class ApiServer(kmock.KubernetesEmulator):
         params = request.params
         rv = params.get("resourceVersion")
         initial = params.get("sendInitialEvents") == "true"
+        if rv not in (None, "") and not str(rv).isdigit():
+            raise api_error(400, "BadRequest", f"invalid resourceVersion {rv!r}")
         since = None if initial or rv in (None, "", "0") else int(rv)
         timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
         as_table = _wants_table(request)
@@ -790,15 +809,14 @@ class ApiServer(kmock.KubernetesEmulator):
         res = self._request_resource(request)
         if request.subresource is not None or request.name is not None:
             raise api_error(405, "MethodNotAllowed", "POST is only served on collections")
+        _content_type(request)
         obj = self.create(res, request.namespace, request.data, **_write_options(request))
         return kmock.Response(status=201, payload=obj)
 
     async def _serve_update(self, request: kmock.Request) -> kmock.Payload:
         res = self._request_resource(request)
         assert request.name is not None
-        content_type = request.headers.get("Content-Type", request.headers.get("content-type",
-                                                                               ""))
-        patch_type = content_type.split(";")[0].strip()
+        patch_type = _content_type(request)
         if patch_type == "application/apply-patch+yaml":
             return self._server_side_apply(request, res)
         body = request.data
@@ -840,6 +858,7 @@ class ApiServer(kmock.KubernetesEmulator):
         res = self._request_resource(request)
         if request.name is None:
             raise api_error(405, "MethodNotAllowed", "PUT is only served on objects")
+        _content_type(request)
         body = request.data
         if not isinstance(body, Mapping):
             raise api_error(400, "BadRequest", "the body of the request must be a JSON object")
@@ -962,9 +981,23 @@ def _uid() -> str:
     return str(uuid.uuid4())
 
 
+def _binary_body() -> kmock.KubernetesError:
+    return api_error(415, "UnsupportedMediaType", "the body of the request was in an unknown "
+                     "format - accepted media types include: application/json (protobuf and "
+                     "CBOR are not emulated: kubectl's typed generators such as `kubectl create "
+                     "deployment` send protobuf; `kubectl create -f`/`apply -f` send JSON)")
+
+
+def _content_type(request: kmock.Request) -> str:
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    content_type = headers.get("content-type", "").split(";")[0].strip()
+    if "protobuf" in content_type or "cbor" in content_type:
+        raise _binary_body()
+    return content_type
+
+
 def _wants_table(request: kmock.Request) -> bool:
-    accept = request.headers.get("Accept", request.headers.get("accept", ""))
-    return "as=Table" in accept
+    return any(k.lower() == "accept" and "as=Table" in v for k, v in request.headers.items())
 
 
 def _write_options(request: kmock.Request) -> dict[str, bool]:

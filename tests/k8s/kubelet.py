@@ -88,6 +88,14 @@ def _now() -> str:
     return machinery.format_time(datetime.now(UTC))
 
 
+class ApiError(RuntimeError):
+    """An API request the server refused (other than 404)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # ----------------------------------------------------------------- pure helpers
 
 
@@ -307,6 +315,9 @@ class LocalKubelet:
                     if self._in_scope(deployment) and not deployment["metadata"].get(
                             "deletionTimestamp"):
                         await self._reconcile(deployment, pods["items"])
+            except ApiError as exc:
+                if exc.status not in (403, 409):  # a namespace going away, a lost race
+                    self.errors.append(exc)
             except Exception as exc:  # noqa: BLE001 -- kept in .errors, retried on the next change
                 self.errors.append(exc)
 
@@ -385,7 +396,8 @@ class LocalKubelet:
             if response.status == 404:
                 return None
             if response.status >= 400:
-                raise RuntimeError(f"{method} {path}: {response.status} {await response.text()}")
+                raise ApiError(response.status, f"{method} {path}: {response.status} "
+                               f"{await response.text()}")
             return await response.json()
 
     async def _watch(self, path: str, handle: Any) -> None:
@@ -405,6 +417,8 @@ class LocalKubelet:
                         if not line.strip():
                             continue
                         event = json.loads(line)
+                        if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+                            continue
                         version = event["object"]["metadata"].get("resourceVersion", version)
                         await self._guarded(handle, event["type"], event["object"])
             except (TimeoutError, aiohttp.ClientError):

@@ -57,7 +57,10 @@ def kubectl(kube_api: KubeApi, tmp_path: Path) -> Kubectl:
 
 @pytest.fixture
 def local_kubelet(kube_api: KubeApi, tmp_path: Path) -> Iterator[LocalKubelet]:
-    kubelet = LocalKubelet(kube_api, tmp_path / "kubelet").start()
+    # One thread per numeric library in each container: the machine's cores are shared.
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FEDKUBE_TORCH_THREADS": "1"}
+    kubelet = LocalKubelet(kube_api, tmp_path / "kubelet",
+                           env={"PYTHONSAFEPATH": "1", **threads}).start()
     try:
         yield kubelet
     finally:

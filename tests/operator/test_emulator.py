@@ -268,6 +268,9 @@ def test_deleting_an_owner_collects_its_dependents(kube_api: KubeApi) -> None:
     assert kube_api.get("configmaps", "grandchild") is None
     assert kube_api.get("configmaps", "bystander") is not None
 
+    config_map("late", root)  # created after its owner went: collected at once
+    assert kube_api.get("configmaps", "late") is None
+
 
 def test_deleting_a_namespace_deletes_what_is_in_it(kube_api: KubeApi) -> None:
     kube_api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}})
