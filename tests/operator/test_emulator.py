@@ -4,10 +4,12 @@ as far as kubectl, the kubernetes client and kopf can tell."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +121,30 @@ def test_the_crd_schema_defaults_and_validates(kubectl: Kubectl, kube_api: KubeA
     assert kube_api.get(WIDGETS, "w2") is None
 
 
+def test_kubectl_watches_the_table_and_strict_validation_refuses_unknown_fields(
+    kubectl: Kubectl, kube_api: KubeApi,
+) -> None:
+    kube_api.apply(WIDGETS_CRD)
+    kube_api.apply(widget("w1", size=3))
+    later = threading.Timer(0.5, kube_api.patch, (WIDGETS, "w1", {"status": {"phase": "Up"}}),
+                            {"subresource": "status"})
+    later.start()
+    watched = kubectl("get", "wd", "--watch", "--request-timeout=1.5s")
+    later.join()
+    rows = [line.split()[:3] for line in watched.stdout.splitlines()]
+    assert rows[0] == ["NAME", "PHASE", "SIZE"] and rows[1] == ["w1", "3", "0s"]
+    assert rows[-1] == ["w1", "Up", "3"]
+
+    unknown = kubectl("apply", "-f", "-", input="apiVersion: example.com/v1\nkind: Widget\n"
+                      "metadata: {name: w2}\nspec: {size: 3, extra: 1}\n")
+    assert unknown.returncode == 1
+    assert 'strict decoding error: unknown field "spec.extra"' in unknown.stderr
+    lenient = kubectl("apply", "--validate=false", "-f", "-", input="apiVersion: example.com/v1"
+                      "\nkind: Widget\nmetadata: {name: w2}\nspec: {size: 3, extra: 1}\n")
+    assert lenient.returncode == 0, lenient.stderr
+    assert kube_api.get(WIDGETS, "w2")["spec"] == {"size": 3, "color": "blue"}  # pruned
+
+
 def test_deleting_a_crd_stops_serving_its_resource(kubectl: Kubectl, kube_api: KubeApi) -> None:
     kube_api.apply(WIDGETS_CRD)
     kube_api.apply(widget("w1"))
@@ -191,6 +217,24 @@ def test_a_watch_sees_objects_enter_and_leave_its_selector(kube_api: KubeApi) ->
         resource_version=since["metadata"]["resourceVersion"], timeout_seconds=5)
     seen = [event["type"] for _, event in zip(range(2), stream, strict=False)]
     assert seen == ["ADDED", "DELETED"]
+
+
+def test_a_watch_can_stream_the_initial_state_up_to_a_bookmark(kube_api: KubeApi) -> None:
+    for name in ("x", "y"):
+        kube_api.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}})
+    url = (f"{kube_api.url}/api/v1/namespaces/default/configmaps?watch=true"
+           "&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=10")
+    events = []
+    with urllib.request.urlopen(url, timeout=10) as stream:
+        for line in stream:
+            events.append(json.loads(line))
+            if events[-1]["type"] == "BOOKMARK":
+                break
+    assert [(e["type"], e["object"]["metadata"].get("name")) for e in events] == [
+        ("ADDED", "x"), ("ADDED", "y"), ("BOOKMARK", None)]
+    bookmark = events[-1]["object"]["metadata"]
+    assert bookmark["annotations"] == {"k8s.io/initial-events-end": "true"}
+    assert int(bookmark["resourceVersion"]) == kube_api.server.resource_version
 
 
 def test_a_failed_json_patch_test_is_422_and_changes_nothing(kube_api: KubeApi) -> None:
@@ -411,6 +455,19 @@ def test_the_kubelet_runs_a_deployment_and_kills_its_processes(
 
 
 SLEEPER = "import os, time; print(os.getpid(), flush=True); time.sleep(120)"
+
+
+def test_the_kubelet_kills_a_container_that_ignores_sigterm(
+    kube_api: KubeApi, local_kubelet: LocalKubelet,
+) -> None:
+    stubborn = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print(os.getpid(), flush=True); time.sleep(120)")
+    kube_api.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"}, "spec": {
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "command": ["python", "-c", stubborn]}]}})
+    pid = int(_eventually(lambda: local_kubelet.logs("stubborn").split()[0]))
+    kube_api.delete("pods", "stubborn")
+    _eventually(lambda: _gone(pid), timeout=5)
 
 
 def _gone(pid: int) -> bool:
