@@ -417,6 +417,7 @@ class ApiServer(kmock.KubernetesEmulator):
                              "managedFields"):
             meta.pop(system_field, None)
         meta.update(name=name, uid=_uid(), creationTimestamp=_now(), generation=1)
+        meta.pop("namespace", None)
         if namespace is not None:
             meta["namespace"] = namespace
         if res.has_status:
@@ -479,8 +480,9 @@ class ApiServer(kmock.KubernetesEmulator):
         if new == current or dry_run:
             return new
         stored = self._commit(res, "MODIFIED", new, current)
-        released = meta.get("deletionTimestamp") and not meta.get("finalizers")
-        if released and not self._content_of(res, stored):
+        done = stored["metadata"].get("deletionTimestamp") and not stored["metadata"].get(
+            "finalizers")
+        if done and not self._content_of(res, stored):
             self._remove(res, namespace, name)
         return stored
 
@@ -509,15 +511,16 @@ class ApiServer(kmock.KubernetesEmulator):
         content = self._content_of(res, current)
         if not current["metadata"].get("finalizers") and not content:
             return self._remove(res, namespace, name)
+        marked = current
         if not current["metadata"].get("deletionTimestamp"):
             marked = copy.deepcopy(current)
             marked["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
             if res.key == _NAMESPACES:
                 marked["status"] = {"phase": "Terminating"}
-            self._commit(res, "MODIFIED", marked, current)
+            marked = self._commit(res, "MODIFIED", marked, current)
         for content_res, obj in content:
             self._delete_quietly(content_res, obj)
-        return self.get(res, namespace, name) or current
+        return self.get(res, namespace, name) or marked
 
     def _remove(self, res: ServedResource, namespace: str | None, name: str) -> dict[str, Any]:
         current = self.get(res, namespace, name)
@@ -526,12 +529,28 @@ class ApiServer(kmock.KubernetesEmulator):
         if res.key == _CRDS:
             for served in served_from_crd(current):
                 self.served.pop(served.key, None)
-        uid = current["metadata"]["uid"]
-        for dependent_res, obj in list(self._live()):
-            if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []):
-                self._delete_quietly(dependent_res, obj)
+        self._collect_dependents(current["metadata"]["uid"])
         self._release_containers()
         return final
+
+    def _collect_dependents(self, uid: str) -> None:
+        """The garbage collector: dependents whose owners are all gone are deleted; those
+        with an owner left lose the reference to the one that went."""
+        for res, obj in list(self._live()):
+            refs = obj["metadata"].get("ownerReferences") or []
+            if not any(ref.get("uid") == uid for ref in refs):
+                continue
+            kept = [ref for ref in refs if ref.get("uid") in self._uids]
+            if not kept:
+                self._delete_quietly(res, obj)
+            elif self.get(res, obj["metadata"].get("namespace"), obj["metadata"]["name"]):
+                self._set_owners(res, obj, kept)
+
+    def _set_owners(self, res: ServedResource, obj: Mapping[str, Any],
+                    refs: list[dict[str, Any]]) -> None:
+        meta = obj["metadata"]
+        self.update(res, meta.get("namespace"), meta["name"],
+                    lambda o: {**o, "metadata": {**o["metadata"], "ownerReferences": refs}})
 
     def _delete_quietly(self, res: ServedResource, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
@@ -562,10 +581,7 @@ class ApiServer(kmock.KubernetesEmulator):
         for res, obj in list(self._live()):
             refs = obj["metadata"].get("ownerReferences") or []
             if any(ref.get("uid") == uid for ref in refs):
-                kept = [ref for ref in refs if ref.get("uid") != uid]
-                self.update(res, obj["metadata"].get("namespace"), obj["metadata"]["name"],
-                            lambda o, kept=kept: {**o, "metadata": {**o["metadata"],
-                                                                    "ownerReferences": kept}})
+                self._set_owners(res, obj, [ref for ref in refs if ref.get("uid") != uid])
 
     def _namespace_of(self, res: ServedResource, url_ns: str | None, body_ns: str | None,
                       ) -> str | None:

@@ -315,6 +315,18 @@ def test_deleting_an_owner_collects_its_dependents(kube_api: KubeApi) -> None:
     config_map("late", root)  # created after its owner went: collected at once
     assert kube_api.get("configmaps", "late") is None
 
+    shared = config_map("shared", config_map("owner-a"))
+    owner_b = config_map("owner-b")
+    kube_api.patch("configmaps", "shared", {"metadata": {"ownerReferences": [
+        *shared["metadata"]["ownerReferences"],
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner-b",
+         "uid": owner_b["metadata"]["uid"]}]}})
+    kube_api.delete("configmaps", "owner-a")  # one owner left: kept, without the dead reference
+    assert [r["name"] for r in kube_api.get("configmaps", "shared")["metadata"][
+        "ownerReferences"]] == ["owner-b"]
+    kube_api.delete("configmaps", "owner-b")
+    assert kube_api.get("configmaps", "shared") is None
+
 
 def test_deleting_a_namespace_deletes_what_is_in_it(kube_api: KubeApi) -> None:
     kube_api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}})
