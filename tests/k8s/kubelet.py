@@ -201,10 +201,14 @@ class _PodRun:
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     statuses: dict[str, Obj] = field(default_factory=dict)
     init_statuses: dict[str, Obj] = field(default_factory=dict)
-    started: bool = False
+    launched: set[str] = field(default_factory=set)  # containers started at least once
     initialized: bool = False
     reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def started(self) -> bool:
+        return all(c["name"] in self.launched for c in self.pod["spec"]["containers"])
 
     @property
     def namespace(self) -> str:
@@ -460,6 +464,8 @@ class LocalKubelet:
     async def _run_pod(self, run: _PodRun) -> None:
         try:
             run.dir.mkdir(parents=True, exist_ok=True)
+            run.statuses = {c["name"]: _container_status(c, 0) for c in run.pod["spec"]["containers"]}
+            await self._publish(run)  # ContainerCreating, while volumes wait for their sources
             volumes = await self._prepare_volumes(run)
             spec = run.pod["spec"]
             for init in spec.get("initContainers") or []:
@@ -504,8 +510,8 @@ class LocalKubelet:
                 probe = container.get("readinessProbe")
                 statuses[name] = _container_status(container, restarts, running=started,
                                                    ready=probe is None and not init)
-                run.started = run.started or (not init and len(run.statuses) ==
-                                              len(run.pod["spec"]["containers"]))
+                if not init:
+                    run.launched.add(name)
                 await self._publish(run)
                 prober = (asyncio.create_task(self._probe(run, container, probe, statuses))
                           if probe and not init else None)

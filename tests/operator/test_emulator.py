@@ -126,13 +126,20 @@ def test_kubectl_watches_the_table_and_strict_validation_refuses_unknown_fields(
 ) -> None:
     kube_api.apply(WIDGETS_CRD)
     kube_api.apply(widget("w1", size=3))
-    later = threading.Timer(0.5, kube_api.patch, (WIDGETS, "w1", {"status": {"phase": "Up"}}),
-                            {"subresource": "status"})
-    later.start()
-    watched = kubectl("get", "wd", "--watch", "--request-timeout=1.5s")
-    later.join()
-    rows = [line.split()[:3] for line in watched.stdout.splitlines()]
-    assert rows[0] == ["NAME", "PHASE", "SIZE"] and rows[1] == ["w1", "3", "0s"]
+    results: list[subprocess.CompletedProcess[str]] = []
+    watcher = threading.Thread(target=lambda: results.append(
+        kubectl("get", "wd", "--watch", "--request-timeout=2s")))
+    watcher.start()
+
+    def watching() -> bool:
+        assert any(r.params.get("watch") == "true" for r in list(kube_api.server))
+        return True
+
+    _eventually(watching)
+    kube_api.patch(WIDGETS, "w1", {"status": {"phase": "Up"}}, subresource="status")
+    watcher.join()
+    rows = [line.split()[:3] for line in results[0].stdout.splitlines()]
+    assert rows[0] == ["NAME", "PHASE", "SIZE"] and rows[1][:2] == ["w1", "3"]  # no phase yet
     assert rows[-1] == ["w1", "Up", "3"]
 
     unknown = kubectl("apply", "-f", "-", input="apiVersion: example.com/v1\nkind: Widget\n"
@@ -388,14 +395,18 @@ def test_a_kopf_operator_reconciles_and_finalizes(kube_api: KubeApi) -> None:
 def test_the_kubelet_runs_a_pod_with_a_configmap_volume(
     kube_api: KubeApi, local_kubelet: LocalKubelet, kubectl: Kubectl,
 ) -> None:
-    kube_api.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
-                    "data": {"x": "hello from a ConfigMap"}})
     kube_api.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reader"}, "spec": {
         "restartPolicy": "Never",
         "containers": [{"name": "main", "image": "fedkube",
                         "command": ["python", "-c", "print(open('/etc/cfg/x').read())"],
                         "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg"}]}],
         "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}]}})
+    waiting = kube_api.wait_for("pods", "reader", lambda p: p["status"].get("containerStatuses"))
+    assert waiting["status"]["phase"] == "Pending"  # until its ConfigMap exists
+    assert waiting["status"]["containerStatuses"][0]["state"] == {
+        "waiting": {"reason": "ContainerCreating"}}
+    kube_api.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
+                    "data": {"x": "hello from a ConfigMap"}})
 
     pod = kube_api.wait_for("pods", "reader", lambda p: p["status"]["phase"] in (
         "Succeeded", "Failed"), timeout=20)
