@@ -464,7 +464,8 @@ class LocalKubelet:
     async def _run_pod(self, run: _PodRun) -> None:
         try:
             run.dir.mkdir(parents=True, exist_ok=True)
-            run.statuses = {c["name"]: _container_status(c, 0) for c in run.pod["spec"]["containers"]}
+            containers = run.pod["spec"]["containers"]
+            run.statuses = {c["name"]: _container_status(c, 0) for c in containers}
             await self._publish(run)  # ContainerCreating, while volumes wait for their sources
             volumes = await self._prepare_volumes(run)
             spec = run.pod["spec"]
@@ -635,10 +636,9 @@ class LocalKubelet:
                                            optional=source.get("optional", False))
                 data = dict((obj or {}).get("data") or {})
                 if secret:
-                    data = {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
+                    data = {k: _decode(v) for k, v in data.items()}
                 elif obj:
-                    data.update({k: base64.b64decode(v).decode(errors="replace")
-                                 for k, v in (obj.get("binaryData") or {}).items()})
+                    data.update({k: _decode(v) for k, v in (obj.get("binaryData") or {}).items()})
                 items = source.get("items") or [{"key": k, "path": k} for k in data]
                 folder.mkdir(parents=True, exist_ok=True)
                 for item in items:
@@ -754,6 +754,10 @@ class LocalKubelet:
             if value is not None:
                 env[var["name"]] = value
         return env
+
+
+def _decode(value: str) -> str:
+    return base64.b64decode(value).decode(errors="replace")
 
 
 def _field_value(pod: Obj, path: str) -> str:

@@ -170,7 +170,8 @@ def selector_from_spec(selector: Mapping[str, Any] | None) -> tuple[Requirement,
     terms = [Requirement(k, "=", (str(v),)) for k, v in (selector.get("matchLabels") or {}).items()]
     ops = {"In": "in", "NotIn": "notin", "Exists": "exists", "DoesNotExist": "!exists"}
     for expr in selector.get("matchExpressions") or []:
-        terms.append(Requirement(expr["key"], ops[expr["operator"]], tuple(expr.get("values") or ())))
+        values = tuple(expr.get("values") or ())
+        terms.append(Requirement(expr["key"], ops[expr["operator"]], values))
     return tuple(terms)
 
 
@@ -191,7 +192,8 @@ def labels_match(requirements: Iterable[Requirement], labels: Mapping[str, str] 
 
 
 def parse_field_selector(text: str | None) -> tuple[Requirement, ...]:
-    """Parse a ``fieldSelector``: comma-separated ``path=value``, ``path==value``, ``path!=value``."""
+    """Parse a ``fieldSelector``: comma-separated ``path=value``, ``path==value``,
+    ``path!=value``."""
     terms: list[Requirement] = []
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
         match = re.fullmatch(r"([\w.]+)\s*(==|=|!=)\s*(.*)", part)
@@ -208,7 +210,7 @@ def fields_match(requirements: Iterable[Requirement], obj: Mapping[str, Any]) ->
         value: Any = obj
         for part in req.key.split("."):
             value = value.get(part) if isinstance(value, Mapping) else None
-        text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        text = "" if value is None else _cell_text(value)
         if (text == req.values[0]) != (req.op == "="):
             return False
     return True
@@ -220,7 +222,8 @@ _PATH_TOKEN = re.compile(
     r"""\.(?P<field>[^.\[\]]+)
       | \[\s*(?P<index>-?\d+|\*)\s*\]
       | \[\s*['"](?P<quoted>[^'"]+)['"]\s*\]
-      | \[\s*\?\(\s*@\.(?P<fpath>[\w.-]+)\s*(?P<fop>==|!=)\s*(?P<fval>"[^"]*"|'[^']*'|[^)\s]+)\s*\)\s*\]
+      | \[\s*\?\(\s*@\.(?P<fpath>[\w.-]+)\s*(?P<fop>==|!=)\s*
+           (?P<fval>"[^"]*"|'[^']*'|[^)\s]+)\s*\)\s*\]
     """,
     re.VERBOSE,
 )

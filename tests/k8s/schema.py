@@ -62,7 +62,8 @@ def _prune_and_default(node: Mapping[str, Any], value: Any, path: str, unknown: 
         result: dict[str, Any] = {}
         for key, item in value.items():
             sub = properties.get(key, additional if isinstance(additional, Mapping) else None)
-            if item is None and not (sub or {}).get("nullable", False) and (sub or not keep_unknown):
+            declared_null = item is None and sub is not None and not sub.get("nullable", False)
+            if declared_null or (item is None and sub is None and not keep_unknown):
                 continue  # nulls of non-nullable fields are dropped, not refused
             if sub is not None:
                 result[key] = _prune_and_default(sub, item, _join(path, key), unknown)

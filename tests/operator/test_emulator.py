@@ -175,7 +175,8 @@ def test_label_and_field_selectors_filter_lists(kube_api: KubeApi) -> None:
     core = kubernetes.client.CoreV1Api(kube_api.api_client)
 
     def names(**query: str) -> list[str]:
-        return [cm.metadata.name for cm in core.list_namespaced_config_map("default", **query).items]
+        listed = core.list_namespaced_config_map("default", **query)
+        return [cm.metadata.name for cm in listed.items]
 
     assert names(label_selector="app=web") == ["a", "b"]
     assert names(label_selector="app!=web") == ["c", "d"]
@@ -424,7 +425,8 @@ def test_the_kubelet_fills_env_and_restarts_by_policy(
     kube_api.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
                     "stringData": {"token": "t0ken"}})
     kube_api.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "coord"},
-                    "spec": {"selector": {"app": "c"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+                    "spec": {"selector": {"app": "c"},
+                             "ports": [{"port": 80, "targetPort": 8080}]}})
     script = ("import os, sys; print(os.environ['ME'], os.environ['TOKEN'], os.environ['TARGET'], "
               "sys.argv[1]); sys.exit(3)")
     kube_api.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "env"}, "spec": {
