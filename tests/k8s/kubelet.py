@@ -3,9 +3,9 @@
 :class:`LocalKubelet` watches Pods (and Deployments) over the API server's HTTP API, as a
 kubelet and the controller manager would, and for each Pod in its namespaces:
 
-- prepares volumes under ``<workdir>/pods/<namespace>/<pod>-<uid>/volumes/<name>``:
-  ``configMap`` and ``secret`` (all keys or ``items``, waiting until the object exists unless
-  ``optional``), ``emptyDir``, ``persistentVolumeClaim`` (one folder per claim that outlives
+- prepares volumes under ``<workdir>/pods/<namespace>/<pod>-<uid8>/volumes/<name>``:
+  ``configMap`` and ``secret`` (all keys or ``items``; until the object exists, unless
+  ``optional``, the Pod stays Pending with its containers ``ContainerCreating``), ``emptyDir``, ``persistentVolumeClaim`` (one folder per claim that outlives
   the pod, ``<workdir>/claims/<namespace>/<claim>``) and ``hostPath`` (the host path itself);
 - gives each container a root folder ``<pod dir>/<container>/root`` in which every
   ``mountPath`` is a symlink to its volume (``subPath`` honoured), and exposes that root as
@@ -285,7 +285,8 @@ class LocalKubelet:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop, self._dirty = asyncio.Event(), asyncio.Event()
-        self._session = aiohttp.ClientSession(self.api.url)
+        # Big enough for any one watch event on a line (aiohttp's default is 64 KiB).
+        self._session = aiohttp.ClientSession(self.api.url, read_bufsize=2**24)
         tasks = [asyncio.create_task(self._watch("/api/v1/pods", self._on_pod)),
                  asyncio.create_task(self._watch("/apis/apps/v1/deployments", self._on_change)),
                  asyncio.create_task(self._control_deployments())]
@@ -293,13 +294,11 @@ class LocalKubelet:
         try:
             await self._stop.wait()
         finally:
-            for task in tasks:
+            # Cancelling a pod's task kills its processes (SIGTERM, then SIGKILL).
+            pods = [run.task for run in self._runs.values() if run.task is not None]
+            for task in [*tasks, *pods]:
                 task.cancel()
-            runs = [run for run in self._runs.values() if run.task is not None]
-            for run in runs:
-                assert run.task is not None
-                run.task.cancel()
-            await asyncio.gather(*tasks, *(r.task for r in runs if r.task), return_exceptions=True)
+            await asyncio.gather(*tasks, *pods, return_exceptions=True)
             await self._session.close()
 
     # ------------------------------------------------------------- deployments
@@ -308,7 +307,7 @@ class LocalKubelet:
         """Reconcile every Deployment on each change of a Deployment or Pod (and each second)."""
         assert self._dirty is not None
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), 1.0)
             self._dirty.clear()
             try:
@@ -371,7 +370,7 @@ class LocalKubelet:
     def log_path(self, pod: str, container: str | None = None, namespace: str = "default",
                  ) -> Path:
         """Where a container's output goes (the first container when ``container`` is None)."""
-        for run in list(self._runs.values()):
+        for run in reversed(list(self._runs.values())):  # the latest pod of that name
             if (run.name, run.namespace) == (pod, namespace):
                 containers = [c["name"] for c in run.pod["spec"]["containers"]]
                 return run.dir / f"{container or containers[0]}.log"
@@ -405,27 +404,31 @@ class LocalKubelet:
             return await response.json()
 
     async def _watch(self, path: str, handle: Any) -> None:
-        """List, then watch from the list's resourceVersion, forever (reconnecting)."""
+        """List, then watch from the list's resourceVersion; reconnect from the last version
+        seen, and list again after anything unexpected (which goes to ``errors``)."""
         assert self._session is not None
-        listing = await self._call("GET", path)
-        assert listing is not None
-        version = listing["metadata"]["resourceVersion"]
-        for obj in listing["items"]:
-            await self._guarded(handle, "ADDED", obj)
+        version: str | None = None
         while True:
             try:
+                if version is None:
+                    listing = await self._call("GET", path)
+                    assert listing is not None
+                    version = listing["metadata"]["resourceVersion"]
+                    for obj in listing["items"]:
+                        await self._guarded(handle, "ADDED", obj)
                 async with self._session.get(path, params={
                         "watch": "true", "resourceVersion": version},
                         timeout=aiohttp.ClientTimeout(total=None)) as response:
                     async for line in response.content:
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
-                            continue
-                        version = event["object"]["metadata"].get("resourceVersion", version)
-                        await self._guarded(handle, event["type"], event["object"])
+                        event = json.loads(line) if line.strip() else {}
+                        if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
+                            version = event["object"]["metadata"]["resourceVersion"]
+                            await self._guarded(handle, event["type"], event["object"])
             except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.1)
+            except Exception as exc:  # noqa: BLE001 -- a kubelet that stops watching is worse
+                self.errors.append(exc)
+                version = None
                 await asyncio.sleep(0.1)
 
     async def _guarded(self, handle: Any, kind: str, obj: Obj) -> None:
