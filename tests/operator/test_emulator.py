@@ -69,6 +69,9 @@ def widget(name: str, size: int = 1, **meta: Any) -> dict[str, Any]:
 
 def test_kubectl_applies_gets_and_deletes_a_configmap(kubectl: Kubectl, kube_api: KubeApi) -> None:
     manifest = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {a: '1'}\n"
+    dry = kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
+    assert "configmap/settings created (server dry run)" in dry.stdout, dry.stderr
+    assert kube_api.get("configmaps", "settings") is None
     created = kubectl("apply", "-f", "-", input=manifest)
     assert created.returncode == 0, created.stderr
     assert "configmap/settings created" in created.stdout
@@ -334,6 +337,11 @@ def test_deleting_an_owner_collects_its_dependents(kube_api: KubeApi) -> None:
         "ownerReferences"]] == ["owner-b"]
     kube_api.delete("configmaps", "owner-b")
     assert kube_api.get("configmaps", "shared") is None
+
+    config_map("kept", config_map("parent"))
+    core = kubernetes.client.CoreV1Api(kube_api.api_client)
+    core.delete_namespaced_config_map("parent", "default", propagation_policy="Orphan")
+    assert kube_api.get("configmaps", "kept")["metadata"]["ownerReferences"] == []
 
 
 def test_deleting_a_namespace_deletes_what_is_in_it(kube_api: KubeApi) -> None:
