@@ -2,8 +2,9 @@
 the ``kubernetes`` client cannot tell it from kube-apiserver in what fedkube's tests do.
 
 :class:`ApiServer` subclasses ``kmock.KubernetesEmulator`` and keeps kmock's HTTP handling,
-request log (``server.requests``), object histories (``server.objects[...]``) and its DSL,
-so a test can still inject faults: ``server['patch', kmock.resource('v1/pods')] << 500``.
+request log (``list(server)``, or a filtered view such as ``list(server['patch'])``), object
+histories (``server.objects[...]``) and its DSL, so a test can still inject faults:
+``server['patch', kmock.resource('v1/pods')] << 500``.
 What it adds, as kube-apiserver does it:
 
 - metadata: a global, monotonic ``resourceVersion``; ``uid``; ``creationTimestamp``;
@@ -45,10 +46,14 @@ Departures from kmock, each because kmock 0.8 is in the way:
   listens through a plain ``aiohttp.web`` runner on 127.0.0.1 instead.
 
 Known gaps against a real cluster: no authentication or RBAC enforcement (Roles are stored,
-not applied), no admission webhooks, no CEL validation rules, no pagination (``limit`` is
-ignored, everything comes in one page), no managedFields, no watch compaction (410), one
-version per resource (no conversion), Foreground deletion treated as Background, and no
-scheduler, controllers or kubelet (see :mod:`tests.k8s.kubelet` for the latter two).
+not applied); no admission webhooks; no CEL ``x-kubernetes-validations`` or ``format``
+checks; no pagination (``limit`` is ignored: one page); no managedFields (server-side apply
+merges without field ownership); no watch compaction (never 410 Gone); each served version
+of a CRD is a separate store (no conversion); no ``scale`` subresource; Foreground deletion
+acts as Background and pods go at once (no graceful deletion); protobuf and CBOR bodies
+are refused with 415, so kubectl's typed generators (``kubectl create deployment ...``)
+fail while ``kubectl apply/create -f`` work; and no scheduler, controllers or kubelet (see
+:mod:`tests.k8s.kubelet` for a kubelet and a Deployment controller).
 
 :class:`KubeApi` runs the server in its own thread and event loop, writes a kubeconfig for
 it, and gives synchronous tests helpers (apply, get, wait_for...) that act on the store.
