@@ -154,6 +154,9 @@ class RoundEngine:
         self.noise_generator = torch.Generator().manual_seed(self.spec.seed + 1)
         self.server_optimizer = server_optimizer_for(self.spec.strategy)
         self.central: CentralPrivacy | None = None
+        # Nodes that declined a task because it would exceed their local DP budget. A
+        # budget only grows, so they are not asked again in this job.
+        self.budget_spent: set[str] = set()
         if self.spec.privacy.mode == "central":
             # Imported here: Opacus costs seconds of start-up that other jobs never need.
             from .privacy_budget import CentralPrivacy
@@ -300,6 +303,7 @@ class RoundEngine:
         client.epsilon = max(client.epsilon, header.epsilon_spent)
         client.delta = header.delta
         open_round.answered.add(header.node_id)
+        self.budget_spent.add(header.node_id)
         log.info("node %s declined round %d: %s", header.node_id, header.round,
                  header.refusal_reason)
         self.sink.event("TaskRefused", f"{header.node_id}: {header.refusal_reason}",
@@ -340,7 +344,7 @@ class RoundEngine:
         try:
             await self._wait_for_clients()
             while self.round < self.spec.rounds and self.status.phase not in TERMINAL_PHASES:
-                if self._budget_exhausted_before_round():
+                if self._budget_exhausted_before_round() or self._local_budget_exhausted():
                     break
                 ok = await self._run_round_with_retries(self.round + 1)
                 if not ok:
@@ -381,6 +385,8 @@ class RoundEngine:
             outcome = await self._run_round(number)
             if outcome:
                 return True
+            if self._local_budget_exhausted():
+                return False
             log.warning("round %d closed below minClients (attempt %d of %d)",
                         number, attempt + 1, self.spec.round_retries + 1)
             await self._wait_for_live(self.spec.min_clients, timeout=self.spec.round_timeout_seconds)
@@ -406,7 +412,8 @@ class RoundEngine:
         return {c.node_id for c in self.registry.live()}
 
     def _select(self) -> tuple[list[Client], int]:
-        live = sorted(self.registry.live(self.spec.client_selector), key=lambda c: c.node_id)
+        live = sorted((c for c in self.registry.live(self.spec.client_selector)
+                       if c.node_id not in self.budget_spent), key=lambda c: c.node_id)
         wanted = self.spec.clients_to_select(len(live))
         # Over-select for the dropout seen so far, so the round still fills up — except
         # under central DP, whose accountant assumes exactly `wanted` clients are sampled.
@@ -530,6 +537,26 @@ class RoundEngine:
                         f"{self.spec.privacy.target_epsilon}; spent {self.central.epsilon():.4f}")
         self._finish(Phase.succeeded, Reason.BUDGET_EXHAUSTED,
                      f"privacy budget exhausted after {self.round} rounds")
+        return True
+
+    def _local_budget_exhausted(self) -> bool:
+        """Local DP: enough clients are live, but too few of them have budget left for a
+        round to close. That is the job's privacy budget running out, a normal end
+        (Succeeded, BudgetExhausted), not a shortage of clients (Failed, TooFewClients)."""
+        if self.spec.privacy.mode != "local" or not self.budget_spent:
+            return False
+        live = self.registry.live(self.spec.client_selector)
+        floor = max(self.spec.min_clients, minimum_updates(self.spec.strategy))
+        with_budget = [c for c in live if c.node_id not in self.budget_spent]
+        if len(with_budget) >= floor or len(live) < floor:
+            return False
+        spent = len(live) - len(with_budget)
+        self._condition(ConditionType.BUDGET_EXHAUSTED, "True", Reason.BUDGET_EXHAUSTED,
+                        f"{spent} of {len(live)} live clients declined: another round would "
+                        f"exceed targetEpsilon {self.spec.privacy.target_epsilon}")
+        self._finish(Phase.succeeded, Reason.BUDGET_EXHAUSTED,
+                     f"privacy budget exhausted after {self.round} rounds: {spent} of "
+                     f"{len(live)} clients have spent theirs")
         return True
 
     def _converged(self) -> bool:
