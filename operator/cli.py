@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_LIVENESS_PORT = 8080
+# Handlers that run on every watch event or timer tick: their successes are not news.
+ROUTINE_HANDLERS = ("count_job", "count_node", "watch_coordinator", "mark_offline")
+
+
+class QuietRoutineSuccesses(logging.Filter):
+    """Drops kopf's "Handler 'x' succeeded." lines for ROUTINE_HANDLERS, which would
+    otherwise log once per ClientNode heartbeat and per timer tick; failures still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.levelno <= logging.INFO and message.endswith(" succeeded.")
+                    and any(f"'{name}'" in message for name in ROUTINE_HANDLERS))
 
 
 def register(subparsers: Any) -> None:
@@ -52,6 +64,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from .metrics import OperatorMetrics
 
     log = logging.getLogger("fedkube.operator")
+    logging.getLogger("kopf.objects").addFilter(QuietRoutineSuccesses())
     metrics = OperatorMetrics()
     if args.metrics_port is not None:
         log.info("metrics on :%d/metrics", metrics.serve(args.metrics_port))

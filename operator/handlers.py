@@ -72,17 +72,30 @@ def _set_condition(
     reason: str,
     message: str,
     generation: int | None = None,
+    only_if_present: bool = False,
 ) -> bool:
-    """Upsert one condition into `patch.status.conditions` (starting from what this
-    handler already patched, else from the object); True if anything changed."""
-    current = patch.status.get("conditions") or status.get("conditions") or []
-    before = [Condition.model_validate(c) for c in current]
-    after = upsert_condition(before, type=type, status=value, reason=reason, message=message,
-                             now=_now(), observed_generation=generation)
-    if after == before:
-        return False
-    patch.status["conditions"] = [c.to_wire() for c in after]
-    return True
+    """Upsert one condition; True if that changes the status this handler was given.
+
+    The upsert is not a merge patch of the list (which would overwrite conditions that a
+    timer, another handler or the coordinator wrote meanwhile): it goes into `patch.fns`,
+    which kopf applies to the freshest object as a JSON patch guarded by resourceVersion,
+    retrying on conflict. `only_if_present` leaves a condition that is not there unset."""
+    now = _now()
+
+    def upsert(conditions: list[Any]) -> list[Condition]:
+        current = [Condition.model_validate(c) for c in conditions]
+        if only_if_present and all(c.type != type for c in current):
+            return current
+        return upsert_condition(current, type=type, status=value, reason=reason,
+                                message=message, now=now, observed_generation=generation)
+
+    def apply(body: dict[str, Any]) -> None:
+        target = body.setdefault("status", {})
+        target["conditions"] = [c.to_wire() for c in upsert(target.get("conditions") or [])]
+
+    patch.fns.append(apply)
+    before = [Condition.model_validate(c) for c in status.get("conditions") or []]
+    return upsert(list(status.get("conditions") or [])) != before
 
 
 def _condition(status: Mapping[str, Any], type: str) -> Mapping[str, Any] | None:
@@ -213,10 +226,10 @@ def update_job(
                    f"{', '.join(refused)} cannot change while the job runs (only "
                    f"{', '.join(f'spec.{f}' for f in sorted(res.MUTABLE_FIELDS))} can); "
                    "delete and re-create the job to change them")
-        elif _condition(status, ConditionType.SPEC_CHANGE_REFUSED) is not None:
+        else:
             _set_condition(status, patch, type=ConditionType.SPEC_CHANGE_REFUSED, value="False",
                            reason=SPEC_CHANGE_APPLIED, message="the job runs its spec as written",
-                           generation=generation)
+                           generation=generation, only_if_present=True)
 
 
 def _terminal(value: Any, **_: Any) -> bool:

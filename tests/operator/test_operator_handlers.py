@@ -7,6 +7,7 @@ writes the pod status a kubelet would write.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -41,44 +42,78 @@ def _has_condition(type_: str, status: str, reason: str | None = None) -> Callab
     return check
 
 
+class Operator:
+    """`fedkube operator` as a child process, watching the whole test cluster."""
+
+    def __init__(self, kube_api: Any, processes: Processes) -> None:
+        self.kube_api, self.processes = kube_api, processes
+        self.metrics_port = free_port()
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and return once its liveness endpoint answers."""
+        port = free_port()
+        self.child = self.processes.start(
+            "operator", fedkube_command("operator", "--liveness-port", str(port),
+                                        "--metrics-port", str(self.metrics_port)),
+            KUBECONFIG=str(self.kube_api.kubeconfig),
+            FEDKUBE_IMAGE="fedkube:test",
+            FEDKUBE_OFFLINE_AFTER_SECONDS=str(OFFLINE_AFTER),
+            FEDKUBE_HEALTH_INTERVAL_SECONDS="0.5",
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.child.poll() is None, self.log()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
+                                            timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "operator not live:\n" + self.log()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops a pod; kopf shuts down cleanly."""
+        assert self.child is not None
+        self.child.terminate()
+        self.child.wait(timeout=20)
+
+    def log(self) -> str:
+        return self.processes.log("operator")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.read().decode()
+
+
+# The operator writes conditions last (see handlers._set_condition): waiting for them
+# means everything else it writes for the same step is there too.
+ACCEPTED = _has_condition("SpecAccepted", "True", "Created")
+REJECTED = _has_condition("SpecAccepted", "False", "InvalidSpec")
+
+
 @pytest.fixture
-def operator(kube_api: Any, processes: Processes) -> Iterator[Processes]:
-    """The CRDs installed, then `fedkube operator` watching the whole test cluster; yields
-    once it is live."""
+def operator(kube_api: Any, processes: Processes) -> Iterator[Operator]:
+    """The CRDs installed (as `kubectl apply -f crds/` would), then the operator."""
     for crd in sorted((REPO / "crds").glob("*.yaml")):
         kube_api.apply_file(crd)
-    port = free_port()
-    child = processes.start(
-        "operator", fedkube_command("operator", "--liveness-port", str(port)),
-        KUBECONFIG=str(kube_api.kubeconfig),
-        FEDKUBE_IMAGE="fedkube:test",
-        FEDKUBE_OFFLINE_AFTER_SECONDS=str(OFFLINE_AFTER),
-        FEDKUBE_HEALTH_INTERVAL_SECONDS="0.5",
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        assert child.poll() is None, processes.log("operator")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "operator not live:\n" + processes.log("operator")
-        time.sleep(0.2)
-    yield processes
-    # Nothing the operator did may have crashed a handler unexpectedly.
-    assert "Traceback" not in processes.log("operator").replace(
-        "kopf.PermanentError", ""), processes.log("operator")
+    running = Operator(kube_api, processes)
+    running.start()
+    yield running
+    # No handler may have crashed along the way (kopf would log and retry it).
+    assert "Traceback" not in running.log(), running.log()
 
 
 def _wait(kube_api: Any, resource: str, name: str, predicate: Callable[[Obj], Any],
-          processes: Processes, timeout: float = 20) -> Obj:
+          operator: Operator, timeout: float = 20) -> Obj:
     try:
         return kube_api.wait_for(resource, name, predicate, namespace=NS, timeout=timeout)
     except TimeoutError as error:
         raise AssertionError(f"{error}\n--- operator log ---\n"
-                             f"{processes.log('operator')[-4000:]}") from None
+                             f"{operator.log()[-4000:]}") from None
 
 
 def _children(kube_api: Any, job: str) -> dict[str, list[Obj]]:
@@ -90,10 +125,10 @@ def _children(kube_api: Any, job: str) -> dict[str, list[Obj]]:
             for kind, resource in kinds.items()}
 
 
-def test_invalid_manifest_fails_with_the_field_named(kube_api: Any, operator: Processes) -> None:
+def test_invalid_manifest_fails_with_the_field_named(kube_api: Any, operator: Operator) -> None:
     kube_api.apply(_job("bad", simulation={"clients": 1}, minClients=3))
-    job = _wait(kube_api, "fj", "bad", lambda o: (o.get("status") or {}).get("phase") == "Failed",
-                operator)
+    job = _wait(kube_api, "fj", "bad", REJECTED, operator)
+    assert job["status"]["phase"] == "Failed"
     accepted = _condition(job, "SpecAccepted")
     assert accepted is not None and accepted["status"] == "False"
     assert accepted["reason"] == "InvalidSpec"
@@ -107,12 +142,11 @@ def test_invalid_manifest_fails_with_the_field_named(kube_api: Any, operator: Pr
     assert warnings[0]["involvedObject"]["name"] == "bad"
 
 
-def test_valid_job_gets_owned_children_and_an_endpoint(kube_api: Any, operator: Processes,
+def test_valid_job_gets_owned_children_and_an_endpoint(kube_api: Any, operator: Operator,
                                                        ) -> None:
     kube_api.apply(_job("digits", simulation={"clients": 2}, clientsPerRound=2,
                         privacy={"mode": "central", "targetEpsilon": 5.0}))
-    job = _wait(kube_api, "fj", "digits", lambda o: (o.get("status") or {}).get("endpoint"),
-                operator)
+    job = _wait(kube_api, "fj", "digits", ACCEPTED, operator)
     status = job["status"]
     assert status["phase"] == "Pending"
     assert status["endpoint"] == "digits-coordinator.default.svc:50051"
@@ -145,9 +179,9 @@ def test_valid_job_gets_owned_children_and_an_endpoint(kube_api: Any, operator: 
     assert [e["reason"] for e in kube_api.events(NS)].count("Created") == 1
 
 
-def test_deleting_a_job_removes_what_it_owns(kube_api: Any, operator: Processes) -> None:
+def test_deleting_a_job_removes_what_it_owns(kube_api: Any, operator: Operator) -> None:
     kube_api.apply(_job("gone", simulation={"clients": 1}))
-    _wait(kube_api, "fj", "gone", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    _wait(kube_api, "fj", "gone", ACCEPTED, operator)
     # ClientNodes are owned by the job too (the coordinator creates them that way).
     job = kube_api.get("fj", "gone", NS)
     kube_api.apply({
@@ -165,10 +199,10 @@ def test_deleting_a_job_removes_what_it_owns(kube_api: Any, operator: Processes)
     assert not any(_children(kube_api, "gone").values())
 
 
-def test_finished_job_keeps_config_and_loses_its_pods(kube_api: Any, operator: Processes,
+def test_finished_job_keeps_config_and_loses_its_pods(kube_api: Any, operator: Operator,
                                                       ) -> None:
     kube_api.apply(_job("done", simulation={"clients": 2}))
-    _wait(kube_api, "fj", "done", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    _wait(kube_api, "fj", "done", ACCEPTED, operator)
     # What the coordinator writes when its last round ends.
     kube_api.patch("fj", "done", {"status": {
         "phase": "Succeeded", "round": 3, "accuracy": 0.91,
@@ -186,10 +220,10 @@ def test_finished_job_keeps_config_and_loses_its_pods(kube_api: Any, operator: P
     assert finished and "model at /var/lib/fedkube/model.pt" in finished[0]["message"]
 
 
-def test_spec_edits_apply_mutable_fields_and_refuse_the_rest(kube_api: Any, operator: Processes,
+def test_spec_edits_apply_mutable_fields_and_refuse_the_rest(kube_api: Any, operator: Operator,
                                                              ) -> None:
     kube_api.apply(_job("edit", simulation={"clients": 3}, clientsPerRound=2))
-    _wait(kube_api, "fj", "edit", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    _wait(kube_api, "fj", "edit", ACCEPTED, operator)
 
     def running_spec() -> Obj:
         config_map = kube_api.get("v1/configmaps", "edit-spec", NS)
@@ -198,7 +232,7 @@ def test_spec_edits_apply_mutable_fields_and_refuse_the_rest(kube_api: Any, oper
     kube_api.patch("fj", "edit", {"spec": {"rounds": 7, "clientsPerRound": 3}}, namespace=NS)
     deadline = time.monotonic() + 20
     while running_spec()["rounds"] != 7:
-        assert time.monotonic() < deadline, operator.log("operator")[-3000:]
+        assert time.monotonic() < deadline, operator.log()[-3000:]
         time.sleep(0.1)
     assert running_spec()["clientsPerRound"] == 3
     assert _condition(kube_api.get("fj", "edit", NS), "SpecChangeRefused") is None
@@ -231,7 +265,7 @@ def _coordinator_pod(job: str) -> Obj:
 
 
 def test_failing_coordinator_degrades_the_job_until_it_recovers(kube_api: Any,
-                                                                operator: Processes) -> None:
+                                                                operator: Operator) -> None:
     kube_api.apply(_job("flaky"))
     _wait(kube_api, "fj", "flaky", _has_condition("Ready", "False", "CoordinatorNotReady"),
           operator)
@@ -277,7 +311,7 @@ def _iso(seconds_ago: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
 
 
-def test_silent_client_nodes_go_offline(kube_api: Any, operator: Processes) -> None:
+def test_silent_client_nodes_go_offline(kube_api: Any, operator: Operator) -> None:
     _register_node(kube_api, "stale", heartbeat=_iso(120))
     node = _wait(kube_api, "cn", "stale", _phase("Offline"), operator)
     assert node["status"]["lastHeartbeat"]  # the last sighting stays for `kubectl get cn`
@@ -296,7 +330,7 @@ def test_silent_client_nodes_go_offline(kube_api: Any, operator: Processes) -> N
     assert {e["involvedObject"]["name"] for e in offline_events} == {"stale", "alive"}
 
 
-def test_a_node_back_from_offline_is_watched_again(kube_api: Any, operator: Processes) -> None:
+def test_a_node_back_from_offline_is_watched_again(kube_api: Any, operator: Operator) -> None:
     _register_node(kube_api, "back", heartbeat=_iso(60))
     _wait(kube_api, "cn", "back", _phase("Offline"), operator)
     # The coordinator hears from it again and says so.
@@ -307,9 +341,9 @@ def test_a_node_back_from_offline_is_watched_again(kube_api: Any, operator: Proc
 
 
 def test_kubectl_get_shows_the_printer_columns(kube_api: Any, kubectl: Any,
-                                               operator: Processes) -> None:
+                                               operator: Operator) -> None:
     kube_api.apply(_job("cols"))
-    _wait(kube_api, "fj", "cols", lambda o: (o.get("status") or {}).get("endpoint"), operator)
+    _wait(kube_api, "fj", "cols", ACCEPTED, operator)
     # What the coordinator publishes mid-run.
     kube_api.patch("fj", "cols", {"status": {"phase": "Running", "round": 2, "accuracy": 0.875,
                                              "epsilon": 1.25, "clientsSummary": "3/3"}},
@@ -317,3 +351,38 @@ def test_kubectl_get_shows_the_printer_columns(kube_api: Any, kubectl: Any,
     out = kubectl("get", "fj", "cols", "-n", NS, check=True).stdout.splitlines()
     assert out[0].split() == ["NAME", "PHASE", "ROUND", "ACCURACY", "EPSILON", "CLIENTS", "AGE"]
     assert out[1].split()[:6] == ["cols", "Running", "2", "0.875", "1.25", "3/3"]
+
+
+def test_a_restarted_operator_recreates_missing_children(kube_api: Any, operator: Operator,
+                                                         ) -> None:
+    kube_api.apply(_job("resumed", simulation={"clients": 1}))
+    _wait(kube_api, "fj", "resumed", ACCEPTED, operator)
+    operator.stop()
+    kube_api.delete("apps/v1/deployments", "resumed-coordinator", NS)
+    kube_api.wait_gone("apps/v1/deployments", "resumed-coordinator", NS)
+    operator.start()
+    deployment = _wait(kube_api, "apps/v1/deployments", "resumed-coordinator", bool, operator)
+    assert deployment["metadata"]["ownerReferences"][0]["name"] == "resumed"
+    job = kube_api.get("fj", "resumed", NS)
+    # Resuming did not reset what was already recorded.
+    assert job["status"]["phase"] == "Pending"
+    assert [c["type"] for c in job["status"]["conditions"]].count("SpecAccepted") == 1
+
+
+def test_metrics_count_jobs_by_phase_and_handler_runs(kube_api: Any, operator: Operator) -> None:
+    kube_api.apply(_job("m-good"))
+    kube_api.apply(_job("m-bad", minClients=2, simulation={"clients": 1}))
+    _wait(kube_api, "fj", "m-bad", REJECTED, operator)
+    _wait(kube_api, "fj", "m-good", ACCEPTED, operator)
+    deadline = time.monotonic() + 10
+    while True:
+        text = operator.metrics()
+        if 'fedkube_operator_federatedjobs{phase="Failed"} 1.0' in text and (
+                'fedkube_operator_federatedjobs{phase="Pending"} 1.0' in text):
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+    assert ('fedkube_operator_reconciliations_total{handler="create_job",'
+            'outcome="permanent_error"} 1.0') in text
+    assert ('fedkube_operator_reconciliations_total{handler="create_job",'
+            'outcome="success"} 1.0') in text

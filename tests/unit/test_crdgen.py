@@ -227,3 +227,16 @@ def test_untyped_fields_keep_unknown_content() -> None:
 def test_unions_of_several_types_are_refused() -> None:
     with pytest.raises(ValueError, match="union of 2 types"):
         crdgen.structural({"anyOf": [{"type": "string"}, {"type": "integer"}]}, {})
+
+
+def test_fedkube_crds_command_writes_or_prints_the_crds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedkube.runtime.cli import main  # the operator's commands arrive by entry point
+
+    assert main(["crds", "--output", str(tmp_path)]) == 0
+    for crd in crdgen.generate_crds():
+        assert (tmp_path / crdgen.file_name(crd)).read_text() == crdgen.render(crd)
+    capsys.readouterr()
+    assert main(["crds", "-o", "-"]) == 0
+    printed = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert printed == crdgen.generate_crds()
