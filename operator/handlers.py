@@ -14,7 +14,7 @@ Run with `fedkube operator` (or `kopf run -m fedkube.operator.handlers`).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import kopf
@@ -72,19 +72,21 @@ def _set_condition(
     reason: str,
     message: str,
     generation: int | None = None,
-    only_if_present: bool = False,
+    when: Callable[[Condition | None], bool] | None = None,
 ) -> bool:
     """Upsert one condition; True if that changes the status this handler was given.
 
     The upsert is not a merge patch of the list (which would overwrite conditions that a
     timer, another handler or the coordinator wrote meanwhile): it goes into `patch.fns`,
     which kopf applies to the freshest object as a JSON patch guarded by resourceVersion,
-    retrying on conflict. `only_if_present` leaves a condition that is not there unset."""
+    retrying on conflict. `when`, given the condition of that type as it is then (or
+    None), can leave it alone: e.g. not taking over a condition another writer set."""
     now = _now()
 
     def upsert(conditions: list[Any]) -> list[Condition]:
         current = [Condition.model_validate(c) for c in conditions]
-        if only_if_present and all(c.type != type for c in current):
+        existing = next((c for c in current if c.type == type), None)
+        if when is not None and not when(existing):
             return current
         return upsert_condition(current, type=type, status=value, reason=reason,
                                 message=message, now=now, observed_generation=generation)
@@ -96,6 +98,10 @@ def _set_condition(
     patch.fns.append(apply)
     before = [Condition.model_validate(c) for c in status.get("conditions") or []]
     return upsert(list(status.get("conditions") or [])) != before
+
+
+def _present(condition: Condition | None) -> bool:
+    return condition is not None
 
 
 def _condition(status: Mapping[str, Any], type: str) -> Mapping[str, Any] | None:
@@ -229,7 +235,7 @@ def update_job(
         else:
             _set_condition(status, patch, type=ConditionType.SPEC_CHANGE_REFUSED, value="False",
                            reason=SPEC_CHANGE_APPLIED, message="the job runs its spec as written",
-                           generation=generation, only_if_present=True)
+                           generation=generation, when=_present)
 
 
 def _terminal(value: Any, **_: Any) -> bool:
@@ -282,22 +288,25 @@ def watch_coordinator(
     pods = kubeapi.list_objects(api, "v1", "Pod", namespace,
                                 res.selector_labels(job, res.COORDINATOR))
     health = res.coordinator_health(deployment, pods)
-    if health.ready:
-        _set_condition(status, patch, type=ConditionType.READY, value="True",
-                       reason=Reason.COORDINATOR_READY, message="the coordinator serves gRPC")
-    else:
-        _set_condition(status, patch, type=ConditionType.READY, value="False",
-                       reason=Reason.COORDINATOR_NOT_READY,
-                       message=health.failure or "the coordinator is starting")
-    degraded = _condition(status, ConditionType.DEGRADED)
+    ready: Literal["True", "False"] = "True" if health.ready else "False"
+    # The coordinator writes Ready too (with its own words, and False once finished):
+    # only a change of the value is news here, not a different message.
+    _set_condition(status, patch, type=ConditionType.READY, value=ready,
+                   reason=Reason.COORDINATOR_READY if health.ready else Reason.COORDINATOR_NOT_READY,
+                   message="the coordinator serves gRPC" if health.ready
+                   else health.failure or "the coordinator is starting",
+                   when=lambda c: c is None or c.status != ready)
     if health.failure:
         if _set_condition(status, patch, type=ConditionType.DEGRADED, value="True",
-                          reason=Reason.COORDINATOR_FAILED, message=health.failure) and (
-                degraded is None or degraded.get("status") != "True"):
+                          reason=Reason.COORDINATOR_FAILED, message=health.failure,
+                          when=lambda c: c is None or c.status != "True"):
             kopf.warn(body, reason=Reason.COORDINATOR_FAILED, message=health.failure)
-    elif degraded is not None and degraded.get("status") == "True" and health.ready:
-        _set_condition(status, patch, type=ConditionType.DEGRADED, value="False",
-                       reason=Reason.COORDINATOR_READY, message="the coordinator recovered")
+    elif health.ready and _set_condition(
+            status, patch, type=ConditionType.DEGRADED, value="False",
+            reason=Reason.COORDINATOR_READY, message="the coordinator recovered",
+            # Only this operator's verdict is cleared; the coordinator's (too few clients) stays.
+            when=lambda c: c is not None and c.status == "True"
+            and c.reason == Reason.COORDINATOR_FAILED):
         kopf.info(body, reason=Reason.COORDINATOR_READY, message="the coordinator recovered")
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from fedkube.runtime.coordinator.kube_status import KubernetesStatusSink
+from fedkube.runtime.spec import FederatedJobStatus, Phase, upsert_condition
 from support import REPO, Processes, fedkube_command, free_port
 
 NS = "default"
@@ -386,3 +388,28 @@ def test_metrics_count_jobs_by_phase_and_handler_runs(kube_api: Any, operator: O
             'outcome="permanent_error"} 1.0') in text
     assert ('fedkube_operator_reconciliations_total{handler="create_job",'
             'outcome="success"} 1.0') in text
+
+
+def test_the_coordinators_own_conditions_survive_the_operator(kube_api: Any,
+                                                              operator: Operator) -> None:
+    kube_api.apply(_job("shared"))
+    _wait(kube_api, "fj", "shared", ACCEPTED, operator)
+    # The coordinator, through its real status writer, reports too few live clients...
+    sink = KubernetesStatusSink(job_name="shared", namespace=NS, api_client=kube_api.api_client)
+    status = FederatedJobStatus(phase=Phase.running, round=1)
+    status.conditions = upsert_condition([], type="Degraded", status="True",
+                                         reason="TooFewClients", message="1 of 2 live",
+                                         now="2026-01-01T00:00:00Z")
+    sink.publish_job(status)
+    sink.close()
+    # ...while its pod is healthy: the operator marks it Ready and leaves Degraded alone.
+    kube_api.apply(_coordinator_pod("shared"))
+    kube_api.patch("v1/pods", "shared-coordinator-7d9f-x2x", {"status": {
+        "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
+        namespace=NS, subresource="status")
+    job = _wait(kube_api, "fj", "shared", _has_condition("Ready", "True"), operator)
+    time.sleep(1.5)  # a few more health checks
+    job = kube_api.get("fj", "shared", NS)
+    assert _has_condition("Degraded", "True", "TooFewClients")(job)
+    assert _has_condition("SpecAccepted", "True", "Created")(job)
+    assert job["status"]["phase"] == "Running"
