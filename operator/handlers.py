@@ -147,7 +147,7 @@ def create_job(
     with _metrics(memo).reconciliation("create_job"):
         generation = meta.get("generation")
         try:
-            job_spec = _validate(name, spec)
+            job_spec = res.with_operator_defaults(_validate(name, spec), SETTINGS)
         except ManifestError as error:
             message = str(error)
             patch.status["phase"] = Phase.failed.value
@@ -210,7 +210,8 @@ def update_job(
                 kopf.warn(body, reason=reason, message=message)
 
         try:
-            requested = parse_job_spec(new)
+            # The running spec carries the operator's defaults; compare like with like.
+            requested = res.with_operator_defaults(parse_job_spec(new), SETTINGS)
             refused = res.immutable_changes(running, requested)
             effective = res.with_mutable_fields(running, requested)
         except ManifestError as error:

@@ -128,6 +128,24 @@ def image_of(spec: FederatedJobSpec, settings: OperatorSettings) -> str:
     return spec.coordinator.image or settings.image
 
 
+def with_operator_defaults(spec: FederatedJobSpec, settings: OperatorSettings) -> FederatedJobSpec:
+    """The spec the job runs: the operator's cluster-wide defaults (TLS secret, join
+    token secret, coordinator resources) fill in what spec.coordinator leaves unset."""
+    coordinator = spec.coordinator
+    filled = coordinator.model_copy(update={
+        "tls_secret": coordinator.tls_secret or settings.default_tls_secret,
+        "join_token_secret": coordinator.join_token_secret or settings.default_join_token_secret,
+        "resources": coordinator.resources or settings.default_coordinator_resources,
+    })
+    return spec.model_copy(update={"coordinator": filled})
+
+
+def _pull_secrets(settings: OperatorSettings) -> dict[str, Any]:
+    if not settings.image_pull_secrets:
+        return {}
+    return {"imagePullSecrets": [{"name": name} for name in settings.image_pull_secrets]}
+
+
 # --------------------------------------------------------------------- ConfigMap
 
 
@@ -244,6 +262,7 @@ def coordinator_deployment(
                     "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "securityContext": _pod_security_context(),
+                    **_pull_secrets(settings),
                     "containers": [container],
                     "volumes": volumes,
                 },
@@ -357,6 +376,7 @@ def agent_pod(job: JobRef, spec: FederatedJobSpec, index: int, settings: Operato
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "securityContext": _pod_security_context(),
+            **_pull_secrets(settings),
             "containers": [{
                 "name": AGENT,
                 "image": image_of(spec, settings),

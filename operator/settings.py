@@ -3,9 +3,13 @@ environment), as opposed to what a FederatedJob's author sets in the spec."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from fedkube.runtime.spec import ResourceRequirements
 
 DEFAULT_IMAGE = "fedkube:0.1.0"
 
@@ -23,6 +27,12 @@ class OperatorSettings:
     health_interval_seconds: float = 10.0
     # Port the coordinator serves Prometheus metrics on; 0 leaves metrics off.
     coordinator_metrics_port: int = 0
+    # imagePullSecrets of coordinator and agent pods (names of Secrets in the job's namespace).
+    image_pull_secrets: tuple[str, ...] = ()
+    # Cluster-wide defaults for jobs whose spec.coordinator leaves these unset.
+    default_tls_secret: str | None = None
+    default_join_token_secret: str | None = None
+    default_coordinator_resources: ResourceRequirements | None = None
 
     def __post_init__(self) -> None:
         if self.offline_after_seconds <= 0:
@@ -38,11 +48,21 @@ class OperatorSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
-        """Settings from FEDKUBE_IMAGE, FEDKUBE_IMAGE_PULL_POLICY,
-        FEDKUBE_OFFLINE_AFTER_SECONDS, FEDKUBE_HEALTH_INTERVAL_SECONDS and
-        FEDKUBE_COORDINATOR_METRICS_PORT; unset ones keep their defaults."""
+        """Settings from the environment (as the Helm chart sets it); unset ones keep
+        their defaults:
+
+        FEDKUBE_IMAGE, FEDKUBE_IMAGE_PULL_POLICY, FEDKUBE_IMAGE_PULL_SECRETS (comma-separated),
+        FEDKUBE_OFFLINE_AFTER_SECONDS, FEDKUBE_HEALTH_INTERVAL_SECONDS,
+        FEDKUBE_COORDINATOR_METRICS_PORT, FEDKUBE_COORDINATOR_TLS_SECRET,
+        FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET, FEDKUBE_COORDINATOR_RESOURCES (JSON)."""
         env = os.environ if environ is None else environ
         defaults = cls()
+        resources: Any = env.get("FEDKUBE_COORDINATOR_RESOURCES")
+        try:
+            parsed = (ResourceRequirements.model_validate(json.loads(resources))
+                      if resources else None)
+        except ValueError as error:  # JSON or validation: name the variable
+            raise ValueError(f"FEDKUBE_COORDINATOR_RESOURCES: {error}") from None
         return cls(
             image=env.get("FEDKUBE_IMAGE") or defaults.image,
             image_pull_policy=env.get("FEDKUBE_IMAGE_PULL_POLICY") or defaults.image_pull_policy,
@@ -52,4 +72,10 @@ class OperatorSettings:
                 env.get("FEDKUBE_HEALTH_INTERVAL_SECONDS") or defaults.health_interval_seconds),
             coordinator_metrics_port=int(
                 env.get("FEDKUBE_COORDINATOR_METRICS_PORT") or defaults.coordinator_metrics_port),
+            image_pull_secrets=tuple(
+                name.strip() for name in env.get("FEDKUBE_IMAGE_PULL_SECRETS", "").split(",")
+                if name.strip()),
+            default_tls_secret=env.get("FEDKUBE_COORDINATOR_TLS_SECRET") or None,
+            default_join_token_secret=env.get("FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET") or None,
+            default_coordinator_resources=parsed,
         )

@@ -385,3 +385,54 @@ def test_a_mutable_change_that_breaks_the_spec_is_refused() -> None:
     assert r.immutable_changes(running, requested) == ["spec.simulation.clients"]
     with pytest.raises(ManifestError, match="clientsPerRound"):
         r.with_mutable_fields(running, requested)
+
+
+# ----------------------------------------------------------- operator-wide defaults
+
+ADMIN = OperatorSettings.from_env({
+    "FEDKUBE_IMAGE_PULL_SECRETS": "regcred, mirror",
+    "FEDKUBE_COORDINATOR_TLS_SECRET": "fedkube-tls",
+    "FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET": "fedkube-token",
+    "FEDKUBE_COORDINATOR_RESOURCES": '{"requests": {"cpu": "500m"}, "limits": {"memory": "4Gi"}}',
+})
+
+
+def test_settings_read_the_charts_variables() -> None:
+    assert ADMIN.image_pull_secrets == ("regcred", "mirror")
+    assert (ADMIN.default_tls_secret, ADMIN.default_join_token_secret) == (
+        "fedkube-tls", "fedkube-token")
+    assert ADMIN.default_coordinator_resources is not None
+    assert ADMIN.default_coordinator_resources.to_wire() == {
+        "requests": {"cpu": "500m"}, "limits": {"memory": "4Gi"}}
+    with pytest.raises(ValueError, match="FEDKUBE_COORDINATOR_RESOURCES"):
+        OperatorSettings.from_env({"FEDKUBE_COORDINATOR_RESOURCES": '{"requests": {"cpu": 1}}'})
+
+
+def test_operator_defaults_fill_only_what_the_job_leaves_unset() -> None:
+    filled = r.with_operator_defaults(_spec(), ADMIN)
+    assert (filled.coordinator.tls_secret, filled.coordinator.join_token_secret) == (
+        "fedkube-tls", "fedkube-token")
+    assert filled.coordinator.resources == ADMIN.default_coordinator_resources
+    own = _spec(coordinator={"tlsSecret": "mine", "resources": {"limits": {"cpu": "1"}}})
+    kept = r.with_operator_defaults(own, ADMIN)
+    assert kept.coordinator.tls_secret == "mine"
+    assert kept.coordinator.resources is not None
+    assert kept.coordinator.resources.to_wire() == {"limits": {"cpu": "1"}}
+    assert kept.coordinator.join_token_secret == "fedkube-token"
+    assert own.coordinator.join_token_secret is None  # the input is not modified
+    assert r.with_operator_defaults(_spec(), SETTINGS) == _spec()
+
+
+def test_defaults_do_not_count_as_spec_changes() -> None:
+    running = r.with_operator_defaults(_spec(), ADMIN)
+    requested = r.with_operator_defaults(_spec(rounds=9), ADMIN)
+    assert r.immutable_changes(running, requested) == []
+
+
+def test_pull_secrets_reach_every_pod() -> None:
+    spec = _spec(simulation={"clients": 1})
+    pods = [r.coordinator_deployment(JOB, spec, ADMIN)["spec"]["template"]["spec"],
+            r.agent_pod(JOB, spec, 0, ADMIN)["spec"]]
+    for pod in pods:
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in r.agent_pod(JOB, spec, 0, SETTINGS)["spec"]
