@@ -47,7 +47,6 @@ SETTINGS = OperatorSettings.from_env()
 # A stale node is noticed within this long after crossing the threshold.
 NODE_CHECK_INTERVAL = min(10.0, max(0.5, SETTINGS.offline_after_seconds / 3))
 # The reason of a SpecChangeRefused=False condition, once the spec runs as written.
-SPEC_CHANGE_APPLIED = "SpecChangeApplied"
 _TERMINAL = frozenset(p.value for p in TERMINAL_PHASES)
 
 
@@ -226,7 +225,7 @@ def update_job(
                 f"{field}={effective.model_dump(by_alias=True)[field]}"
                 for field in sorted(res.MUTABLE_FIELDS))
             logger.info(f"applied to the running job: {applied}")
-            kopf.info(body, reason=SPEC_CHANGE_APPLIED, message=f"now running with {applied}")
+            kopf.info(body, reason=Reason.SPEC_CHANGE_APPLIED, message=f"now running with {applied}")
         patch.status["observedGeneration"] = generation
         if refused:
             refuse(Reason.IMMUTABLE_FIELD,
@@ -235,7 +234,7 @@ def update_job(
                    "delete and re-create the job to change them")
         else:
             _set_condition(status, patch, type=ConditionType.SPEC_CHANGE_REFUSED, value="False",
-                           reason=SPEC_CHANGE_APPLIED, message="the job runs its spec as written",
+                           reason=Reason.SPEC_CHANGE_APPLIED, message="the job runs its spec as written",
                            generation=generation, when=_present)
 
 

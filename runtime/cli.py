@@ -14,23 +14,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
-from importlib.metadata import entry_points, version
+from collections.abc import Coroutine
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .spec import ManifestError, load_job
 
 EXIT_BAD_INPUT = 2
+T = TypeVar("T")
 
 
 def _version() -> str:
     try:
         return version("fedkube")
-    except Exception:  # running from a source tree without metadata
+    except PackageNotFoundError:  # running from a source tree without metadata
         return "0+unknown"
 
 
@@ -70,6 +75,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary["phase"] == "Succeeded" else 1
 
 
+async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`; SIGTERM (how Kubernetes stops a pod) cancels it, so the job ends
+    Stopped with its status written instead of vanishing mid-round."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    return await task
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from .coordinator.engine import RoundEngine
     from .coordinator.report import RunReport
@@ -84,11 +99,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         report = RunReport(output, job=job.metadata.name,
                            target_epsilon=job.spec.privacy.target_epsilon)
         sinks.append(report)
+    kube_sink = None
     if args.kube:
         from .coordinator.kube_status import KubernetesStatusSink
 
         namespace = job.metadata.namespace or os.environ.get("FEDKUBE_NAMESPACE", "default")
-        sinks.append(KubernetesStatusSink(job_name=job.metadata.name, namespace=namespace))
+        kube_sink = KubernetesStatusSink(job_name=job.metadata.name, namespace=namespace)
+        sinks.append(kube_sink)
     metrics = None
     if args.metrics_port is not None:
         from .coordinator.metrics import CoordinatorMetrics
@@ -105,9 +122,16 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
         metrics=metrics, on_round=report.round if report else None,
-        registration_timeout=args.registration_timeout)
+        registration_timeout=args.registration_timeout, job_file=Path(args.job))
     port = args.port if args.port is not None else job.spec.coordinator.port
-    status = asyncio.run(serve(engine, host=args.host, port=port, tls=tls))
+    try:
+        status = asyncio.run(_until_terminated(serve(engine, host=args.host, port=port,
+                                                     tls=tls)))
+    except asyncio.CancelledError:
+        status = engine.status  # stopped by SIGTERM; the engine marked the job Stopped
+    finally:
+        if kube_sink is not None:
+            kube_sink.close(timeout=10)  # the last status must reach the API server
     if report is not None:
         report.finish()
     print(json.dumps({"phase": status.phase.value, "round": status.round,
@@ -127,19 +151,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if len(indexes) > 1 and args.node_id:
         raise ManifestError("--node-id names one agent; with several --simulated-index "
                             "each is named sim-<index>")
-    common = dict(
-        coordinator=args.coordinator,
-        device=args.device,
-        data_path=args.data,
-        state_dir=Path(args.state_dir).expanduser(),
-        join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN"),
-        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
-        labels=_labels(args.label),
-        give_up_after=args.give_up_after,
-    )
+    common: dict[str, Any] = {
+        "coordinator": args.coordinator,
+        "device": args.device,
+        "data_path": args.data,
+        "state_dir": Path(args.state_dir).expanduser(),
+        "join_token": _secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN"),
+        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
+        "labels": _labels(args.label),
+        "give_up_after": args.give_up_after,
+    }
     configs = [
         AgentConfig(node_id=args.node_id or (f"sim-{index:03d}" if index is not None else ""),
-                    simulated_index=index, **common)  # type: ignore[arg-type]
+                    simulated_index=index, **common)
         for index in indexes
     ]
     return run_agents(configs)

@@ -308,6 +308,7 @@ class Reason:
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"
     IMMUTABLE_FIELD = "ImmutableField"
+    SPEC_CHANGE_APPLIED = "SpecChangeApplied"  # rounds/clientsPerRound edited while running
     STOPPED = "Stopped"
 
 

@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 # A top-level folder is named `operator`; never let the working directory shadow the stdlib.
 export PYTHONSAFEPATH=1
 python scripts/get-helm.py >/dev/null
+ruff check --force-exclude --quiet .
 ./scripts/lint-imports.sh
 python -m pytest -q "$@"

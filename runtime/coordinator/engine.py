@@ -32,9 +32,11 @@ from ..spec import (
     FederatedJob,
     FederatedJobSpec,
     FederatedJobStatus,
+    ManifestError,
     Phase,
     Reason,
     StrategyName,
+    load_job,
     upsert_condition,
 )
 from ..training import evaluate, load_weights, pick_device, weights_of
@@ -121,6 +123,7 @@ class RoundEngine:
         on_round: Callable[[RoundRecord], None] | None = None,
         offline_after: float = 20.0,
         registration_timeout: float = 120.0,
+        job_file: Path | None = None,
     ) -> None:
         self.job = job
         self.spec: FederatedJobSpec = job.spec
@@ -131,6 +134,7 @@ class RoundEngine:
         self.metrics = metrics
         self.on_round = on_round
         self.registration_timeout = registration_timeout
+        self.job_file = job_file
         self.registry = ClientRegistry(job=self.name, offline_after=offline_after)
         self.status = FederatedJobStatus(
             phase=Phase.pending, target_epsilon=self.spec.privacy.target_epsilon)
@@ -224,6 +228,8 @@ class RoundEngine:
         if node_id not in self.registry:
             raise KeyError(node_id)
         client = self.registry.heartbeat(node_id, state, epsilon)
+        # Sinks coalesce: the Kubernetes one writes a heartbeat-only change now and then.
+        self._publish_client(client)
         return client
 
     def stream_opened(self, client: Client) -> None:
@@ -344,6 +350,9 @@ class RoundEngine:
         try:
             await self._wait_for_clients()
             while self.round < self.spec.rounds and self.status.phase not in TERMINAL_PHASES:
+                self._apply_spec_edits()
+                if self.round >= self.spec.rounds:
+                    break
                 if self._budget_exhausted_before_round() or self._local_budget_exhausted():
                     break
                 ok = await self._run_round_with_retries(self.round + 1)
@@ -359,8 +368,34 @@ class RoundEngine:
             raise
         finally:
             self._stop_clients()
+            for client in self.registry.all():
+                client.state = "idle"
+                self._publish_client(client)
             self.done.set()
         return self.status
+
+    def _apply_spec_edits(self) -> None:
+        """Take up edits of the fields that may change while a job runs (rounds,
+        clientsPerRound): the operator writes them into the mounted job file. Anything else
+        in the file is ignored here; the operator refuses such edits."""
+        if self.job_file is None:
+            return
+        try:
+            edited = load_job(self.job_file).spec
+        except (ManifestError, OSError) as error:
+            log.warning("ignoring unreadable job file %s: %s", self.job_file, error)
+            return
+        changes = {field: getattr(edited, field) for field in ("rounds", "clients_per_round")
+                   if getattr(edited, field) != getattr(self.spec, field)}
+        if not changes:
+            return
+        try:
+            self.spec = FederatedJobSpec.model_validate({**self.spec.model_dump(), **changes})
+        except ValueError as error:
+            log.warning("ignoring spec edit %s: %s", changes, error)
+            return
+        log.info("spec edited while running: %s", changes)
+        self.sink.event(Reason.SPEC_CHANGE_APPLIED, f"now running with {changes}")
 
     async def _wait_for_clients(self) -> None:
         wanted = self.spec.simulation.clients or self.spec.min_clients

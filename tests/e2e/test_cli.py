@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _fedkube(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(fedkube_command(*args), capture_output=True, text=True,
+    return subprocess.run(fedkube_command(*args), capture_output=True, text=True, check=False,
                           env=child_env(), timeout=timeout, cwd=REPO)
 
 

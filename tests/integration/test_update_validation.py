@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import torch
-
 from fedkube.runtime import wire
 from fedkube.runtime.coordinator.engine import RoundEngine
 from fedkube.runtime.coordinator.server import serve
@@ -68,8 +67,8 @@ async def _scenario() -> dict[str, object]:
         assert task.kind == pb.Task.TRAIN and task.round == 1
 
         def header(**changes) -> pb.UpdateHeader:
-            fields = dict(node_id="raw-client", round=1, model_version=task.model_version,
-                          num_samples=10, payload="delta")
+            fields = {"node_id": "raw-client", "round": 1, "payload": "delta",
+                      "model_version": task.model_version, "num_samples": 10}
             fields.update(changes)
             return pb.UpdateHeader(**fields)
 

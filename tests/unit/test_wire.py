@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fedkube.runtime import wire
 from fedkube.runtime.coordinator.server import MAX_MESSAGE_BYTES
 
