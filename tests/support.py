@@ -8,7 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -66,3 +69,53 @@ class Processes:
                 child.kill()
         for child in self.children:
             child.wait(timeout=10)
+
+
+class OperatorProcess:
+    """`fedkube operator` as a child process, watching the whole test cluster of `kube_api`
+    (tests/k8s), with short timers so tests need not wait long."""
+
+    OFFLINE_AFTER = 2.0  # seconds of silence before a ClientNode goes Offline
+
+    def __init__(self, kube_api: Any, processes: Processes) -> None:
+        self.kube_api, self.processes = kube_api, processes
+        self.metrics_port = free_port()
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and return once its liveness endpoint answers."""
+        port = free_port()
+        self.child = self.processes.start(
+            "operator", fedkube_command("operator", "--liveness-port", str(port),
+                                        "--metrics-port", str(self.metrics_port)),
+            KUBECONFIG=str(self.kube_api.kubeconfig),
+            FEDKUBE_IMAGE="fedkube:test",
+            FEDKUBE_OFFLINE_AFTER_SECONDS=str(self.OFFLINE_AFTER),
+            FEDKUBE_HEALTH_INTERVAL_SECONDS="0.5",
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.child.poll() is None, self.log()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
+                                            timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "operator not live:\n" + self.log()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops a pod; kopf shuts down cleanly."""
+        assert self.child is not None
+        self.child.terminate()
+        self.child.wait(timeout=20)
+
+    def log(self) -> str:
+        return self.processes.log("operator")
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.read().decode()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from k8s.apiserver import KubeApi
 from k8s.kubelet import LocalKubelet
+from support import REPO, OperatorProcess, Processes
 
 KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
     "kubectl")
@@ -67,3 +68,15 @@ def local_kubelet(kube_api: KubeApi, tmp_path: Path) -> Iterator[LocalKubelet]:
         kubelet.stop()
     # A failure of the kubelet itself (not of a container) is a bug worth a red test.
     assert not kubelet.errors, f"the local kubelet failed: {kubelet.errors!r}"
+
+
+@pytest.fixture
+def operator(kube_api: KubeApi, processes: Processes) -> Iterator[OperatorProcess]:
+    """The CRDs installed (as `kubectl apply -f crds/` would), then the operator."""
+    for crd in sorted((REPO / "crds").glob("*.yaml")):
+        kube_api.apply_file(crd)
+    running = OperatorProcess(kube_api, processes)
+    running.start()
+    yield running
+    # No handler may have crashed along the way (kopf would log and retry it).
+    assert "Traceback" not in running.log(), running.log()

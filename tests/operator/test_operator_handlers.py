@@ -7,20 +7,17 @@ writes the pod status a kubelet would write.
 
 from __future__ import annotations
 
-import subprocess
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 import yaml
 from fedkube.runtime.coordinator.kube_status import KubernetesStatusSink
 from fedkube.runtime.spec import FederatedJobStatus, Phase, upsert_condition
-from support import REPO, Processes, fedkube_command, free_port
+from support import OperatorProcess as Operator
 
 NS = "default"
-OFFLINE_AFTER = 2.0
+OFFLINE_AFTER = Operator.OFFLINE_AFTER
 
 Obj = dict[str, Any]
 
@@ -44,69 +41,10 @@ def _has_condition(type_: str, status: str, reason: str | None = None) -> Callab
     return check
 
 
-class Operator:
-    """`fedkube operator` as a child process, watching the whole test cluster."""
-
-    def __init__(self, kube_api: Any, processes: Processes) -> None:
-        self.kube_api, self.processes = kube_api, processes
-        self.metrics_port = free_port()
-        self.child: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start it and return once its liveness endpoint answers."""
-        port = free_port()
-        self.child = self.processes.start(
-            "operator", fedkube_command("operator", "--liveness-port", str(port),
-                                        "--metrics-port", str(self.metrics_port)),
-            KUBECONFIG=str(self.kube_api.kubeconfig),
-            FEDKUBE_IMAGE="fedkube:test",
-            FEDKUBE_OFFLINE_AFTER_SECONDS=str(OFFLINE_AFTER),
-            FEDKUBE_HEALTH_INTERVAL_SECONDS="0.5",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.child.poll() is None, self.log()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
-                                            timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "operator not live:\n" + self.log()
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        """SIGTERM, as Kubernetes stops a pod; kopf shuts down cleanly."""
-        assert self.child is not None
-        self.child.terminate()
-        self.child.wait(timeout=20)
-
-    def log(self) -> str:
-        return self.processes.log("operator")
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.read().decode()
-
-
 # The operator writes conditions last (see handlers._set_condition): waiting for them
 # means everything else it writes for the same step is there too.
 ACCEPTED = _has_condition("SpecAccepted", "True", "Created")
 REJECTED = _has_condition("SpecAccepted", "False", "InvalidSpec")
-
-
-@pytest.fixture
-def operator(kube_api: Any, processes: Processes) -> Iterator[Operator]:
-    """The CRDs installed (as `kubectl apply -f crds/` would), then the operator."""
-    for crd in sorted((REPO / "crds").glob("*.yaml")):
-        kube_api.apply_file(crd)
-    running = Operator(kube_api, processes)
-    running.start()
-    yield running
-    # No handler may have crashed along the way (kopf would log and retry it).
-    assert "Traceback" not in running.log(), running.log()
 
 
 def _wait(kube_api: Any, resource: str, name: str, predicate: Callable[[Obj], Any],
