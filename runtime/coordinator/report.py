@@ -79,6 +79,7 @@ def plot(history: Sequence[RoundRecord], path: Path, *, title: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in history]
     with_privacy = any(r.epsilon is not None for r in history)
@@ -99,10 +100,11 @@ def plot(history: Sequence[RoundRecord], path: Path, *, title: str,
                      label="spent")
         if target_epsilon is not None:
             axes[2].axhline(target_epsilon, linestyle="--", color="black", label="target")
-        axes[2].set(title="privacy budget ε", xlabel="round")
+        axes[2].set(title="privacy budget ε", xlabel="round", ylim=(0, None))
         axes[2].legend()
     for axis in axes:
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
