@@ -115,6 +115,9 @@ class LocalTrainer:
                             num_classes=num_classes or dataset.num_classes, seed=spec.seed)
         seed = spec.seed * 1_000_003 + (simulated_index if simulated_index is not None
                                         else zlib.crc32(node_id.encode()) % 1_000_003)
+        # The first optimizer of a process imports torch._dynamo under the import lock;
+        # pay that now rather than inside round 1, where agents sharing a process queue on it.
+        make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate)
         privacy = None
         if spec.privacy.mode == "local":
             privacy = cls._local_privacy(spec, job=job, node_id=node_id, samples=len(y),

@@ -155,7 +155,7 @@ async def serve(
     port: int = 0,
     tls: TlsFiles | None = None,
     on_bound: asyncio.Future[int] | None = None,
-    grace: float = 3.0,
+    grace: float = 1.0,
 ) -> FederatedJobStatus:
     """Owns the server's life: build, bind, start, run the job, stop in `finally`."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -174,7 +174,7 @@ async def serve(
     try:
         status = await engine.run()
         # Let agents read their STOP task before the server goes away.
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
         return status
     finally:
         await server.stop(grace)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def load_dataset(spec: DataSpec, *, seed: int = 0, path: str | None = None) -> D
             raise DatasetError(f"{target}: no such file or directory (dataset {spec.dataset!r})")
         resolved = str(target)
         stamp = _stamp(target)
-    return _load_cached(spec.dataset, resolved, stamp, spec.test_fraction, spec.limit, seed)
+    # Several agents in one process load the same dataset at once; lru_cache alone would
+    # let each of them parse it.
+    with _LOADING:
+        return _load_cached(spec.dataset, resolved, stamp, spec.test_fraction, spec.limit,
+                            seed)
 
 
 def _stamp(target: Path) -> tuple[tuple[str, int, int], ...]:
@@ -80,6 +85,9 @@ def _stamp(target: Path) -> tuple[tuple[str, int, int], ...]:
     rewritten file again."""
     files = [target] if target.is_file() else sorted(p for p in target.iterdir() if p.is_file())
     return tuple((p.name, (s := p.stat()).st_mtime_ns, s.st_size) for p in files)
+
+
+_LOADING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
