@@ -2,7 +2,9 @@
 # The README's first command: install, then run the demo job on this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The top-level folder `operator/` would shadow Python's own module whenever the working
+# directory is on sys.path (python -m ...): Python 3.11's safe-path mode keeps it off.
+export PYTHONSAFEPATH=1
 ./scripts/setup.sh
 . .venv/bin/activate
-export PYTHONSAFEPATH=1
 fedkube run examples/digits-fedavg.yaml --output runs/digits-fedavg "$@"
