@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedkube.runtime.spec import (
     FederatedJobSpec,
     ManifestError,
@@ -16,6 +13,8 @@ from fedkube.runtime.spec import (
     parse_job_spec,
     upsert_condition,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 
