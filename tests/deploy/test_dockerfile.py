@@ -220,7 +220,7 @@ def test_labels_and_ports_agree_with_the_project() -> None:
     for key in ("title", "description", "version", "revision", "licenses", "source"):
         assert f"org.opencontainers.image.{key}=" in labels
     assert arg_default(final, "VERSION") == pyproject()["project"]["version"]
-    assert pyproject()["project"]["license"]["text"] in labels
+    assert pyproject()["project"]["license"] in labels
 
     exposed = {int(p) for i in final.all("EXPOSE") for p in i.value.split()}
     values = yaml.safe_load((REPO / "helm" / "fedkube" / "values.yaml").read_text())
