@@ -119,3 +119,23 @@ class OperatorProcess:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
             return reply.read().decode()
+
+
+class RecordingSink:
+    """A StatusSink (runtime/coordinator/status.py) that keeps what it is given, for tests
+    of an in-process coordinator."""
+
+    def __init__(self) -> None:
+        self.statuses: list[Any] = []
+        self.clients: dict[str, Any] = {}
+        self.events: list[tuple[str, str, bool]] = []
+
+    def publish_job(self, status: Any) -> None:
+        self.statuses.append(status)
+
+    def publish_client(self, spec: Any, status: Any) -> None:
+        self.clients[spec.node_id] = status
+
+    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
+        self.events.append((reason, message, warning))
+

@@ -33,13 +33,11 @@ from fedkube.runtime.privacy import BudgetStore, epsilon_for, local_steps, steps
 from fedkube.runtime.proto import fedkube_pb2 as pb
 from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.runtime.spec import (
-    ClientNodeSpec,
-    ClientNodeStatus,
     FederatedJobStatus,
     load_job,
     parse_job,
 )
-from support import REPO, Processes, child_env, fedkube_command, free_port, write_job
+from support import REPO, Processes, RecordingSink, child_env, fedkube_command, free_port, write_job
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -241,22 +239,6 @@ def test_restarted_agent_continues_from_its_persisted_budget(
 # ------------------------------------------------------- the coordinator's budget check
 
 
-class _Recorder:
-    """A StatusSink that keeps the job statuses it is given."""
-
-    def __init__(self) -> None:
-        self.statuses: list[FederatedJobStatus] = []
-
-    def publish_job(self, status: FederatedJobStatus) -> None:
-        self.statuses.append(status)
-
-    def publish_client(self, spec: ClientNodeSpec, status: ClientNodeStatus) -> None:
-        """Client state is read from the engine's registry here."""
-
-    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
-        """Events are not under test here."""
-
-
 async def _chunks(header: pb.UpdateHeader, tensors: dict[str, torch.Tensor]
                   ) -> AsyncIterator[pb.UpdateChunk]:
     yield pb.UpdateChunk(header=header)
@@ -270,7 +252,7 @@ async def _over_budget_scenario() -> dict[str, Any]:
         "metadata": {"name": "dp-reject"},
         "spec": _small_job(rounds=1, clientsPerRound=1, minClients=1,
                            privacy={"mode": "local", "targetEpsilon": 1.0, "delta": DELTA})})
-    engine = RoundEngine(job, sink=_Recorder(), registration_timeout=30)
+    engine = RoundEngine(job, sink=RecordingSink(), registration_timeout=30)
     initial = {k: v.clone() for k, v in engine.weights.items()}
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))

@@ -16,25 +16,10 @@ from fedkube.runtime.coordinator.engine import RoundEngine
 from fedkube.runtime.coordinator.server import serve
 from fedkube.runtime.proto import fedkube_pb2 as pb
 from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
-from fedkube.runtime.spec import ClientNodeSpec, ClientNodeStatus, FederatedJobStatus, parse_job
+from fedkube.runtime.spec import parse_job
+from support import RecordingSink
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Recorder:
-    """A StatusSink that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.statuses: list[FederatedJobStatus] = []
-
-    def publish_job(self, status: FederatedJobStatus) -> None:
-        self.statuses.append(status)
-
-    def publish_client(self, spec: ClientNodeSpec, status: ClientNodeStatus) -> None:
-        """Client state is not under test here."""
-
-    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
-        """Events are not under test here."""
 
 
 def _job():
@@ -53,7 +38,7 @@ async def _stream(header: pb.UpdateHeader, tensors: dict[str, torch.Tensor],
 
 
 async def _scenario() -> dict[str, object]:
-    engine = RoundEngine(_job(), sink=Recorder(), registration_timeout=30)
+    engine = RoundEngine(_job(), sink=RecordingSink(), registration_timeout=30)
     initial = {k: v.clone() for k, v in engine.weights.items()}
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     server = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))
