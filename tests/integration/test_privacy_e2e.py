@@ -26,6 +26,7 @@ import grpc
 import pytest
 import torch
 from fedkube.runtime import wire
+from fedkube.runtime.agent.trainer import LocalTrainer
 from fedkube.runtime.coordinator.engine import RoundEngine
 from fedkube.runtime.coordinator.server import serve
 from fedkube.runtime.local import RunOptions, run_job
@@ -33,10 +34,12 @@ from fedkube.runtime.privacy import BudgetStore, epsilon_for, local_steps, steps
 from fedkube.runtime.proto import fedkube_pb2 as pb
 from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.runtime.spec import (
+    FederatedJobSpec,
     FederatedJobStatus,
     load_job,
     parse_job,
 )
+from fedkube.runtime.training import weights_of
 from support import REPO, Processes, RecordingSink, child_env, fedkube_command, free_port, write_job
 
 pytestmark = pytest.mark.timeout(240)
@@ -149,15 +152,12 @@ def test_local_budget_exhaustion_ends_the_job_cleanly(tmp_path: Path) -> None:
     assert 1 <= fitting < 12  # the scenario needs a budget that runs out mid-job
 
     output = tmp_path / "out"
-    started = time.monotonic()
     summary = _run_in_process(job, output)
     assert summary["phase"] == "Succeeded", summary["message"] + _run_log(output)
     assert summary["rounds"] == fitting
     exhausted = _condition(summary, "BudgetExhausted")
     assert exhausted is not None and exhausted["status"] == "True", summary["status"]
     assert "budget" in summary["message"]
-    # Declining is immediate: no round deadline or retry wait is spent on it.
-    assert time.monotonic() - started < 60 + 30
 
     assert summary["epsilon"] <= target
     for node, epsilon in _client_epsilons(summary, "dp-exhaust").items():
@@ -234,6 +234,33 @@ def test_restarted_agent_continues_from_its_persisted_budget(
     assert epsilon_after <= 3.0
     reported = summary["clients"]["agent-0"]["status"]["privacy"]["dp-restart"]["epsilon"]
     assert reported == pytest.approx(epsilon_after, rel=1e-6)
+
+
+def _train_once(spec: FederatedJobSpec, state_dir: Path) -> dict[str, torch.Tensor]:
+    trainer = LocalTrainer.create(
+        spec=spec, job="dp-secret", node_id="sim-000", device=torch.device("cpu"),
+        input_shape=(1, 8, 8), num_classes=10, simulated_index=0, num_simulated=2,
+        data_path=None, state_dir=state_dir)
+    task = pb.Task(kind=pb.Task.TRAIN, round=1, model_version=0, local_epochs=1,
+                   batch_size=32, learning_rate=0.1, optimizer="sgd")
+    return trainer.train(task, weights_of(trainer.model)).delta_weights
+
+
+def test_coordinator_cannot_replay_a_clients_dp_noise(tmp_path: Path) -> None:
+    """Everything the coordinator knows (job seed, client index, round, global model) is
+    the same for two trainings, yet their DP-SGD updates differ: the noise and the Poisson
+    sample come from a seed that never leaves the device, so the coordinator cannot
+    regenerate the noise and subtract it. Without DP the same inputs give the same update,
+    so the difference is the noise and nothing else."""
+    private = _small_job(rounds=2, privacy={"mode": "local", "targetEpsilon": 5.0,
+                                            "delta": DELTA}, simulation={"clients": 2})
+    spec = FederatedJobSpec.model_validate(private)
+    first, second = (_train_once(spec, tmp_path / name) for name in ("a", "b"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+    plain = FederatedJobSpec.model_validate({**private, "privacy": {"mode": "none"}})
+    first, second = (_train_once(plain, tmp_path / name) for name in ("c", "d"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 # ------------------------------------------------------- the coordinator's budget check
