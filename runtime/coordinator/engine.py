@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -155,7 +156,11 @@ class RoundEngine:
         self.rounds_without_improvement = 0
         self.dropout_estimate = self.spec.simulation.dropout
         self.rng = random.Random(self.spec.seed)
-        self.noise_generator = torch.Generator().manual_seed(self.spec.seed + 1)
+        # Central DP noise from a seed no one else knows: every client gets the job's seed
+        # with its spec and downloads each new model, so noise drawn from that seed could
+        # be replayed and subtracted. Its state is checkpointed, so a resumed job does not
+        # repeat noise either.
+        self.noise_generator = torch.Generator().manual_seed(secrets.randbits(62))
         self.server_optimizer = server_optimizer_for(self.spec.strategy)
         self.central: CentralPrivacy | None = None
         # Nodes that declined a task because it would exceed their local DP budget. A
