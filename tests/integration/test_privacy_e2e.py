@@ -389,3 +389,25 @@ def test_central_dp_stops_before_the_round_that_would_exceed(tmp_path: Path) -> 
     assert summary["status"]["epsilon"] == pytest.approx(spent, abs=1e-4)
     assert summary["status"]["epsilon"] <= target
     assert [r["epsilon"] for r in _metrics(output)][-1] <= target
+
+
+def test_central_noise_cannot_be_replayed_from_the_job_spec() -> None:
+    """Every client receives the job's spec, seed included, and downloads every model.
+    Two coordinators of the very same job must still draw different DP-FedAvg noise, or
+    a client could regenerate the noise and subtract it from the model it downloads."""
+    job = parse_job({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+        "metadata": {"name": "dp-central-noise"},
+        "spec": _small_job(rounds=2, clientsPerRound=2, minClients=2,
+                           privacy={"mode": "central", "targetEpsilon": 2.0, "delta": DELTA},
+                           simulation={"clients": 2})})
+    noises = []
+    for _ in range(2):
+        engine = RoundEngine(job, sink=RecordingSink())
+        assert engine.central is not None
+        zeros = {k: torch.zeros_like(v) for k, v in engine.weights.items()}
+        noises.append(engine.central.noised(zeros, averaged=2,
+                                            generator=engine.noise_generator))
+    floating = [k for k, v in noises[0].items() if v.is_floating_point()]
+    assert floating and all(noises[0][k].abs().sum() > 0 for k in floating)
+    assert all(not torch.equal(noises[0][k], noises[1][k]) for k in floating)
