@@ -46,9 +46,9 @@ one local epoch a round, final test accuracy):
     tanh_cnn      10    600   4   1.0   0.929
     tanh_cnn      15    600   3   1.0   0.936   (chosen: ~4 min of the bench's ~6)
 
-The same jobs through `fedkube run` land within about half a point of these: the agents'
-DP noise is drawn unseeded (a seed the coordinator knows would let it remove the noise),
-so every run is another draw. 12 rounds at lr 3 gave 0.926 there.
+Through `run_job` the chosen setting gave 0.932 and 0.934 in two runs: the agents' DP
+noise comes from a secret seed drawn on the device (one the coordinator knew would let
+it remove the noise), so every run is another draw.
 
 Batch 600 is a sample rate of 0.1 per client. Larger batches lower the noise on each
 step's mean gradient faster than the calibrated noise multiplier grows, so a few large
