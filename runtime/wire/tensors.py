@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .proto import fedkube_pb2 as pb
+from ..proto import fedkube_pb2 as pb
 
 # 1 MiB of payload per message: far below gRPC's 4 MiB default, large enough that
 # per-message overhead stays negligible.

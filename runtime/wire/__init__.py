@@ -1,0 +1,33 @@
+"""The only code besides `proto/` that knows protobuf.
+
+- `tensors`: tensors split into chunks under gRPC's message limit and reassembled with
+  every check the coordinator relies on.
+- `convert`: every translation between protobuf messages and the domain types that the
+  coordinator and the agent work with.
+"""
+
+from .tensors import (
+    CHUNK_BYTES,
+    Schema,
+    TensorAssembler,
+    TensorSpec,
+    WireError,
+    dtype_name,
+    encoded_size,
+    from_chunks,
+    schema_of,
+    to_chunks,
+)
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Schema",
+    "TensorAssembler",
+    "TensorSpec",
+    "WireError",
+    "dtype_name",
+    "encoded_size",
+    "from_chunks",
+    "schema_of",
+    "to_chunks",
+]
