@@ -65,8 +65,9 @@ from fedkube.runtime.aggregation import RoundAggregator, server_optimizer_for
 from fedkube.runtime.coordinator.report import METRICS
 from fedkube.runtime.data import load_dataset, partition_indices
 from fedkube.runtime.local import RunOptions, run_job
+from fedkube.runtime.messages import JobIdentity
 from fedkube.runtime.models import build_model
-from fedkube.runtime.proto import fedkube_pb2 as pb
+from fedkube.runtime.plan import plan_for
 from fedkube.runtime.spec import FederatedJob
 from fedkube.runtime.training import (
     evaluate,
@@ -269,11 +270,13 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
                             num_classes=dataset.num_classes, seed=spec.seed)
         weights = weights_of(model)
         clients = spec.simulation.clients
+        identity = JobIdentity(job_name=job.metadata.name, model=spec.model, data=spec.data,
+                               seed=spec.seed, num_simulated_clients=clients,
+                               input_shape=tuple(dataset.input_shape),
+                               num_classes=dataset.num_classes)
         trainers = [
-            LocalTrainer.create(spec=spec, job=job.metadata.name, node_id=f"sim-{i:03d}",
-                                device=CPU, input_shape=dataset.input_shape,
-                                num_classes=dataset.num_classes, simulated_index=i,
-                                num_simulated=clients, data_path=None, state_dir=state_dir)
+            LocalTrainer.create(job=identity, node_id=f"sim-{i:03d}", device=CPU,
+                                simulated_index=i, data_path=None, state_dir=state_dir)
             for i in range(clients)
         ]
         server = server_optimizer_for(spec.strategy)
@@ -283,12 +286,11 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
         result = final = None
         for number in range(1, spec.rounds + extra_rounds + 1):
             begin, begin_cpu = time.perf_counter(), time.process_time()
-            task = pb.Task(kind=pb.Task.TRAIN, round=number, model_version=number - 1,
-                           local_epochs=spec.local_epochs, batch_size=spec.batch_size,
-                           learning_rate=spec.learning_rate, optimizer=spec.optimizer)
+            plan = plan_for(spec, round=number, model_version=number - 1, now=time.time(),
+                            client_parameters={})
             aggregator = RoundAggregator(spec.strategy, weights, max_buffered=0)
             for trainer in trainers:
-                outcome = trainer.train(task, weights)
+                outcome = trainer.train(plan, weights)
                 aggregator.add(trainer.node_id, outcome.delta_weights, outcome.num_samples)
             weights = server.step(weights, aggregator.finish().mean_delta)
             load_weights(model, weights)

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from fedkube.runtime.spec import API_GROUP, API_GROUP_VERSION, FederatedJobSpec, parse_job_spec
+from fedkube.runtime.spec import (
+    API_GROUP,
+    API_GROUP_VERSION,
+    FederatedJobSpec,
+    mutable_field_paths,
+    with_mutable_edits,
+)
 
 from .settings import OperatorSettings
 
@@ -483,8 +489,8 @@ def coordinator_health(deployment: Obj | None, pods: list[Obj]) -> CoordinatorHe
 
 # ------------------------------------------------------------------- spec changes
 
-# What a running job may change: the round engine re-reads them from its job file.
-MUTABLE_FIELDS = frozenset({"rounds", "clientsPerRound"})
+# What a running job may change (listed once, in spec.py), as spelled in the manifest.
+MUTABLE_FIELDS = frozenset(path.removeprefix("spec.") for path in mutable_field_paths())
 
 
 def _leaves(value: Any, prefix: str) -> dict[str, Any]:
@@ -510,11 +516,5 @@ def immutable_changes(running: FederatedJobSpec, requested: FederatedJobSpec) ->
 
 
 def with_mutable_fields(running: FederatedJobSpec, requested: FederatedJobSpec) -> FederatedJobSpec:
-    """The running spec with the mutable fields taken from `requested`, validated again
-    (ManifestError naming the field), since e.g. clientsPerRound must stay within
-    simulation.clients."""
-    merged = running.model_dump(by_alias=True, mode="json")
-    wanted = requested.model_dump(by_alias=True, mode="json")
-    for name in MUTABLE_FIELDS:
-        merged[name] = wanted[name]
-    return parse_job_spec(merged)
+    """The running spec with the mutable fields taken from `requested`, validated again."""
+    return with_mutable_edits(running, requested)

@@ -254,6 +254,26 @@ class FederatedJobSpec(_Model):
         return live
 
 
+# The fields a running job takes up when its spec is edited (Python names); every other
+# edit is refused by the operator and ignored by the coordinator.
+MUTABLE_FIELDS: frozenset[str] = frozenset({"rounds", "clients_per_round"})
+
+
+def mutable_field_paths() -> list[str]:
+    """MUTABLE_FIELDS as users write them: `spec.rounds`, `spec.clientsPerRound`."""
+    return sorted(f"spec.{to_camel(name)}" for name in MUTABLE_FIELDS)
+
+
+def with_mutable_edits(running: FederatedJobSpec, edited: FederatedJobSpec) -> FederatedJobSpec:
+    """`running` with MUTABLE_FIELDS taken from `edited`, validated again (ManifestError
+    naming the field: clientsPerRound must stay within simulation.clients, say)."""
+    merged = running.model_dump(by_alias=True, mode="json")
+    wanted = edited.model_dump(by_alias=True, mode="json")
+    for name in MUTABLE_FIELDS:
+        merged[to_camel(name)] = wanted[to_camel(name)]
+    return parse_job_spec(merged)
+
+
 # -------------------------------------------------------------- FederatedJob.status
 
 

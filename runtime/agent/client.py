@@ -14,10 +14,12 @@ from pathlib import Path
 import grpc
 
 from .. import wire
+from ..messages import Heartbeat, Payload, Registration, TaskKind, UpdateHeader
+from ..plan import TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
-from ..spec import FederatedJobSpec
 from ..training import TrainingDiverged, pick_device
+from ..wire import convert
 from .facts import device_facts
 from .trainer import LocalTrainer, Refusal
 
@@ -108,39 +110,35 @@ class Agent:
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(self.config.max_backoff, backoff * 2)
 
-    async def _register(self, stub: pb_grpc.CoordinatorStub) -> None:
-        simulated = self.config.simulated_index is not None
-        samples = self.trainer.num_samples if self.trainer else 0
-        reply = await stub.Register(pb.RegisterRequest(
-            join_token=self.config.join_token, node_id=self.node_id,
+    def _registration(self, samples: int) -> pb.RegisterRequest:
+        return convert.registration_to_pb(Registration(
+            node_id=self.node_id, join_token=self.config.join_token,
             facts=device_facts(self.device, labels=self.config.labels, num_samples=samples),
-            simulated_index=self.config.simulated_index or 0, simulated=simulated,
-        ), timeout=30)
-        self.node_id = reply.node_id
+            simulated_index=self.config.simulated_index))
+
+    async def _register(self, stub: pb_grpc.CoordinatorStub) -> None:
+        samples = self.trainer.num_samples if self.trainer else 0
+        admission = convert.admission_from_pb(
+            await stub.Register(self._registration(samples), timeout=30))
+        self.node_id = admission.node_id
         if self.trainer is None:
-            spec = FederatedJobSpec.model_validate_json(reply.job_spec_json)
             self.trainer = await asyncio.to_thread(
-                LocalTrainer.create, spec=spec, job=reply.job_name, node_id=self.node_id,
-                device=self.device, input_shape=tuple(reply.input_shape),
-                num_classes=reply.num_classes, simulated_index=self.config.simulated_index,
-                num_simulated=reply.num_simulated_clients, data_path=self.config.data_path,
-                state_dir=self.config.state_dir)
+                LocalTrainer.create, job=admission.job, node_id=self.node_id,
+                device=self.device, simulated_index=self.config.simulated_index,
+                data_path=self.config.data_path, state_dir=self.config.state_dir)
             # Tell the coordinator how much data we hold now that it is loaded.
-            await stub.Register(pb.RegisterRequest(
-                join_token=self.config.join_token, node_id=self.node_id,
-                facts=device_facts(self.device, labels=self.config.labels,
-                                   num_samples=self.trainer.num_samples),
-                simulated_index=self.config.simulated_index or 0, simulated=simulated,
-            ), timeout=30)
-        log.info("registered as %s for job %s", self.node_id, reply.job_name)
+            await stub.Register(self._registration(self.trainer.num_samples), timeout=30)
+        log.info("registered as %s for job %s", self.node_id, admission.job.job_name)
 
     async def _serve(self, stub: pb_grpc.CoordinatorStub) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(stub))
         try:
-            async for task in stub.StreamTasks(pb.StreamTasksRequest(node_id=self.node_id)):
-                if task.kind == pb.Task.STOP:
+            async for message in stub.StreamTasks(pb.StreamTasksRequest(node_id=self.node_id)):
+                task = convert.task_from_pb(message)
+                if task.kind is TaskKind.STOP:
                     raise JobEnded(task.reason or "stopped")
-                await self._handle(stub, task)
+                assert task.plan is not None
+                await self._handle(stub, task.plan)
             raise Disconnected("task stream ended")
         finally:
             heartbeat.cancel()
@@ -151,72 +149,70 @@ class Agent:
         while True:
             epsilon = self.trainer.epsilon_spent() if self.trainer else 0.0
             try:
-                await stub.Heartbeat(pb.HeartbeatRequest(
-                    node_id=self.node_id, state=self.state, epsilon_spent=epsilon), timeout=10)
+                await stub.Heartbeat(convert.heartbeat_to_pb(Heartbeat(
+                    node_id=self.node_id, state=self.state, epsilon_spent=epsilon)), timeout=10)
             except grpc.aio.AioRpcError as error:
                 log.debug("heartbeat failed: %s", error.code().name)
             await asyncio.sleep(2.0)
 
-    async def _handle(self, stub: pb_grpc.CoordinatorStub, task: pb.Task) -> None:
+    async def _handle(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
         assert self.trainer is not None
-        if self.trainer.drops_out():
-            log.info("round %d: simulated dropout, not answering", task.round)
+        if self.trainer.drops_out(plan):
+            log.info("round %d: simulated dropout, not answering", plan.round)
             return
-        refusal = self.trainer.refusal(task)
+        refusal = await asyncio.to_thread(self.trainer.refusal, plan)
         if refusal is not None:
-            await self._refuse(stub, task, refusal)
+            await self._refuse(stub, plan, refusal)
             return
         self.state = "training"
         try:
             global_weights = wire.from_chunks(
                 [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
-                    node_id=self.node_id, model_version=task.model_version))],
+                    node_id=self.node_id, model_version=plan.model_version))],
                 self.trainer.schema)
             try:
-                result = await asyncio.to_thread(self.trainer.train, task, global_weights)
+                result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
             except TrainingDiverged as error:
                 # Nothing useful to send; say so rather than let the round wait for us.
-                await self._refuse(stub, task, Refusal(
+                await self._refuse(stub, plan, Refusal(
                     reason=f"local training diverged: {error}",
                     epsilon=self.trainer.epsilon_spent(), delta=0.0))
                 return
             self.state = "uploading"
-            header = pb.UpdateHeader(
-                node_id=self.node_id, round=task.round, model_version=task.model_version,
-                num_samples=result.num_samples, metrics=result.metrics,
-                epsilon_spent=result.epsilon, delta=result.delta, payload="delta")
-            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights,
-                                                           task.model_version))
-            log.info("round %d: %s (loss %.4f)", task.round, reply.message,
+            header = UpdateHeader(
+                node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+                payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
+                epsilon_spent=result.epsilon, delta=result.delta)
+            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights))
+            log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
                      result.metrics.get("loss", float("nan")))
         except grpc.aio.AioRpcError as error:
             if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
                                 grpc.StatusCode.ALREADY_EXISTS):
-                log.warning("round %d: update not taken: %s", task.round, error.details())
+                log.warning("round %d: update not taken: %s", plan.round, error.details())
             else:
                 raise
         finally:
             self.state = "idle"
 
-    async def _refuse(self, stub: pb_grpc.CoordinatorStub, task: pb.Task,
+    async def _refuse(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan,
                       refusal: Refusal) -> None:
-        log.warning("round %d: declining: %s", task.round, refusal.reason)
-        header = pb.UpdateHeader(
-            node_id=self.node_id, round=task.round, model_version=task.model_version,
-            payload="refusal", refusal_reason=refusal.reason, epsilon_spent=refusal.epsilon,
-            delta=refusal.delta)
+        log.warning("round %d: declining: %s", plan.round, refusal.reason)
+        header = UpdateHeader(
+            node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+            payload=Payload.REFUSAL, refusal_reason=refusal.reason,
+            epsilon_spent=refusal.epsilon, delta=refusal.delta)
         try:
-            await stub.SubmitUpdate(_update_stream(header, {}, task.model_version))
+            await stub.SubmitUpdate(_update_stream(header, {}))
         except grpc.aio.AioRpcError as error:
             if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION,
                                     grpc.StatusCode.ALREADY_EXISTS):
                 raise
 
 
-async def _update_stream(header: pb.UpdateHeader, weights: dict, version: int
-                         ) -> AsyncIterator[pb.UpdateChunk]:
-    yield pb.UpdateChunk(header=header)
-    for chunk in wire.to_chunks(weights, model_version=version):
+async def _update_stream(header: UpdateHeader, weights: dict) -> AsyncIterator[pb.UpdateChunk]:
+    yield pb.UpdateChunk(header=convert.header_to_pb(header))
+    for chunk in wire.to_chunks(weights, model_version=header.model_version):
         yield pb.UpdateChunk(tensor=chunk)
 
 

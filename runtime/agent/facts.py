@@ -8,7 +8,7 @@ import socket
 
 import torch
 
-from ..proto import fedkube_pb2 as pb
+from ..messages import NodeFacts
 
 
 def accelerator_name(device: torch.device) -> str:
@@ -27,8 +27,8 @@ def memory_bytes() -> int:
 
 
 def device_facts(device: torch.device, *, labels: dict[str, str], num_samples: int
-                 ) -> pb.DeviceFacts:
-    return pb.DeviceFacts(
+                 ) -> NodeFacts:
+    return NodeFacts(
         device=device.type,
         platform=platform.platform(terse=True),
         machine=platform.machine(),

@@ -1,5 +1,6 @@
 """One client's local work for a round: load the global model, train on local data
-(optionally with DP-SGD), and return the delta. No network here."""
+(optionally with DP-SGD) as the round's TrainPlan says, and return the delta. No network
+here, and no spec: the job's identity builds model and data, each plan drives a round."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import torch
 
 from .. import wire
 from ..data import client_data, load_dataset
+from ..messages import JobIdentity
 from ..models import build_model
-from ..proto import fedkube_pb2 as pb
-from ..spec import FederatedJobSpec
+from ..plan import PrivacyPlan, TrainPlan
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
 
 if TYPE_CHECKING:
-    from ..privacy import BudgetStore, PrivacyAccountant
+    from ..privacy import Budget, BudgetStore
 
 log = logging.getLogger("fedkube.agent")
 
@@ -46,147 +47,145 @@ class Refusal:
     delta: float
 
 
-@dataclass
 class LocalPrivacy:
-    """This device's DP-SGD state for one job: calibrated once for the whole planned
-    participation, accounted cumulatively, persisted across agent restarts."""
+    """This device's DP-SGD budget for one job: calibrated on the first plan for every
+    round the job plans, accounted as Opacus steps, persisted across agent restarts."""
 
-    store: BudgetStore
-    job: str
-    accountant: PrivacyAccountant
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    target_epsilon: float | None
-    delta: float
-    max_grad_norm: float
+    def __init__(self, *, store: BudgetStore, job: str, budget: Budget, max_grad_norm: float
+                 ) -> None:
+        self.store = store
+        self.job = job
+        self.budget = budget
+        self.max_grad_norm = max_grad_norm
+
+    @classmethod
+    def open(cls, plan: PrivacyPlan, *, samples: int, batch_size: int, local_epochs: int,
+             job: str, store: BudgetStore) -> LocalPrivacy:
+        # Imported here: Opacus costs seconds of start-up that non-private jobs never need.
+        from ..privacy import Budget
+
+        budget = Budget.local(
+            samples=samples, batch_size=batch_size, local_epochs=local_epochs,
+            planned_rounds=plan.planned_rounds, target_epsilon=plan.target_epsilon,
+            delta=plan.delta, accountant=plan.accountant, noise_multiplier=plan.noise_multiplier)
+        saved = store.read(job)
+        if saved is not None:
+            budget.load_state_dict({**saved.extra, "accountant": saved.accountant.state_dict()})
+            log.info("resuming privacy budget for %s: epsilon %.4f spent", job, budget.epsilon())
+        if plan.delta >= 1.0 / max(1, samples):
+            log.warning("privacy.delta %.2g is not below 1/dataset size (%d examples)",
+                        plan.delta, samples)
+        privacy = cls(store=store, job=job, budget=budget, max_grad_norm=plan.max_grad_norm)
+        privacy.save()
+        return privacy
+
+    def follow(self, plan: PrivacyPlan) -> None:
+        """The job's planned rounds changed (an edit of spec.rounds): spread what is left
+        of the target over the rounds still to come."""
+        if plan.planned_rounds != self.budget.planned_rounds:
+            done = self.budget.accountant.total_steps // max(1, self.budget.mechanism.steps)
+            self.budget.replan(plan.planned_rounds, rounds_done=done)
+            self.save()
 
     def epsilon(self) -> float:
-        return self.accountant.epsilon(self.delta) if self.accountant.history else 0.0
-
-    def would_exceed(self) -> bool:
-        if self.target_epsilon is None:
-            return False
-        return self.accountant.would_exceed(
-            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-            steps=self.steps_per_round, target_epsilon=self.target_epsilon, delta=self.delta)
+        return self.budget.epsilon()
 
     def save(self) -> None:
-        self.store.save(self.job, self.accountant, extra={
-            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-            "steps_per_round": self.steps_per_round})
+        state = self.budget.state_dict()
+        accountant = self.budget.accountant
+        self.store.save(self.job, accountant, extra={k: v for k, v in state.items()
+                                                     if k != "accountant"})
 
 
 class LocalTrainer:
-    def __init__(self, *, spec: FederatedJobSpec, job: str, node_id: str, device: torch.device,
-                 model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
-                 privacy: LocalPrivacy | None, seed: int) -> None:
-        self.spec = spec
+    def __init__(self, *, job: JobIdentity, node_id: str, device: torch.device,
+                 model: torch.nn.Module, x: np.ndarray, y: np.ndarray, seed: int,
+                 state_dir: Path) -> None:
         self.job = job
         self.node_id = node_id
         self.device = device
         self.model = model
         self.x, self.y = x, y
-        self.privacy = privacy
         self.schema = wire.schema_of(weights_of(model))
         self.seed = seed
+        self.state_dir = state_dir
         self.rng = random.Random(seed)
         self.rounds_trained = 0
+        self.privacy: LocalPrivacy | None = None
 
     @property
     def num_samples(self) -> int:
         return len(self.y)
 
     @classmethod
-    def create(cls, *, spec: FederatedJobSpec, job: str, node_id: str, device: torch.device,
-               input_shape: tuple[int, ...], num_classes: int, simulated_index: int | None,
-               num_simulated: int, data_path: str | None, state_dir: Path) -> LocalTrainer:
-        dataset = load_dataset(spec.data, seed=spec.seed, path=data_path)
+    def create(cls, *, job: JobIdentity, node_id: str, device: torch.device,
+               simulated_index: int | None, data_path: str | None, state_dir: Path
+               ) -> LocalTrainer:
+        dataset = load_dataset(job.data, seed=job.seed, path=data_path)
         if simulated_index is not None:
-            x, y = client_data(dataset, spec.data, index=simulated_index,
-                               num_clients=max(1, num_simulated), seed=spec.seed)
+            x, y = client_data(dataset, job.data, index=simulated_index,
+                               num_clients=max(1, job.num_simulated_clients), seed=job.seed)
         else:
             x, y = dataset.x_train, dataset.y_train
-        shape = tuple(input_shape) if input_shape else dataset.input_shape
+        shape = tuple(job.input_shape) if job.input_shape else dataset.input_shape
         if tuple(x.shape[1:]) != shape:
             raise ValueError(f"local data has examples of shape {tuple(x.shape[1:])}, "
                              f"the job's model takes {shape}")
-        model = build_model(spec.model, input_shape=shape,  # type: ignore[arg-type]
-                            num_classes=num_classes or dataset.num_classes, seed=spec.seed)
-        seed = spec.seed * 1_000_003 + (simulated_index if simulated_index is not None
-                                        else zlib.crc32(node_id.encode()) % 1_000_003)
+        model = build_model(job.model, input_shape=shape,  # type: ignore[arg-type]
+                            num_classes=job.num_classes or dataset.num_classes, seed=job.seed)
+        seed = job.seed * 1_000_003 + (simulated_index if simulated_index is not None
+                                       else zlib.crc32(node_id.encode()) % 1_000_003)
         # The first optimizer of a process imports torch._dynamo under the import lock;
         # pay that now rather than inside round 1, where agents sharing a process queue on it.
-        make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate)
-        privacy = None
-        if spec.privacy.mode == "local":
-            privacy = cls._local_privacy(spec, job=job, node_id=node_id, samples=len(y),
-                                         state_dir=state_dir)
-        return cls(spec=spec, job=job, node_id=node_id, device=device, model=model,
-                   x=x, y=y, privacy=privacy, seed=seed)
+        make_optimizer("sgd", model.parameters(), 0.1)
+        return cls(job=job, node_id=node_id, device=device, model=model, x=x, y=y, seed=seed,
+                   state_dir=state_dir)
 
-    @staticmethod
-    def _local_privacy(spec: FederatedJobSpec, *, job: str, node_id: str, samples: int,
-                       state_dir: Path) -> LocalPrivacy:
-        # Imported here: Opacus costs seconds of start-up that non-private jobs never need.
-        from ..privacy import BudgetStore, PrivacyAccountant, calibrate_noise, local_steps
+    def _privacy_for(self, plan: TrainPlan) -> LocalPrivacy | None:
+        if plan.privacy.mode != "local":
+            return None
+        if self.privacy is None:
+            from ..privacy import BudgetStore
 
-        settings = spec.privacy
-        store = BudgetStore(state_dir / "privacy" / node_id)
-        steps_per_round, sample_rate = local_steps(samples, spec.batch_size, spec.local_epochs)
-        saved = store.read(job)
-        if saved is not None:
-            accountant = saved.accountant
-            noise = float(saved.extra["noise_multiplier"])
-            log.info("resuming privacy budget for %s: epsilon %.4f spent", job,
-                     accountant.epsilon(settings.delta) if accountant.history else 0.0)
+            self.privacy = LocalPrivacy.open(
+                plan.privacy, samples=self.num_samples, batch_size=plan.batch_size,
+                local_epochs=plan.local_epochs, job=self.job.job_name,
+                store=BudgetStore(self.state_dir / "privacy" / self.node_id))
         else:
-            accountant = PrivacyAccountant(mechanism=settings.accountant)
-            # Calibrated once, for every round this client could be picked in.
-            noise = settings.noise_multiplier or calibrate_noise(
-                target_epsilon=settings.target_epsilon, delta=settings.delta,
-                sample_rate=sample_rate, steps=spec.rounds * steps_per_round,
-                accountant=settings.accountant)
-            store.save(job, accountant, extra={
-                "noise_multiplier": noise, "sample_rate": sample_rate,
-                "steps_per_round": steps_per_round})
-        if settings.delta >= 1.0 / max(1, samples):
-            log.warning("privacy.delta %.2g is not below 1/dataset size (%d examples)",
-                        settings.delta, samples)
-        return LocalPrivacy(
-            store=store, job=job, accountant=accountant, noise_multiplier=noise,
-            sample_rate=sample_rate, steps_per_round=steps_per_round,
-            target_epsilon=settings.target_epsilon, delta=settings.delta,
-            max_grad_norm=settings.max_grad_norm)
+            self.privacy.follow(plan.privacy)
+        return self.privacy
 
     def epsilon_spent(self) -> float:
         return self.privacy.epsilon() if self.privacy else 0.0
 
-    def drops_out(self) -> bool:
+    def drops_out(self, plan: TrainPlan) -> bool:
         """The fault drill of spec.simulation.dropout: skip this round silently."""
-        return self.spec.simulation.dropout > 0 and self.rng.random() < self.spec.simulation.dropout
+        return plan.dropout > 0 and self.rng.random() < plan.dropout
 
-    def refusal(self, task: pb.Task) -> Refusal | None:
-        if self.privacy is not None and self.privacy.would_exceed():
-            spent = self.privacy.epsilon()
+    def refusal(self, plan: TrainPlan) -> Refusal | None:
+        privacy = self._privacy_for(plan)
+        if privacy is not None and not privacy.budget.fits_next_round():
+            spent = privacy.epsilon()
             return Refusal(
-                reason=f"another round of {self.privacy.steps_per_round} DP-SGD steps would "
-                f"exceed targetEpsilon {self.privacy.target_epsilon} (spent {spent:.4f})",
-                epsilon=spent, delta=self.privacy.delta)
+                reason=f"another round of {privacy.budget.mechanism.steps} DP-SGD steps would "
+                f"exceed targetEpsilon {privacy.budget.target_epsilon} (spent {spent:.4f})",
+                epsilon=spent, delta=privacy.budget.delta)
         return None
 
-    def train(self, task: pb.Task, global_weights: Weights) -> TrainOutcome:
-        torch.manual_seed(self.seed + task.round)
-        loader = make_loader(self.x, self.y, batch_size=task.batch_size,
-                             seed=self.seed + task.round)
-        if self.privacy is None:
+    def train(self, plan: TrainPlan, global_weights: Weights) -> TrainOutcome:
+        torch.manual_seed(self.seed + plan.round)
+        loader = make_loader(self.x, self.y, batch_size=plan.batch_size,
+                             seed=self.seed + plan.round)
+        privacy = self._privacy_for(plan)
+        proximal = global_weights if plan.proximal_mu else None
+        if privacy is None:
             model = self.model
             load_weights(model, global_weights)
-            optimizer = make_optimizer(task.optimizer or "sgd", model.parameters(),
-                                       task.learning_rate)
-            result = train_local(model, loader, optimizer, epochs=task.local_epochs,
-                                 device=self.device, proximal_mu=task.proximal_mu,
-                                 global_weights=global_weights if task.proximal_mu else None)
+            optimizer = make_optimizer(plan.optimizer, model.parameters(),  # type: ignore[arg-type]
+                                       plan.learning_rate)
+            result = train_local(model, loader, optimizer, epochs=plan.local_epochs,
+                                 device=self.device, proximal_mu=plan.proximal_mu,
+                                 global_weights=proximal)
             trained = weights_of(model)
         else:
             from ..privacy.dpsgd import private_training, unwrap
@@ -194,26 +193,26 @@ class LocalTrainer:
             # Opacus wraps the module with hooks: train a fresh copy each round.
             model = copy.deepcopy(self.model)
             load_weights(model, global_weights)
-            optimizer = make_optimizer(task.optimizer or "sgd", model.parameters(),
-                                       task.learning_rate)
+            optimizer = make_optimizer(plan.optimizer, model.parameters(),  # type: ignore[arg-type]
+                                       plan.learning_rate)
             # seed=None: private_training draws a secret seed, so no one who knows the
             # job's seed (the coordinator) can regenerate the noise or the sample.
             private_model, private_optimizer, private_loader = private_training(
-                model, optimizer, loader, noise_multiplier=self.privacy.noise_multiplier,
-                max_grad_norm=self.privacy.max_grad_norm, seed=None,
-                accountant=self.privacy.accountant)
+                model, optimizer, loader,
+                noise_multiplier=privacy.budget.mechanism.noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm, seed=None,
+                accountant=privacy.budget.accountant)
             result = train_local(private_model, private_loader, private_optimizer,
-                                 epochs=task.local_epochs, device=self.device,
-                                 proximal_mu=task.proximal_mu,
-                                 global_weights=global_weights if task.proximal_mu else None)
+                                 epochs=plan.local_epochs, device=self.device,
+                                 proximal_mu=plan.proximal_mu, global_weights=proximal)
             trained = weights_of(unwrap(private_model))
             # The accountant already holds every step taken; persist before uploading.
-            self.privacy.save()
+            privacy.save()
         self.rounds_trained += 1
         delta = {name: trained[name] - global_weights[name] for name in global_weights}
         metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
                    "steps": float(result.steps)}
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        epsilon = self.epsilon_spent()
         return TrainOutcome(delta_weights=delta, num_samples=self.num_samples, metrics=metrics,
-                            epsilon=epsilon, delta=self.privacy.delta if self.privacy else 0.0)
+                            epsilon=self.epsilon_spent(),
+                            delta=privacy.budget.delta if privacy else 0.0)

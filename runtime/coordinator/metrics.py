@@ -2,8 +2,8 @@
 
 Each `CoordinatorMetrics` owns its own `CollectorRegistry` rather than the process-wide
 default one: tests and `fedkube run` can hold several coordinators in one process, and
-the default registry refuses a second metric of the same name. The round engine and the
-servicer call the typed methods below; nothing here knows about gRPC or Kubernetes.
+the default registry refuses a second metric of the same name. `MetricsSubscriber` feeds
+them from the engine's event stream; nothing here knows about gRPC or Kubernetes.
 
 Names follow Prometheus' conventions (base units, `_total` on counters, `fedkube_` prefix):
 
@@ -12,7 +12,7 @@ Names follow Prometheus' conventions (base units, `_total` on counters, `fedkube
 | fedkube_rounds_total | counter | rounds closed and aggregated |
 | fedkube_round_duration_seconds | histogram | dispatch to aggregated model |
 | fedkube_updates_accepted_total | counter | client updates folded into a round |
-| fedkube_updates_rejected_total{reason} | counter | updates refused, by reason |
+| fedkube_updates_rejected_total{reason} | counter | updates refused, by reason (`REASON_LABELS`) |
 | fedkube_bytes_received_total | counter | update bytes from clients |
 | fedkube_bytes_sent_total | counter | model bytes to clients |
 | fedkube_clients_registered | gauge | clients registered with the coordinator |
@@ -39,30 +39,28 @@ from prometheus_client import (
     start_http_server,
 )
 
-__all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics", "RejectReason"]
+from ..messages import RejectReason
+from .events import (
+    ClientsCounted,
+    Event,
+    ModelSent,
+    RoundClosed,
+    UpdateAccepted,
+    UpdateRefused,
+)
+
+__all__ = ["CONTENT_TYPE_LATEST", "REASON_LABELS", "CoordinatorMetrics", "MetricsSubscriber"]
 
 # Rounds last from a fraction of a second (simulated clients on one machine) to tens of
 # minutes (phones that train only while charging); the default buckets stop at 10 s.
 ROUND_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
+# The label values of fedkube_updates_rejected_total: exactly the protocol's refusal reasons.
+REASON_LABELS = tuple(reason.label for reason in RejectReason)
+
 # A reason is a label value, and every distinct value is a new time series: only short
 # identifiers are allowed, so an error message can never end up as a label.
 _REASON = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-
-
-class RejectReason:
-    """Usual values of `reason` on fedkube_updates_rejected_total (others may be added,
-    as long as they are short snake_case identifiers)."""
-
-    UNKNOWN_NODE = "unknown_node"  # the node id was never registered, or was evicted
-    WRONG_ROUND = "wrong_round"  # the update answers a round that is not open
-    BAD_SHAPE = "bad_shape"  # tensor names or shapes differ from the global model
-    NON_FINITE = "non_finite"  # NaN or Inf in the update
-    OVERSIZE = "oversize"  # more bytes than the model could need
-    LATE = "late"  # arrived after the round closed
-    MALFORMED = "malformed"  # could not be decoded
-    UNAUTHENTICATED = "unauthenticated"  # missing or wrong join token
-    ROBUST_FILTERED = "robust_filtered"  # set aside by krum/median/trimmed mean/bulyan
 
 
 class CoordinatorMetrics:
@@ -123,11 +121,14 @@ class CoordinatorMetrics:
 
     def update_rejected(self, reason: str) -> None:
         """One client update was refused; `reason` is a snake_case identifier
-        (see `RejectReason`), never a free-text message."""
+        (one of `REASON_LABELS`), never a free-text message."""
         if not _REASON.match(reason):
             raise ValueError(
                 f"reject reason must be a short snake_case identifier, got {reason!r}"
             )
+        if reason not in REASON_LABELS:
+            raise ValueError(f"reject reason must be one of {', '.join(REASON_LABELS)}, "
+                             f"got {reason!r}")
         self._rejected.labels(reason=reason).inc()
 
     def bytes_received(self, n: int) -> None:
@@ -192,3 +193,29 @@ def _non_negative(n: int, what: str) -> int:
     if n < 0:
         raise ValueError(f"{what} must be >= 0, got {n}")
     return n
+
+
+class MetricsSubscriber:
+    """Keeps a CoordinatorMetrics up to date from the engine's event stream."""
+
+    def __init__(self, metrics: CoordinatorMetrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, event: Event) -> None:
+        metrics = self.metrics
+        if isinstance(event, RoundClosed):
+            record = event.record
+            metrics.round_completed(record.seconds)
+            metrics.round(record.round)
+            metrics.accuracy(record.accuracy)
+            if record.epsilon is not None:
+                metrics.privacy_epsilon(record.epsilon)
+        elif isinstance(event, UpdateAccepted):
+            metrics.update_accepted()
+            metrics.bytes_received(event.nbytes)
+        elif isinstance(event, UpdateRefused):
+            metrics.update_rejected(event.reason.label)
+        elif isinstance(event, ModelSent):
+            metrics.bytes_sent(event.nbytes)
+        elif isinstance(event, ClientsCounted):
+            metrics.clients(event.registered, event.live)

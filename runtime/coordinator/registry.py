@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ..proto import fedkube_pb2 as pb
+from ..messages import Registration, Task
 from ..spec import ClientNodeSpec, ClientNodeStatus, ClientPhase, Device, Hardware, PrivacySpent
 
 
@@ -17,7 +17,7 @@ class Client:
     spec: ClientNodeSpec
     simulated_index: int | None
     last_seen: float
-    tasks: asyncio.Queue[pb.Task] = field(default_factory=asyncio.Queue)
+    tasks: asyncio.Queue[Task] = field(default_factory=asyncio.Queue)
     streaming: bool = False
     state: str = "idle"
     rounds_participated: int = 0
@@ -73,7 +73,7 @@ class ClientRegistry:
     def get(self, node_id: str) -> Client | None:
         return self._clients.get(node_id)
 
-    def register(self, request: pb.RegisterRequest) -> Client:
+    def register(self, request: Registration) -> Client:
         node_id = request.node_id.strip().lower()
         if node_id and not _NODE_ID.match(node_id):
             raise ValueError(
@@ -102,7 +102,7 @@ class ClientRegistry:
         if client is None:
             client = Client(
                 node_id=node_id, spec=spec,
-                simulated_index=request.simulated_index if request.simulated else None,
+                simulated_index=request.simulated_index,
                 last_seen=now)
             self._clients[node_id] = client
         else:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..spec import ClientNodeSpec, ClientNodeStatus, FederatedJobStatus
-from .engine import RoundRecord
+from .events import RoundRecord
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"

@@ -8,14 +8,17 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
 from .. import wire
+from ..messages import Payload, Rejected, RejectReason, TaskKind, UpdateHeader
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..spec import FederatedJobStatus
-from .engine import RoundEngine, UpdateRejected
+from ..wire import convert
+from .engine import RoundEngine
 
 log = logging.getLogger("fedkube.coordinator")
 
@@ -29,115 +32,104 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
-_REJECTION_CODES = {
-    "unknown_node": grpc.StatusCode.NOT_FOUND,
-    "wrong_round": grpc.StatusCode.FAILED_PRECONDITION,
-    "wrong_version": grpc.StatusCode.FAILED_PRECONDITION,
-    "not_selected": grpc.StatusCode.FAILED_PRECONDITION,
-    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
-    "budget": grpc.StatusCode.PERMISSION_DENIED,
-}
+class ModelChunks:
+    """The global model as chunks, encoded once per version however many clients ask."""
+
+    def __init__(self) -> None:
+        self._cached: tuple[int, list[pb.TensorChunk]] | None = None
+
+    def of(self, version: int, weights: dict) -> list[pb.TensorChunk]:
+        if self._cached is None or self._cached[0] != version:
+            self._cached = (version, list(wire.to_chunks(weights, model_version=version)))
+        return self._cached[1]
+
+
+async def _abort(context: grpc.aio.ServicerContext, rejection: Rejected) -> NoReturn:
+    await context.abort(grpc.StatusCode[rejection.reason.code], str(rejection))
+    raise AssertionError("context.abort returns by raising")
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Each RPC: protobuf in, `wire.convert` to domain, one call on the engine, domain back
+    to protobuf; a `Rejected` becomes the gRPC status its reason names."""
+
     def __init__(self, engine: RoundEngine) -> None:
         self.engine = engine
+        self.model = ModelChunks()
 
     async def Register(self, request: pb.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         try:
-            client = self.engine.register(request)
-        except PermissionError as error:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
-        except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
-                 client.spec.data_size)
-        return pb.RegisterReply(
-            node_id=client.node_id,
-            job_name=self.engine.name,
-            job_spec_json=self.engine.spec.model_dump_json(by_alias=True, exclude_none=True),
-            heartbeat_interval_seconds=self.engine.HEARTBEAT_SECONDS,
-            num_simulated_clients=self.engine.spec.simulation.clients,
-            input_shape=list(self.engine.dataset.input_shape),
-            num_classes=self.engine.dataset.num_classes,
-        )
+            admission = self.engine.register(convert.registration_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return convert.admission_to_pb(admission)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         try:
-            self.engine.heartbeat(request.node_id, request.state, request.epsilon_spent)
-        except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown node {request.node_id!r}: register first")
-        return pb.HeartbeatReply(job_running=self.engine.job_running(),
-                                 round=self.engine.round)
+            ack = self.engine.heartbeat(convert.heartbeat_from_pb(request))
+        except Rejected as rejection:
+            await _abort(context, rejection)
+        return convert.ack_to_pb(ack)
 
     async def StreamTasks(self, request: pb.StreamTasksRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Task]:
-        client = self.engine.registry.get(request.node_id)
-        if client is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown node {request.node_id!r}: register first")
-        # A fresh queue per stream: tasks queued for a dead stream must not leak here.
-        client.tasks = asyncio.Queue()
-        self.engine.stream_opened(client)
-        queue = client.tasks
+        try:
+            queue = self.engine.open_stream(request.node_id)
+        except Rejected as rejection:
+            await _abort(context, rejection)
         try:
             while True:
                 task = await queue.get()
-                yield task
-                if task.kind == pb.Task.STOP:
+                yield convert.task_to_pb(task)
+                if task.kind is TaskKind.STOP:
                     return
         finally:
-            if client.tasks is queue:
-                self.engine.stream_closed(client)
+            self.engine.close_stream(request.node_id, queue)
 
     async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TensorChunk]:
         try:
-            chunks = self.engine.model_chunks(request.node_id, request.model_version)
-        except UpdateRejected as rejection:
-            await context.abort(_REJECTION_CODES.get(rejection.reason,
-                                                     grpc.StatusCode.INVALID_ARGUMENT),
-                                str(rejection))
-        for chunk in chunks:
+            version, weights = self.engine.model_for(request.node_id, request.model_version)
+        except Rejected as rejection:
+            await _abort(context, rejection)
+        for chunk in self.model.of(version, weights):
             yield chunk
 
     async def SubmitUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk],
                            context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        node_id = ""
         try:
-            return await self._submit(request_iterator)
-        except UpdateRejected as rejection:
-            if self.engine.metrics is not None:
-                self.engine.metrics.update_rejected(rejection.reason)
-            log.warning("rejected update: %s", rejection)
-            await context.abort(_REJECTION_CODES.get(rejection.reason,
-                                                     grpc.StatusCode.INVALID_ARGUMENT),
-                                str(rejection))
+            iterator = aiter(request_iterator)
+            first = await anext(iterator, None)
+            if first is None or not first.HasField("header"):
+                raise Rejected(RejectReason.MALFORMED, "an update must start with an UpdateHeader")
+            header = convert.header_from_pb(first.header)
+            node_id = header.node_id
+            return await self._submit(header, iterator)
+        except Rejected as rejection:
+            self.engine.refused(node_id, rejection)
+            await _abort(context, rejection)
 
-    async def _submit(self, chunks: AsyncIterator[pb.UpdateChunk]) -> pb.SubmitReply:
-        iterator = aiter(chunks)
-        first = await anext(iterator, None)
-        if first is None or not first.HasField("header"):
-            raise UpdateRejected("malformed", "an update must start with an UpdateHeader")
-        header = first.header
-        self.engine.check_header(header)
-        if header.payload == "refusal":
+    async def _submit(self, header: UpdateHeader,
+                      chunks: AsyncIterator[pb.UpdateChunk]) -> pb.SubmitReply:
+        self.engine.admit(header)
+        if header.payload is Payload.REFUSAL:
             self.engine.record_refusal(header)
             return pb.SubmitReply(accepted=True, message="refusal recorded")
         async with self.engine.upload_slots:
-            assembler = self.engine.assembler()
+            assembler = wire.TensorAssembler(self.engine.schema)
             try:
-                async for part in iterator:
+                async for part in chunks:
                     if not part.HasField("tensor"):
-                        raise UpdateRejected("malformed", "a second UpdateHeader in one update")
+                        raise Rejected(RejectReason.MALFORMED,
+                                       "a second UpdateHeader in one update")
                     assembler.add(part.tensor)
                 delta = assembler.finish()
             except wire.WireError as error:
-                reason = "non_finite" if "NaN" in str(error) else (
-                    "oversize" if "exceeds" in str(error) else "malformed")
-                raise UpdateRejected(reason, str(error)) from None
+                raise Rejected(error.reason, str(error)) from None
             await self.engine.accept_update(header, delta, assembler.bytes_received)
         return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted")
 

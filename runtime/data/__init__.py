@@ -6,10 +6,11 @@ from fedkube.runtime.data.datasets import (
     Dataset,
     DatasetError,
     clear_cache,
+    client_data,
     load_dataset,
     read_idx,
 )
-from fedkube.runtime.data.partition import PartitionKind, client_data, partition_indices
+from fedkube.runtime.data.partition import PartitionKind, partition_indices
 
 __all__ = [
     "DATASET_NAMES",

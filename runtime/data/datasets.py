@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from fedkube.runtime.spec import DataSpec
 
+from .partition import partition_indices
+
 DATASET_NAMES = ("digits", "mnist5k", "mnist", "npz")
 
 
@@ -373,3 +375,22 @@ __all__ = [
     "load_dataset",
     "read_idx",
 ]
+
+
+def client_data(
+    dataset: Dataset, spec: DataSpec, *, index: int, num_clients: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training examples (x, y) simulated client `index` of `num_clients` holds,
+    split as `spec` says. Returns new arrays; the dataset is left as it is."""
+    if not 0 <= index < num_clients:
+        raise ValueError(f"client index {index} is outside 0..{num_clients - 1}")
+    parts = partition_indices(
+        dataset.y_train,
+        num_clients,
+        kind=spec.partition,
+        alpha=spec.alpha,
+        shards_per_client=spec.shards_per_client,
+        seed=seed,
+    )
+    mine = parts[index]
+    return dataset.x_train[mine], dataset.y_train[mine]

@@ -8,13 +8,9 @@ same split without talking to each other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from fedkube.runtime.data.datasets import Dataset
-    from fedkube.runtime.spec import DataSpec
 
 PartitionKind = Literal["iid", "dirichlet", "shards"]
 
@@ -116,22 +112,3 @@ def _shards(
     shards = np.array_split(by_label, total)
     dealt = rng.permutation(total).reshape(num_clients, shards_per_client)
     return [np.concatenate([shards[s] for s in row]) for row in dealt]
-
-
-def client_data(
-    dataset: Dataset, spec: DataSpec, *, index: int, num_clients: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The training examples (x, y) simulated client `index` of `num_clients` holds,
-    split as `spec` says. Returns new arrays; the dataset is left as it is."""
-    if not 0 <= index < num_clients:
-        raise ValueError(f"client index {index} is outside 0..{num_clients - 1}")
-    parts = partition_indices(
-        dataset.y_train,
-        num_clients,
-        kind=spec.partition,
-        alpha=spec.alpha,
-        shards_per_client=spec.shards_per_client,
-        seed=seed,
-    )
-    mine = parts[index]
-    return dataset.x_train[mine], dataset.y_train[mine]

@@ -1,5 +1,5 @@
 """Differential privacy for fedkube: privacy arithmetic (``analysis``), a persistent
-cumulative accountant (``accountant``, ``store``), DP-SGD on clients through Opacus
+cumulative accountant (``accountant``, ``store``), one budget facade (``budget``), DP-SGD on clients through Opacus
 (``dpsgd``, local mode) and DP-FedAvg clipping and noise at the coordinator (``central``,
 central mode)."""
 
@@ -13,20 +13,24 @@ from .analysis import (
     central_sample_rate,
     compose_epsilon,
     epsilon_for,
+    local_steps,
     rdp_epsilon_floor,
     steps_within_budget,
 )
+from .budget import Budget, RoundMechanism
 from .central import add_gaussian_noise, clip_update, update_norm
-from .dpsgd import local_steps, prepare_model, private_training, unwrap
+from .dpsgd import prepare_model, private_training, unwrap
 from .store import BudgetFileError, BudgetRecord, BudgetStore
 
 __all__ = [
     "MECHANISMS",
+    "Budget",
     "BudgetFileError",
     "BudgetRecord",
     "BudgetStore",
     "Mechanism",
     "PrivacyAccountant",
+    "RoundMechanism",
     "Step",
     "add_gaussian_noise",
     "calibrate_noise",

@@ -360,3 +360,26 @@ def central_noise_std(*, noise_multiplier: float, clip_norm: float, clients_per_
     if clients_per_round < 1:
         raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
     return noise_multiplier * clip_norm / clients_per_round
+
+
+def local_steps(num_samples: int, batch_size: int, epochs: int) -> tuple[int, float]:
+    """(optimizer steps per round, sample rate) of DP-SGD with Poisson sampling over
+    ``num_samples`` examples, as Opacus runs it for a ``DataLoader(batch_size=batch_size)``.
+
+    Opacus samples each example with probability ``1 / len(loader)`` =
+    ``1 / ceil(num_samples / batch_size)`` (equal to ``batch_size / num_samples`` when the
+    batch size divides the data, slightly smaller otherwise) and runs
+    ``int(1 / sample_rate)`` steps an epoch; both are mirrored here exactly, so that the
+    plan checked with ``would_exceed`` is the mechanism that runs and is recorded.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    batches = -(-num_samples // batch_size)
+    sample_rate = 1 / batches
+    # Not simply `batches`: Opacus' sampler truncates 1 / (1 / k), which is k - 1 for some k
+    # (93, 99, ...); counting what will run keeps plan and record identical.
+    return epochs * int(1 / sample_rate), sample_rate

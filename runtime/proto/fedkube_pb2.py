@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedkube.proto\x12\nfedkube.v1\"\x84\x02\n\x0b\x44\x65viceFacts\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07machine\x18\x03 \x01(\t\x12\x0c\n\x04\x63pus\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x06 \x01(\t\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.fedkube.v1.DeviceFacts.LabelsEntry\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x03\x12\x10\n\x08hostname\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12&\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.DeviceFacts\x12\x17\n\x0fsimulated_index\x18\x04 \x01(\x05\x12\x11\n\tsimulated\x18\x05 \x01(\x08\"\xb6\x01\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x15\n\rjob_spec_json\x18\x03 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x04 \x01(\x01\x12\x1d\n\x15num_simulated_clients\x18\x05 \x01(\x05\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\"I\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\"4\n\x0eHeartbeatReply\x12\x13\n\x0bjob_running\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x05\"%\n\x12StreamTasksRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\xb7\x01\n\x0fPrivacySettings\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x03 \x01(\x01\x12\x16\n\x0etarget_epsilon\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x15\n\rplanned_steps\x18\x07 \x01(\x03\x12\x13\n\x0bsample_rate\x18\x08 \x01(\x01\"\xac\x02\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.fedkube.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x04 \x01(\x05\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x11\n\toptimizer\x18\x07 \x01(\t\x12\x13\n\x0bproximal_mu\x18\x08 \x01(\x01\x12,\n\x07privacy\x18\t \x01(\x0b\x32\x1b.fedkube.v1.PrivacySettings\x12\x15\n\rdeadline_unix\x18\n \x01(\x01\x12\x0e\n\x06reason\x18\x0b \x01(\t\"\x1b\n\x04Kind\x12\t\n\x05TRAIN\x10\x00\x12\x08\n\x04STOP\x10\x01\"9\n\x0fGetModelRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"n\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"\x91\x02\n\x0cUpdateHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedkube.v1.UpdateHeader.MetricsEntry\x12\x15\n\repsilon_spent\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x0f\n\x07payload\x18\x08 \x01(\t\x12\x16\n\x0erefusal_reason\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkube.v1.UpdateHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedkube.v1.TensorChunkH\x00\x42\x06\n\x04part\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xe3\x02\n\x0b\x43oordinator\x12\x42\n\x08Register\x12\x1b.fedkube.v1.RegisterRequest\x1a\x19.fedkube.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedkube.v1.HeartbeatRequest\x1a\x1a.fedkube.v1.HeartbeatReply\x12\x41\n\x0bStreamTasks\x12\x1e.fedkube.v1.StreamTasksRequest\x1a\x10.fedkube.v1.Task0\x01\x12\x42\n\x08GetModel\x12\x1b.fedkube.v1.GetModelRequest\x1a\x17.fedkube.v1.TensorChunk0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedkube.v1.UpdateChunk\x1a\x17.fedkube.v1.SubmitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedkube.proto\x12\nfedkube.v1\"\x84\x02\n\x0b\x44\x65viceFacts\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07machine\x18\x03 \x01(\t\x12\x0c\n\x04\x63pus\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x06 \x01(\t\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.fedkube.v1.DeviceFacts.LabelsEntry\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x03\x12\x10\n\x08hostname\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12&\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.DeviceFacts\x12\x17\n\x0fsimulated_index\x18\x04 \x01(\x05\x12\x11\n\tsimulated\x18\x05 \x01(\x08\"j\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12$\n\x03job\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.JobIdentity\"\x9d\x01\n\x0bJobIdentity\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61ta_spec_json\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1d\n\x15num_simulated_clients\x18\x05 \x01(\x05\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\"I\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\"4\n\x0eHeartbeatReply\x12\x13\n\x0bjob_running\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x05\"%\n\x12StreamTasksRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x9f\x01\n\x0bPrivacyPlan\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0etarget_epsilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x16\n\x0eplanned_rounds\x18\x07 \x01(\x05\"\xd8\x02\n\tTrainPlan\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12(\n\x07privacy\x18\x07 \x01(\x0b\x32\x17.fedkube.v1.PrivacyPlan\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x46\n\x11\x63lient_parameters\x18\t \x03(\x0b\x32+.fedkube.v1.TrainPlan.ClientParametersEntry\x12\x0f\n\x07\x64ropout\x18\n \x01(\x01\x1a\x37\n\x15\x43lientParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"}\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.fedkube.v1.Task.Kind\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.TrainPlan\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1b\n\x04Kind\x12\t\n\x05TRAIN\x10\x00\x12\x08\n\x04STOP\x10\x01\"9\n\x0fGetModelRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"n\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"\x91\x02\n\x0cUpdateHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedkube.v1.UpdateHeader.MetricsEntry\x12\x15\n\repsilon_spent\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x0f\n\x07payload\x18\x08 \x01(\t\x12\x16\n\x0erefusal_reason\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkube.v1.UpdateHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedkube.v1.TensorChunkH\x00\x42\x06\n\x04part\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xe3\x02\n\x0b\x43oordinator\x12\x42\n\x08Register\x12\x1b.fedkube.v1.RegisterRequest\x1a\x19.fedkube.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedkube.v1.HeartbeatRequest\x1a\x1a.fedkube.v1.HeartbeatReply\x12\x41\n\x0bStreamTasks\x12\x1e.fedkube.v1.StreamTasksRequest\x1a\x10.fedkube.v1.Task0\x01\x12\x42\n\x08GetModel\x12\x1b.fedkube.v1.GetModelRequest\x1a\x17.fedkube.v1.TensorChunk0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedkube.v1.UpdateChunk\x1a\x17.fedkube.v1.SubmitReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICEFACTS_LABELSENTRY']._loaded_options = None
   _globals['_DEVICEFACTS_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._loaded_options = None
+  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_DEVICEFACTS']._serialized_start=30
@@ -41,32 +43,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEFACTS_LABELSENTRY']._serialized_end=290
   _globals['_REGISTERREQUEST']._serialized_start=293
   _globals['_REGISTERREQUEST']._serialized_end=431
-  _globals['_REGISTERREPLY']._serialized_start=434
-  _globals['_REGISTERREPLY']._serialized_end=616
-  _globals['_HEARTBEATREQUEST']._serialized_start=618
-  _globals['_HEARTBEATREQUEST']._serialized_end=691
-  _globals['_HEARTBEATREPLY']._serialized_start=693
-  _globals['_HEARTBEATREPLY']._serialized_end=745
-  _globals['_STREAMTASKSREQUEST']._serialized_start=747
-  _globals['_STREAMTASKSREQUEST']._serialized_end=784
-  _globals['_PRIVACYSETTINGS']._serialized_start=787
-  _globals['_PRIVACYSETTINGS']._serialized_end=970
-  _globals['_TASK']._serialized_start=973
-  _globals['_TASK']._serialized_end=1273
-  _globals['_TASK_KIND']._serialized_start=1246
-  _globals['_TASK_KIND']._serialized_end=1273
-  _globals['_GETMODELREQUEST']._serialized_start=1275
-  _globals['_GETMODELREQUEST']._serialized_end=1332
-  _globals['_TENSORCHUNK']._serialized_start=1334
-  _globals['_TENSORCHUNK']._serialized_end=1444
-  _globals['_UPDATEHEADER']._serialized_start=1447
-  _globals['_UPDATEHEADER']._serialized_end=1720
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1674
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1720
-  _globals['_UPDATECHUNK']._serialized_start=1722
-  _globals['_UPDATECHUNK']._serialized_end=1830
-  _globals['_SUBMITREPLY']._serialized_start=1832
-  _globals['_SUBMITREPLY']._serialized_end=1880
-  _globals['_COORDINATOR']._serialized_start=1883
-  _globals['_COORDINATOR']._serialized_end=2238
+  _globals['_REGISTERREPLY']._serialized_start=433
+  _globals['_REGISTERREPLY']._serialized_end=539
+  _globals['_JOBIDENTITY']._serialized_start=542
+  _globals['_JOBIDENTITY']._serialized_end=699
+  _globals['_HEARTBEATREQUEST']._serialized_start=701
+  _globals['_HEARTBEATREQUEST']._serialized_end=774
+  _globals['_HEARTBEATREPLY']._serialized_start=776
+  _globals['_HEARTBEATREPLY']._serialized_end=828
+  _globals['_STREAMTASKSREQUEST']._serialized_start=830
+  _globals['_STREAMTASKSREQUEST']._serialized_end=867
+  _globals['_PRIVACYPLAN']._serialized_start=870
+  _globals['_PRIVACYPLAN']._serialized_end=1029
+  _globals['_TRAINPLAN']._serialized_start=1032
+  _globals['_TRAINPLAN']._serialized_end=1376
+  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_start=1321
+  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_end=1376
+  _globals['_TASK']._serialized_start=1378
+  _globals['_TASK']._serialized_end=1503
+  _globals['_TASK_KIND']._serialized_start=1476
+  _globals['_TASK_KIND']._serialized_end=1503
+  _globals['_GETMODELREQUEST']._serialized_start=1505
+  _globals['_GETMODELREQUEST']._serialized_end=1562
+  _globals['_TENSORCHUNK']._serialized_start=1564
+  _globals['_TENSORCHUNK']._serialized_end=1674
+  _globals['_UPDATEHEADER']._serialized_start=1677
+  _globals['_UPDATEHEADER']._serialized_end=1950
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1904
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1950
+  _globals['_UPDATECHUNK']._serialized_start=1952
+  _globals['_UPDATECHUNK']._serialized_end=2060
+  _globals['_SUBMITREPLY']._serialized_start=2062
+  _globals['_SUBMITREPLY']._serialized_end=2110
+  _globals['_COORDINATOR']._serialized_start=2113
+  _globals['_COORDINATOR']._serialized_end=2468
 # @@protoc_insertion_point(module_scope)

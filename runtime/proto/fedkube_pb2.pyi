@@ -51,22 +51,32 @@ class RegisterRequest(_message.Message):
     def __init__(self, join_token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., simulated_index: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("node_id", "job_name", "job_spec_json", "heartbeat_interval_seconds", "num_simulated_clients", "input_shape", "num_classes")
+    __slots__ = ("node_id", "heartbeat_interval_seconds", "job")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
-    JOB_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    heartbeat_interval_seconds: float
+    job: JobIdentity
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., job: _Optional[_Union[JobIdentity, _Mapping]] = ...) -> None: ...
+
+class JobIdentity(_message.Message):
+    __slots__ = ("job_name", "model", "data_spec_json", "seed", "num_simulated_clients", "input_shape", "num_classes")
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATA_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_SIMULATED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
-    node_id: str
     job_name: str
-    job_spec_json: str
-    heartbeat_interval_seconds: float
+    model: str
+    data_spec_json: str
+    seed: int
     num_simulated_clients: int
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
-    def __init__(self, node_id: _Optional[str] = ..., job_name: _Optional[str] = ..., job_spec_json: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., num_simulated_clients: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_name: _Optional[str] = ..., model: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_simulated_clients: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "state", "epsilon_spent")
@@ -92,28 +102,57 @@ class StreamTasksRequest(_message.Message):
     node_id: str
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
-class PrivacySettings(_message.Message):
-    __slots__ = ("mode", "noise_multiplier", "max_grad_norm", "target_epsilon", "delta", "accountant", "planned_steps", "sample_rate")
+class PrivacyPlan(_message.Message):
+    __slots__ = ("mode", "target_epsilon", "delta", "max_grad_norm", "noise_multiplier", "accountant", "planned_rounds")
     MODE_FIELD_NUMBER: _ClassVar[int]
-    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
-    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
-    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
-    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     mode: str
-    noise_multiplier: float
-    max_grad_norm: float
     target_epsilon: float
     delta: float
+    max_grad_norm: float
+    noise_multiplier: float
     accountant: str
-    planned_steps: int
-    sample_rate: float
-    def __init__(self, mode: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_steps: _Optional[int] = ..., sample_rate: _Optional[float] = ...) -> None: ...
+    planned_rounds: int
+    def __init__(self, mode: _Optional[str] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
+
+class TrainPlan(_message.Message):
+    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout")
+    class ClientParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model_version: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    privacy: PrivacyPlan
+    deadline_unix: float
+    client_parameters: _containers.ScalarMap[str, float]
+    dropout: float
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "proximal_mu", "privacy", "deadline_unix", "reason")
+    __slots__ = ("kind", "plan", "reason")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TRAIN: _ClassVar[Task.Kind]
@@ -121,28 +160,12 @@ class Task(_message.Message):
     TRAIN: Task.Kind
     STOP: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
-    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
-    PRIVACY_FIELD_NUMBER: _ClassVar[int]
-    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
-    round: int
-    model_version: int
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    optimizer: str
-    proximal_mu: float
-    privacy: PrivacySettings
-    deadline_unix: float
+    plan: TrainPlan
     reason: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., privacy: _Optional[_Union[PrivacySettings, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., plan: _Optional[_Union[TrainPlan, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("node_id", "model_version")

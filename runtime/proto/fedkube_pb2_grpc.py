@@ -65,7 +65,7 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Join the job. Returns the node id and the job description the agent trains for.
+        """Join the job. Returns the node id and what the agent builds its model and data from.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

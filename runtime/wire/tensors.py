@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..messages import RejectReason
 from ..proto import fedkube_pb2 as pb
 
 # 1 MiB of payload per message: far below gRPC's 4 MiB default, large enough that
@@ -32,7 +33,12 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class WireError(ValueError):
-    """A message that must be refused; the text says which tensor and why."""
+    """A message that must be refused; the text says which tensor and why, `reason` the
+    kind of fault (the label the coordinator's metrics count it under)."""
+
+    def __init__(self, message: str, reason: RejectReason = RejectReason.MALFORMED) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -118,16 +124,18 @@ class TensorAssembler:
     def add(self, chunk: pb.TensorChunk) -> None:
         expected = self._schema.get(chunk.name)
         if expected is None:
-            raise WireError(f"unexpected tensor {chunk.name!r}")
+            raise WireError(f"unexpected tensor {chunk.name!r}", RejectReason.BAD_SHAPE)
         if tuple(chunk.shape) != expected.shape:
             raise WireError(
-                f"tensor {chunk.name!r}: shape {tuple(chunk.shape)} != expected {expected.shape}")
+                f"tensor {chunk.name!r}: shape {tuple(chunk.shape)} != expected {expected.shape}",
+                RejectReason.BAD_SHAPE)
         if chunk.dtype != expected.dtype:
             raise WireError(
-                f"tensor {chunk.name!r}: dtype {chunk.dtype} != expected {expected.dtype}")
+                f"tensor {chunk.name!r}: dtype {chunk.dtype} != expected {expected.dtype}",
+                RejectReason.BAD_SHAPE)
         self._received += len(chunk.data)
         if self._received > self._max_bytes:
-            raise WireError(f"update exceeds {self._max_bytes} bytes")
+            raise WireError(f"update exceeds {self._max_bytes} bytes", RejectReason.OVERSIZE)
         buffer = self._buffers.setdefault(chunk.name, bytearray())
         itemsize = _DTYPES[expected.dtype].itemsize
         if chunk.offset * itemsize != len(buffer):
@@ -138,7 +146,7 @@ class TensorAssembler:
     def finish(self) -> dict[str, torch.Tensor]:
         missing = [name for name in self._schema if name not in self._buffers]
         if missing:
-            raise WireError(f"missing tensors: {', '.join(missing)}")
+            raise WireError(f"missing tensors: {', '.join(missing)}", RejectReason.BAD_SHAPE)
         tensors: dict[str, torch.Tensor] = {}
         for name, spec in self._schema.items():
             buffer = self._buffers[name]
@@ -154,7 +162,7 @@ class TensorAssembler:
                 tensor = torch.from_numpy(array.copy())
             tensor = tensor.reshape(spec.shape)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise WireError(f"tensor {name!r} holds NaN or Inf")
+                raise WireError(f"tensor {name!r} holds NaN or Inf", RejectReason.NON_FINITE)
             tensors[name] = tensor
         self._buffers.clear()
         return tensors

@@ -30,6 +30,8 @@ from fedkube.runtime.agent.trainer import LocalTrainer
 from fedkube.runtime.coordinator.engine import RoundEngine
 from fedkube.runtime.coordinator.server import serve
 from fedkube.runtime.local import RunOptions, run_job
+from fedkube.runtime.messages import JobIdentity
+from fedkube.runtime.plan import plan_for
 from fedkube.runtime.privacy import BudgetStore, epsilon_for, local_steps, steps_within_budget
 from fedkube.runtime.proto import fedkube_pb2 as pb
 from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
@@ -237,13 +239,15 @@ def test_restarted_agent_continues_from_its_persisted_budget(
 
 
 def _train_once(spec: FederatedJobSpec, state_dir: Path) -> dict[str, torch.Tensor]:
+    identity = JobIdentity(job_name="dp-secret", model=spec.model, data=spec.data,
+                           seed=spec.seed, num_simulated_clients=2, input_shape=(1, 8, 8),
+                           num_classes=10)
     trainer = LocalTrainer.create(
-        spec=spec, job="dp-secret", node_id="sim-000", device=torch.device("cpu"),
-        input_shape=(1, 8, 8), num_classes=10, simulated_index=0, num_simulated=2,
+        job=identity, node_id="sim-000", device=torch.device("cpu"), simulated_index=0,
         data_path=None, state_dir=state_dir)
-    task = pb.Task(kind=pb.Task.TRAIN, round=1, model_version=0, local_epochs=1,
-                   batch_size=32, learning_rate=0.1, optimizer="sgd")
-    return trainer.train(task, weights_of(trainer.model)).delta_weights
+    plan = plan_for(spec.model_copy(update={"batch_size": 32, "learning_rate": 0.1}),
+                    round=1, model_version=0, now=0.0, client_parameters={})
+    return trainer.train(plan, weights_of(trainer.model)).delta_weights
 
 
 def test_coordinator_cannot_replay_a_clients_dp_noise(tmp_path: Path) -> None:
@@ -290,12 +294,13 @@ async def _over_budget_scenario() -> dict[str, Any]:
         await stub.Register(pb.RegisterRequest(node_id="greedy"))
         tasks = stub.StreamTasks(pb.StreamTasksRequest(node_id="greedy"))
         task = await anext(aiter(tasks))
-        assert task.kind == pb.Task.TRAIN and task.privacy.mode == "local"
-        seen["task_target"] = task.privacy.target_epsilon
+        assert task.kind == pb.Task.TRAIN and task.plan.privacy.mode == "local"
+        seen["task_target"] = task.plan.privacy.target_epsilon
 
         def header(epsilon: float, **changes: Any) -> pb.UpdateHeader:
             fields: dict[str, Any] = {
-                "node_id": "greedy", "round": task.round, "model_version": task.model_version,
+                "node_id": "greedy", "round": task.plan.round,
+                "model_version": task.plan.model_version,
                 "num_samples": 10, "payload": "delta", "epsilon_spent": epsilon,
                 "delta": DELTA, **changes}
             return pb.UpdateHeader(**fields)

@@ -49,11 +49,11 @@ async def _scenario() -> dict[str, object]:
         reply = await stub.Register(pb.RegisterRequest(node_id="raw-client"))
         tasks = stub.StreamTasks(pb.StreamTasksRequest(node_id=reply.node_id))
         task = await anext(aiter(tasks))
-        assert task.kind == pb.Task.TRAIN and task.round == 1
+        assert task.kind == pb.Task.TRAIN and task.plan.round == 1
 
         def header(**changes) -> pb.UpdateHeader:
             fields = {"node_id": "raw-client", "round": 1, "payload": "delta",
-                      "model_version": task.model_version, "num_samples": 10}
+                      "model_version": task.plan.model_version, "num_samples": 10}
             fields.update(changes)
             return pb.UpdateHeader(**fields)
 
@@ -68,7 +68,7 @@ async def _scenario() -> dict[str, object]:
             "extra_tensor": (header(), {**zeros, "smuggled": torch.zeros(2)}),
             "unknown_node": (header(node_id="nobody"), zeros),
             "future_round": (header(round=7), zeros),
-            "stale_version": (header(model_version=task.model_version + 1), zeros),
+            "stale_version": (header(model_version=task.plan.model_version + 1), zeros),
             "no_samples": (header(num_samples=0), zeros),
             "nan_metric": (header(metrics={"loss": float("nan")}), zeros),
         }

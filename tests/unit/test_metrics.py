@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import kopf
 import pytest
 from fedkube.operator.metrics import OperatorMetrics, Outcome, serve_operator_metrics
-from fedkube.runtime.coordinator.metrics import CoordinatorMetrics, RejectReason
+from fedkube.runtime.coordinator.metrics import REASON_LABELS, CoordinatorMetrics
+from fedkube.runtime.messages import RejectReason
 from fedkube.runtime.spec import ClientPhase, Phase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,9 +56,9 @@ def test_coordinator_counters_and_gauges_follow_the_calls(coordinator: Coordinat
     coordinator.round(1)
     coordinator.update_accepted()
     coordinator.update_accepted()
-    coordinator.update_rejected(RejectReason.NON_FINITE)
-    coordinator.update_rejected(RejectReason.WRONG_ROUND)
-    coordinator.update_rejected(RejectReason.NON_FINITE)
+    coordinator.update_rejected(RejectReason.NON_FINITE.label)
+    coordinator.update_rejected(RejectReason.WRONG_ROUND.label)
+    coordinator.update_rejected(RejectReason.NON_FINITE.label)
     coordinator.bytes_received(1000)
     coordinator.bytes_received(24)
     coordinator.bytes_sent(4096)
@@ -246,3 +247,10 @@ def test_operator_endpoint_serves_over_http() -> None:
         assert value(body, "fedkube_operator_federatedjobs", phase="Succeeded") == 1
     finally:
         metrics.close()
+
+
+def test_reject_reason_labels_are_the_protocols_reasons_and_nothing_else() -> None:
+    assert set(REASON_LABELS) == {reason.label for reason in RejectReason}
+    metrics = CoordinatorMetrics()
+    with pytest.raises(ValueError, match="one of"):
+        metrics.update_rejected("made_up_reason")

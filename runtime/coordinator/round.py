@@ -1,0 +1,156 @@
+"""One round, from selection to close: select clients, dispatch their tasks, admit and
+fold each update as it arrives, close at all-in or at the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..aggregation import AggregateOutcome, RoundAggregator
+from ..messages import Payload, Rejected, RejectReason, Task, UpdateHeader
+from ..plan import TrainPlan
+from .registry import Client
+
+Weights = dict[str, torch.Tensor]
+
+
+def select_clients(eligible: Sequence[Client], *, wanted: int, expected_dropout: float,
+                   rng: random.Random) -> list[Client]:
+    """`wanted` clients, over-selected for the dropout seen so far so the round still fills
+    up; drawn from `eligible` in node-id order, so a seeded rng gives the same choice."""
+    ordered = sorted(eligible, key=lambda c: c.node_id)
+    padded = min(len(ordered), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout)))
+    return rng.sample(ordered, padded)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a closed round produced; `aggregate` is None when too few updates arrived."""
+
+    number: int
+    selected: int
+    accepted: tuple[str, ...]
+    dropped: int
+    aggregate: AggregateOutcome | None
+    train_loss: float | None
+
+
+@dataclass
+class Round:
+    """The open round's state. Its methods are called from the event loop; folding runs
+    in a worker thread under `fold_lock`, so a close never races a fold."""
+
+    plan: TrainPlan
+    selected: dict[str, Client]
+    wanted: int
+    eligible: int  # clients it was drawn from (the sampling rate is selected / eligible)
+    floor: int  # the fewest updates that make the round count
+    aggregator: RoundAggregator
+    epsilon_cap: float | None = None  # local DP: the most a client may report spent
+    answered: set[str] = field(default_factory=set)
+    accepted: list[str] = field(default_factory=list)
+    train_losses: list[tuple[float, int]] = field(default_factory=list)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+    fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+    started: float = 0.0  # monotonic time of dispatch
+
+    @property
+    def number(self) -> int:
+        return self.plan.round
+
+    def dispatch(self) -> None:
+        self.started = time.monotonic()
+        task = Task.train(self.plan)
+        for client in self.selected.values():
+            client.dispatched += 1
+            client.tasks.put_nowait(task)
+
+    def task_for(self, node_id: str) -> Task | None:
+        """The task again, for a selected client that reconnects before answering."""
+        if self.closed or node_id not in self.selected or node_id in self.answered:
+            return None
+        return Task.train(self.plan)
+
+    # ------------------------------------------------------------ admission
+
+    def admit(self, header: UpdateHeader) -> None:
+        """Refuse early what can be refused before reading tensors (Rejected)."""
+        if self.closed or header.round != self.number:
+            raise Rejected(RejectReason.WRONG_ROUND,
+                           f"round {header.round} is not open (current round {self.number})")
+        if header.node_id not in self.selected:
+            raise Rejected(RejectReason.NOT_SELECTED,
+                           f"node {header.node_id!r} was not selected for round {header.round}")
+        if header.node_id in self.answered:
+            raise Rejected(RejectReason.DUPLICATE,
+                           f"node {header.node_id!r} already answered round {header.round}")
+        if header.model_version != self.plan.model_version:
+            raise Rejected(RejectReason.WRONG_VERSION,
+                           f"update built on model version {header.model_version}, round "
+                           f"{header.round} uses {self.plan.model_version}")
+        if header.payload is Payload.DELTA and header.num_samples <= 0:
+            raise Rejected(RejectReason.MALFORMED, "num_samples must be positive")
+        if not all(math.isfinite(v) for v in header.metrics.values()):
+            raise Rejected(RejectReason.NON_FINITE, "metrics hold NaN or Inf")
+        if self.epsilon_cap is not None and header.epsilon_spent > self.epsilon_cap * (1 + 1e-9):
+            raise Rejected(RejectReason.BUDGET,
+                           f"reported epsilon {header.epsilon_spent:.4f} exceeds "
+                           f"targetEpsilon {self.epsilon_cap}")
+
+    # ------------------------------------------------------------ answers
+
+    def record_refusal(self, header: UpdateHeader, live: set[str]) -> None:
+        self.admit(header)
+        self.answered.add(header.node_id)
+        self.check_complete(live)
+
+    async def fold(self, header: UpdateHeader, delta: Weights, live: set[str]) -> None:
+        """Fold a validated delta into the running aggregate; the global model is
+        untouched. Raises Rejected if the round closed meanwhile."""
+        async with self.fold_lock:
+            self.admit(header)
+            try:
+                await asyncio.to_thread(self.aggregator.add, header.node_id, delta,
+                                        int(header.num_samples))
+            except ValueError as error:
+                raise Rejected(RejectReason.MALFORMED, str(error)) from None
+            self.answered.add(header.node_id)
+            self.accepted.append(header.node_id)
+            if "loss" in header.metrics:
+                self.train_losses.append((header.metrics["loss"], header.num_samples))
+        self.check_complete(live)
+
+    def check_complete(self, live: set[str]) -> None:
+        waiting = {n for n in set(self.selected) - self.answered if n in live}
+        if len(self.accepted) >= self.wanted or not waiting:
+            self.complete.set()
+
+    # ------------------------------------------------------------ closing
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.complete.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+
+    async def close(self) -> RoundResult:
+        """Refuse anything later, then aggregate what arrived (if enough did)."""
+        async with self.fold_lock:
+            self.closed = True
+        dropped = len(self.selected) - len(self.answered)
+        aggregate = None
+        if len(self.accepted) >= self.floor:
+            aggregate = await asyncio.to_thread(self.aggregator.finish)
+        losses = self.train_losses
+        train_loss = (sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+                      if losses else None)
+        return RoundResult(number=self.number, selected=len(self.selected),
+                           accepted=tuple(self.accepted), dropped=dropped,
+                           aggregate=aggregate, train_loss=train_loss)

@@ -1,0 +1,74 @@
+"""TrainPlan: everything a client needs for one round, built by one pure function from
+the job's spec and the round, and sent whole in every task.
+
+Hyper-parameters travel one way, spec -> `plan_for` -> TrainPlan -> agent: the agent
+trains and calibrates its privacy from the plan alone, so an edit of the spec between
+rounds (say of `rounds`) reaches every agent with its next task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from .spec import FederatedJobSpec
+
+PrivacyMode = Literal["none", "local", "central"]
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The job's DP settings as a client applies them. Under local DP the client
+    calibrates its noise for `planned_rounds` participations (the most it can be asked
+    for); under central DP the coordinator clips and noises, and the client trains as is."""
+
+    mode: PrivacyMode = "none"
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: calibrate from target_epsilon
+    accountant: str = "rdp"
+    planned_rounds: int = 1
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    round: int
+    model_version: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    privacy: PrivacyPlan
+    deadline_unix: float
+    # Parameters the aggregation rule asks of clients, e.g. FedProx's proximal_mu.
+    client_parameters: Mapping[str, float]
+    # The fault drill of spec.simulation.dropout: simulated clients skip a round at this rate.
+    dropout: float = 0.0
+
+    @property
+    def proximal_mu(self) -> float:
+        return float(self.client_parameters.get("proximal_mu", 0.0))
+
+
+def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: float,
+             client_parameters: Mapping[str, float]) -> TrainPlan:
+    """The plan of round `round` on global model `model_version`, dispatched at `now`
+    (unix seconds). `client_parameters` come from the strategy's registry entry."""
+    privacy = spec.privacy
+    return TrainPlan(
+        round=round,
+        model_version=model_version,
+        local_epochs=spec.local_epochs,
+        batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        optimizer=spec.optimizer,
+        privacy=PrivacyPlan(
+            mode=privacy.mode, target_epsilon=privacy.target_epsilon, delta=privacy.delta,
+            max_grad_norm=privacy.max_grad_norm, noise_multiplier=privacy.noise_multiplier,
+            accountant=privacy.accountant, planned_rounds=spec.rounds),
+        deadline_unix=now + spec.round_timeout_seconds,
+        client_parameters=dict(client_parameters),
+        dropout=spec.simulation.dropout,
+    )

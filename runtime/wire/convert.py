@@ -1,0 +1,163 @@
+"""Every translation between protobuf messages and the domain types of `messages` and
+`plan`. Only this module and `tensors` (besides the generated code) know protobuf."""
+
+from __future__ import annotations
+
+from ..messages import (
+    Admission,
+    Heartbeat,
+    HeartbeatAck,
+    JobIdentity,
+    NodeFacts,
+    Payload,
+    Registration,
+    Rejected,
+    RejectReason,
+    Task,
+    TaskKind,
+    UpdateHeader,
+)
+from ..plan import PrivacyPlan, TrainPlan
+from ..proto import fedkube_pb2 as pb
+from ..spec import DataSpec
+
+# ------------------------------------------------------------------ registration
+
+
+def registration_to_pb(registration: Registration) -> pb.RegisterRequest:
+    facts = registration.facts
+    return pb.RegisterRequest(
+        join_token=registration.join_token, node_id=registration.node_id,
+        facts=pb.DeviceFacts(
+            device=facts.device, platform=facts.platform, machine=facts.machine,
+            cpus=facts.cpus, memory_bytes=facts.memory_bytes, accelerator=facts.accelerator,
+            labels=dict(facts.labels), num_samples=facts.num_samples, hostname=facts.hostname),
+        simulated_index=registration.simulated_index or 0,
+        simulated=registration.simulated_index is not None)
+
+
+def registration_from_pb(request: pb.RegisterRequest) -> Registration:
+    facts = request.facts
+    return Registration(
+        node_id=request.node_id, join_token=request.join_token,
+        facts=NodeFacts(
+            device=facts.device, platform=facts.platform, machine=facts.machine,
+            cpus=facts.cpus, memory_bytes=facts.memory_bytes, accelerator=facts.accelerator,
+            labels=dict(facts.labels), num_samples=facts.num_samples, hostname=facts.hostname),
+        simulated_index=request.simulated_index if request.simulated else None)
+
+
+def admission_to_pb(admission: Admission) -> pb.RegisterReply:
+    job = admission.job
+    return pb.RegisterReply(
+        node_id=admission.node_id,
+        heartbeat_interval_seconds=admission.heartbeat_interval_seconds,
+        job=pb.JobIdentity(
+            job_name=job.job_name, model=job.model,
+            data_spec_json=job.data.model_dump_json(by_alias=True, exclude_none=True),
+            seed=job.seed, num_simulated_clients=job.num_simulated_clients,
+            input_shape=list(job.input_shape), num_classes=job.num_classes))
+
+
+def admission_from_pb(reply: pb.RegisterReply) -> Admission:
+    job = reply.job
+    return Admission(
+        node_id=reply.node_id, heartbeat_interval_seconds=reply.heartbeat_interval_seconds,
+        job=JobIdentity(
+            job_name=job.job_name, model=job.model,
+            data=DataSpec.model_validate_json(job.data_spec_json or "{}"), seed=job.seed,
+            num_simulated_clients=job.num_simulated_clients,
+            input_shape=tuple(job.input_shape), num_classes=job.num_classes))
+
+
+# --------------------------------------------------------------------- heartbeat
+
+
+def heartbeat_to_pb(heartbeat: Heartbeat) -> pb.HeartbeatRequest:
+    return pb.HeartbeatRequest(node_id=heartbeat.node_id, state=heartbeat.state,
+                               epsilon_spent=heartbeat.epsilon_spent)
+
+
+def heartbeat_from_pb(request: pb.HeartbeatRequest) -> Heartbeat:
+    return Heartbeat(node_id=request.node_id, state=request.state,
+                     epsilon_spent=request.epsilon_spent)
+
+
+def ack_to_pb(ack: HeartbeatAck) -> pb.HeartbeatReply:
+    return pb.HeartbeatReply(job_running=ack.job_running, round=ack.round)
+
+
+# -------------------------------------------------------------------------- tasks
+
+
+def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
+    privacy = plan.privacy
+    return pb.TrainPlan(
+        round=plan.round, model_version=plan.model_version, local_epochs=plan.local_epochs,
+        batch_size=plan.batch_size, learning_rate=plan.learning_rate,
+        optimizer=plan.optimizer,
+        privacy=pb.PrivacyPlan(
+            mode=privacy.mode, target_epsilon=privacy.target_epsilon or 0.0,
+            delta=privacy.delta, max_grad_norm=privacy.max_grad_norm,
+            noise_multiplier=privacy.noise_multiplier or 0.0, accountant=privacy.accountant,
+            planned_rounds=privacy.planned_rounds),
+        deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
+        dropout=plan.dropout)
+
+
+def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
+    privacy = message.privacy
+    return TrainPlan(
+        round=message.round, model_version=message.model_version,
+        local_epochs=message.local_epochs, batch_size=message.batch_size,
+        learning_rate=message.learning_rate, optimizer=message.optimizer or "sgd",
+        privacy=PrivacyPlan(
+            mode=privacy.mode or "none",  # type: ignore[arg-type]
+            target_epsilon=privacy.target_epsilon or None, delta=privacy.delta,
+            max_grad_norm=privacy.max_grad_norm,
+            noise_multiplier=privacy.noise_multiplier or None,
+            accountant=privacy.accountant or "rdp", planned_rounds=privacy.planned_rounds),
+        deadline_unix=message.deadline_unix,
+        client_parameters=dict(message.client_parameters), dropout=message.dropout)
+
+
+def task_to_pb(task: Task) -> pb.Task:
+    if task.kind is TaskKind.STOP:
+        return pb.Task(kind=pb.Task.STOP, reason=task.reason)
+    assert task.plan is not None
+    return pb.Task(kind=pb.Task.TRAIN, plan=plan_to_pb(task.plan))
+
+
+def task_from_pb(message: pb.Task) -> Task:
+    if message.kind == pb.Task.STOP:
+        return Task.stop(message.reason)
+    return Task.train(plan_from_pb(message.plan))
+
+
+def is_stop(message: pb.Task) -> bool:
+    return message.kind == pb.Task.STOP
+
+
+# ------------------------------------------------------------------------ updates
+
+
+def header_to_pb(header: UpdateHeader) -> pb.UpdateHeader:
+    return pb.UpdateHeader(
+        node_id=header.node_id, round=header.round, model_version=header.model_version,
+        num_samples=header.num_samples, metrics=dict(header.metrics),
+        epsilon_spent=header.epsilon_spent, delta=header.delta,
+        payload=header.payload.value, refusal_reason=header.refusal_reason)
+
+
+def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
+    """The domain header; a payload other than delta or refusal is refused here."""
+    try:
+        payload = Payload(message.payload)
+    except ValueError:
+        raise Rejected(RejectReason.MALFORMED,
+                       f"payload {message.payload!r} is not 'delta' or 'refusal'") from None
+    return UpdateHeader(
+        node_id=message.node_id, round=message.round, model_version=message.model_version,
+        payload=payload, num_samples=message.num_samples, metrics=dict(message.metrics),
+        epsilon_spent=message.epsilon_spent, delta=message.delta,
+        refusal_reason=message.refusal_reason)
