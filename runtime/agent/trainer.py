@@ -21,6 +21,7 @@ from ..models import build_model
 from ..proto import fedkube_pb2 as pb
 from ..spec import FederatedJobSpec
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
+from .device import TrainingDevice
 
 if TYPE_CHECKING:
     from ..privacy import BudgetStore, PrivacyAccountant
@@ -84,7 +85,7 @@ class LocalTrainer:
         self.spec = spec
         self.job = job
         self.node_id = node_id
-        self.device = device
+        self.device = TrainingDevice(device)
         self.model = model
         self.x, self.y = x, y
         self.privacy = privacy
@@ -113,6 +114,10 @@ class LocalTrainer:
                              f"the job's model takes {shape}")
         model = build_model(spec.model, input_shape=shape,  # type: ignore[arg-type]
                             num_classes=num_classes or dataset.num_classes, seed=spec.seed)
+        if spec.privacy.mode == "local":
+            from ..privacy.dpsgd import require_dp_compatible
+
+            require_dp_compatible(model, name=spec.model)
         seed = spec.seed * 1_000_003 + (simulated_index if simulated_index is not None
                                         else zlib.crc32(node_id.encode()) % 1_000_003)
         # The first optimizer of a process imports torch._dynamo under the import lock;
@@ -176,6 +181,12 @@ class LocalTrainer:
         return None
 
     def train(self, task: pb.Task, global_weights: Weights) -> TrainOutcome:
+        # On the CPU if the accelerator fails its first task. A DP attempt that failed
+        # part-way has recorded its steps: the retry spends them again (over-counts, safe).
+        return self.device.run(lambda device: self._train_on(device, task, global_weights))
+
+    def _train_on(self, device: torch.device, task: pb.Task,
+                  global_weights: Weights) -> TrainOutcome:
         torch.manual_seed(self.seed + task.round)
         loader = make_loader(self.x, self.y, batch_size=task.batch_size,
                              seed=self.seed + task.round)
@@ -185,7 +196,7 @@ class LocalTrainer:
             optimizer = make_optimizer(task.optimizer or "sgd", model.parameters(),
                                        task.learning_rate)
             result = train_local(model, loader, optimizer, epochs=task.local_epochs,
-                                 device=self.device, proximal_mu=task.proximal_mu,
+                                 device=device, proximal_mu=task.proximal_mu,
                                  global_weights=global_weights if task.proximal_mu else None)
             trained = weights_of(model)
         else:
@@ -201,9 +212,9 @@ class LocalTrainer:
             private_model, private_optimizer, private_loader = private_training(
                 model, optimizer, loader, noise_multiplier=self.privacy.noise_multiplier,
                 max_grad_norm=self.privacy.max_grad_norm, seed=None,
-                accountant=self.privacy.accountant)
+                accountant=self.privacy.accountant, device=device)
             result = train_local(private_model, private_loader, private_optimizer,
-                                 epochs=task.local_epochs, device=self.device,
+                                 epochs=task.local_epochs, device=device,
                                  proximal_mu=task.proximal_mu,
                                  global_weights=global_weights if task.proximal_mu else None)
             trained = weights_of(unwrap(private_model))
