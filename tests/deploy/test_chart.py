@@ -336,12 +336,18 @@ def test_coordinator_defaults_reach_the_operator(helm: str) -> None:
     assert env["FEDKUBE_HEALTH_INTERVAL_SECONDS"] == "5"
     assert env["FEDKUBE_LOG_FORMAT"] == "json"  # operator.extraEnv
     assert yaml.safe_load(env["FEDKUBE_COORDINATOR_RESOURCES"])["limits"]["nvidia.com/gpu"] == "1"
+    assert yaml.safe_load(env["FEDKUBE_AGENT_RESOURCES"]) == {
+        "requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
 
     # Without coordinator settings: the operator's own image, no TLS or token defaults.
     env = env_of(operator_container(render()))
     assert env["FEDKUBE_IMAGE"] == operator_container(render())["image"]
     assert "FEDKUBE_COORDINATOR_TLS_SECRET" not in env
     assert "FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET" not in env
+    # The chart's agent defaults are the operator's own built-in ones.
+    from fedkube.operator.settings import DEFAULT_AGENT_RESOURCES
+
+    assert yaml.safe_load(env["FEDKUBE_AGENT_RESOURCES"]) == DEFAULT_AGENT_RESOURCES.to_wire()
 
 
 # ------------------------------------------------------------------ RBAC
