@@ -46,13 +46,15 @@ Departures from kmock, each because kmock 0.8 is in the way:
   listens through a plain ``aiohttp.web`` runner on 127.0.0.1 instead.
 
 Known gaps against a real cluster: no authentication or RBAC enforcement (Roles are stored,
-not applied); no admission webhooks; no CEL ``x-kubernetes-validations`` or ``format``
+not applied; :mod:`tests.k8s.audit`, an observer in :attr:`ApiServer.observers`, decides
+each request as RBAC would, for tests to assert on); no admission webhooks; no CEL ``x-kubernetes-validations`` or ``format``
 checks; no pagination (``limit`` is ignored: one page); no managedFields (server-side apply
 merges without field ownership); no watch compaction (never 410 Gone); each served version
 of a CRD is a separate store (no conversion); no ``scale`` subresource; Foreground deletion
 acts as Background and pods go at once (no graceful deletion); protobuf and CBOR bodies
 are refused with 415, so kubectl's typed generators (``kubectl create deployment ...``)
-fail while ``kubectl apply/create -f`` work; and no scheduler, controllers or kubelet (see
+fail while ``kubectl apply/create -f`` work (except the protobuf bodies helm's typed
+clients send: ConfigMaps, Secrets, Namespaces, DeleteOptions, see :mod:`tests.k8s.protobuf`); and no scheduler, controllers or kubelet (see
 :mod:`tests.k8s.kubelet` for a kubelet and a Deployment controller).
 
 :class:`KubeApi` runs the server in its own thread and event loop, writes a kubeconfig for

@@ -225,13 +225,21 @@ class RequestAudit:
         self.grants = {user: list(rules) for user, rules in (grants or {}).items()}
         self.judged = judged
         self.decisions: list[Decision] = []
+        # The last rules seen bound to each (user, namespace): a job's deletion collects its
+        # coordinator's Role while the pod is still stopping, and a last Event refused then
+        # is a race a real cluster has too, not a missing rule.
+        self._last_rules: dict[tuple[str, str | None], list[Rule]] = {}
 
     def __call__(self, request: kmock.Request) -> None:
         access = access_of(request)
         if access is None:
             return
+        key = (access.user, access.namespace)
+        bound = stored_rules(self.server, access) or self._last_rules.get(key, [])
+        if bound:
+            self._last_rules[key] = bound
         allowed = access.user in self.UNRESTRICTED or rules_allow(
-            [*self.grants.get(access.user, []), *stored_rules(self.server, access)], access)
+            [*self.grants.get(access.user, []), *bound], access)
         self.decisions.append(Decision(access, allowed))
 
     def denied(self) -> list[Access]:

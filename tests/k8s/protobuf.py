@@ -1,6 +1,6 @@
 """The few Kubernetes protobuf bodies that clients send no matter what: client-go's typed
 clients (helm's release storage: ConfigMaps or Secrets, and the DeleteOptions of their
-deletion) encode request bodies as ``application/vnd.kubernetes.protobuf`` and never fall
+deletion; the Namespace of ``--create-namespace``) encode request bodies as ``application/vnd.kubernetes.protobuf`` and never fall
 back to JSON. This turns such a body into the JSON object it stands for, so the emulator
 can serve it as it serves JSON; other kinds stay unsupported (415).
 
@@ -130,6 +130,11 @@ def _secret(message: Fields) -> dict[str, Any]:
     return obj
 
 
+def _namespace(message: Fields) -> dict[str, Any]:
+    # spec (finalizers) and status are the server's to set.
+    return {"metadata": object_meta(message.get(1, [b""])[-1])}
+
+
 def _delete_options(message: Fields) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     if message.get(1):
@@ -146,7 +151,8 @@ def _delete_options(message: Fields) -> dict[str, Any]:
 
 
 _KINDS: dict[str, Callable[[Fields], dict[str, Any]]] = {
-    "ConfigMap": _config_map, "Secret": _secret, "DeleteOptions": _delete_options,
+    "ConfigMap": _config_map, "Secret": _secret, "Namespace": _namespace,
+    "DeleteOptions": _delete_options,
 }
 
 
