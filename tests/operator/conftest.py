@@ -42,6 +42,8 @@ Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 # Where `helm install fedkube helm/fedkube -n fedkube-system` puts the operator's account.
+# (test_helm_install.py installs into the README's `fedkube` namespace instead: there the
+# operator pod's rights come from the bindings helm itself created, not from this grant.)
 OPERATOR_RELEASE = "fedkube"
 OPERATOR_NAMESPACE = "fedkube-system"
 

@@ -5,7 +5,6 @@ Tests marked `gpu` train on the real device where one is present."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -258,7 +257,7 @@ def test_an_agent_trains_on_the_accelerator_without_falling_back(
         task = pb.Task(round=1, batch_size=16, local_epochs=1, learning_rate=0.1,
                        optimizer="sgd")
         with caplog.at_level(logging.WARNING, logger="fedkube.agent"):
-            outcome = trainer.train(copy.copy(task), weights_of(trainer.model))
+            outcome = trainer.train(task, weights_of(trainer.model))
         assert trainer.device.device.type == device.type
         assert not [r for r in caplog.records if "failed at first use" in r.getMessage()]
         assert outcome.metrics["steps"] > 0
