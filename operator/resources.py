@@ -20,6 +20,7 @@ from fedkube.runtime.spec import (
     API_GROUP,
     API_GROUP_VERSION,
     FederatedJobSpec,
+    ResourceRequirements,
     mutable_field_paths,
     with_mutable_edits,
 )
@@ -136,14 +137,21 @@ def image_of(spec: FederatedJobSpec, settings: OperatorSettings) -> str:
 
 def with_operator_defaults(spec: FederatedJobSpec, settings: OperatorSettings) -> FederatedJobSpec:
     """The spec the job runs: the operator's cluster-wide defaults (TLS secret, join
-    token secret, coordinator resources) fill in what spec.coordinator leaves unset."""
+    token secret, coordinator and agent resources) fill in what the spec leaves unset."""
     coordinator = spec.coordinator
     filled = coordinator.model_copy(update={
         "tls_secret": coordinator.tls_secret or settings.default_tls_secret,
         "join_token_secret": coordinator.join_token_secret or settings.default_join_token_secret,
         "resources": coordinator.resources or settings.default_coordinator_resources,
     })
-    return spec.model_copy(update={"coordinator": filled})
+    simulation = spec.simulation.model_copy(update={
+        "resources": agent_resources(spec, settings)})
+    return spec.model_copy(update={"coordinator": filled, "simulation": simulation})
+
+
+def agent_resources(spec: FederatedJobSpec, settings: OperatorSettings) -> ResourceRequirements:
+    """The job's spec.simulation.resources, or the operator's default for agent pods."""
+    return spec.simulation.resources or settings.default_agent_resources
 
 
 def _pull_secrets(settings: OperatorSettings) -> dict[str, Any]:
@@ -390,6 +398,7 @@ def agent_pod(job: JobRef, spec: FederatedJobSpec, index: int, settings: Operato
                 "command": command,
                 "env": env,
                 "volumeMounts": mounts,
+                "resources": agent_resources(spec, settings).to_wire(),
                 "securityContext": _container_security_context(),
             }],
             "volumes": volumes,

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.runtime.spec import ResourceRequirements
 
 DEFAULT_IMAGE = "fedkube:0.1.0"
+# An agent pod imports torch (~400 MiB) and trains one partition of a small model on the
+# CPU; without requests the scheduler would pack any number of them on one node.
+DEFAULT_AGENT_RESOURCES = ResourceRequirements(
+    requests={"cpu": "250m", "memory": "512Mi"}, limits={"memory": "2Gi"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class OperatorSettings:
     default_tls_secret: str | None = None
     default_join_token_secret: str | None = None
     default_coordinator_resources: ResourceRequirements | None = None
+    # Resources of agent pods (spec.simulation.clients) whose job sets none.
+    default_agent_resources: ResourceRequirements = field(
+        default_factory=lambda: DEFAULT_AGENT_RESOURCES.model_copy(deep=True))
 
     def __post_init__(self) -> None:
         if self.offline_after_seconds <= 0:
@@ -54,15 +61,11 @@ class OperatorSettings:
         FEDKUBE_IMAGE, FEDKUBE_IMAGE_PULL_POLICY, FEDKUBE_IMAGE_PULL_SECRETS (comma-separated),
         FEDKUBE_OFFLINE_AFTER_SECONDS, FEDKUBE_HEALTH_INTERVAL_SECONDS,
         FEDKUBE_COORDINATOR_METRICS_PORT, FEDKUBE_COORDINATOR_TLS_SECRET,
-        FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET, FEDKUBE_COORDINATOR_RESOURCES (JSON)."""
+        FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET, FEDKUBE_COORDINATOR_RESOURCES (JSON),
+        FEDKUBE_AGENT_RESOURCES (JSON)."""
         env = os.environ if environ is None else environ
         defaults = cls()
-        resources: Any = env.get("FEDKUBE_COORDINATOR_RESOURCES")
-        try:
-            parsed = (ResourceRequirements.model_validate(json.loads(resources))
-                      if resources else None)
-        except ValueError as error:  # JSON or validation: name the variable
-            raise ValueError(f"FEDKUBE_COORDINATOR_RESOURCES: {error}") from None
+        agent_resources = _resources_from(env, "FEDKUBE_AGENT_RESOURCES")
         return cls(
             image=env.get("FEDKUBE_IMAGE") or defaults.image,
             image_pull_policy=env.get("FEDKUBE_IMAGE_PULL_POLICY") or defaults.image_pull_policy,
@@ -77,5 +80,17 @@ class OperatorSettings:
                 if name.strip()),
             default_tls_secret=env.get("FEDKUBE_COORDINATOR_TLS_SECRET") or None,
             default_join_token_secret=env.get("FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET") or None,
-            default_coordinator_resources=parsed,
+            default_coordinator_resources=_resources_from(env, "FEDKUBE_COORDINATOR_RESOURCES"),
+            default_agent_resources=agent_resources or defaults.default_agent_resources,
         )
+
+
+def _resources_from(env: Mapping[str, str], variable: str) -> ResourceRequirements | None:
+    """The ResourceRequirements a variable holds as JSON, None when unset or empty."""
+    value: Any = env.get(variable)
+    if not value:
+        return None
+    try:
+        return ResourceRequirements.model_validate(json.loads(value))
+    except ValueError as error:  # JSON or validation: name the variable
+        raise ValueError(f"{variable}: {error}") from None

@@ -137,6 +137,13 @@ class PrivacySpec(_Model):
         return self
 
 
+class ResourceRequirements(_Model):
+    """Kubernetes container resources, as in a Pod spec."""
+
+    requests: dict[str, str] | None = None
+    limits: dict[str, str] | None = None
+
+
 class SimulationSpec(_Model):
     """Simulated clients: local processes under `fedkube run`, agent pods in a cluster."""
 
@@ -144,6 +151,10 @@ class SimulationSpec(_Model):
     dropout: float = Field(
         0.0, ge=0, lt=1,
         description="Chance that a simulated client silently skips a round (fault drill).",
+    )
+    resources: ResourceRequirements | None = Field(
+        None, description="Container resources of each agent pod; the operator's default "
+        "if unset. Ignored by `fedkube run`.",
     )
 
 
@@ -157,13 +168,6 @@ class ConvergenceSpec(_Model):
         None, ge=1, description="Stop after this many rounds without improvement."
     )
     min_delta: float = Field(0.0, ge=0, description="Smallest gain counted as improvement.")
-
-
-class ResourceRequirements(_Model):
-    """Kubernetes container resources, as in a Pod spec."""
-
-    requests: dict[str, str] | None = None
-    limits: dict[str, str] | None = None
 
 
 class CoordinatorSpec(_Model):

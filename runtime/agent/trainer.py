@@ -22,6 +22,7 @@ from ..messages import JobIdentity
 from ..models import build_model
 from ..plan import PrivacyPlan, TrainPlan
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
+from .device import TrainingDevice
 
 if TYPE_CHECKING:
     from ..privacy import Budget, BudgetStore
@@ -103,7 +104,7 @@ class LocalTrainer:
                  state_dir: Path) -> None:
         self.job = job
         self.node_id = node_id
-        self.device = device
+        self.device = TrainingDevice(device)
         self.model = model
         self.x, self.y = x, y
         self.schema = wire.schema_of(weights_of(model))
@@ -146,7 +147,9 @@ class LocalTrainer:
             return None
         if self.privacy is None:
             from ..privacy import BudgetStore
+            from ..privacy.dpsgd import require_dp_compatible
 
+            require_dp_compatible(self.model, name=self.job.model)
             self.privacy = LocalPrivacy.open(
                 plan.privacy, samples=self.num_samples, batch_size=plan.batch_size,
                 local_epochs=plan.local_epochs, job=self.job.job_name,
@@ -173,6 +176,12 @@ class LocalTrainer:
         return None
 
     def train(self, plan: TrainPlan, global_weights: Weights) -> TrainOutcome:
+        # On the CPU if the accelerator fails its first task. A DP attempt that failed
+        # part-way has recorded its steps: the retry spends them again (over-counts, safe).
+        return self.device.run(lambda device: self._train_on(device, plan, global_weights))
+
+    def _train_on(self, device: torch.device, plan: TrainPlan,
+                  global_weights: Weights) -> TrainOutcome:
         torch.manual_seed(self.seed + plan.round)
         loader = make_loader(self.x, self.y, batch_size=plan.batch_size,
                              seed=self.seed + plan.round)
@@ -184,7 +193,7 @@ class LocalTrainer:
             optimizer = make_optimizer(plan.optimizer, model.parameters(),  # type: ignore[arg-type]
                                        plan.learning_rate)
             result = train_local(model, loader, optimizer, epochs=plan.local_epochs,
-                                 device=self.device, proximal_mu=plan.proximal_mu,
+                                 device=device, proximal_mu=plan.proximal_mu,
                                  global_weights=proximal)
             trained = weights_of(model)
         else:
@@ -201,9 +210,9 @@ class LocalTrainer:
                 model, optimizer, loader,
                 noise_multiplier=privacy.budget.mechanism.noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm, seed=None,
-                accountant=privacy.budget.accountant)
+                accountant=privacy.budget.accountant, device=device)
             result = train_local(private_model, private_loader, private_optimizer,
-                                 epochs=plan.local_epochs, device=self.device,
+                                 epochs=plan.local_epochs, device=device,
                                  proximal_mu=plan.proximal_mu, global_weights=proximal)
             trained = weights_of(unwrap(private_model))
             # The accountant already holds every step taken; persist before uploading.

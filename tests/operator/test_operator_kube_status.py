@@ -7,10 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kmock
+import kubernetes.config
 import pytest
+from fedkube.operator import resources
 from fedkube.runtime.coordinator.kube_status import KubernetesStatusSink
 from fedkube.runtime.spec import (
     ClientCounts,
@@ -23,6 +26,8 @@ from fedkube.runtime.spec import (
     PrivacySpent,
     upsert_condition,
 )
+from k8s import audit
+from kubernetes.client import ApiClient
 from support import REPO
 
 NS = "default"
@@ -46,8 +51,24 @@ def job(kube_api: Any) -> Obj:
 
 
 @pytest.fixture
-def sink(kube_api: Any, job: Obj) -> Iterator[KubernetesStatusSink]:
-    sink = KubernetesStatusSink(job_name=JOB, namespace=NS, api_client=kube_api.api_client,
+def coordinator_client(kube_api: Any, job: Obj, tmp_path: Path) -> Iterator[ApiClient]:
+    """A client with the credentials the coordinator pod has: its job's service account,
+    holding only the Role the operator grants it (operator/resources.py), so the request
+    audit of tests/operator/conftest.py checks every call the writer makes against it."""
+    ref = resources.JobRef(name=JOB, namespace=NS)
+    for obj in (resources.coordinator_service_account(ref), resources.coordinator_role(ref),
+                resources.coordinator_role_binding(ref)):
+        kube_api.apply(obj)
+    token = audit.service_account_token(NS, resources.coordinator_name(JOB))
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "coordinator.kubeconfig", token=token)
+    client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def sink(coordinator_client: ApiClient) -> Iterator[KubernetesStatusSink]:
+    sink = KubernetesStatusSink(job_name=JOB, namespace=NS, api_client=coordinator_client,
                                 max_backoff_seconds=0.2)
     yield sink
     sink.close(timeout=5)
@@ -185,8 +206,8 @@ def test_a_deleted_job_is_logged_not_raised(kube_api: Any, sink: KubernetesStatu
     assert "refused" in caplog.text and "404" in caplog.text
 
 
-def test_close_sends_what_is_pending(kube_api: Any, job: Obj) -> None:
-    sink = KubernetesStatusSink(job_name=JOB, namespace=NS, api_client=kube_api.api_client)
+def test_close_sends_what_is_pending(kube_api: Any, coordinator_client: ApiClient) -> None:
+    sink = KubernetesStatusSink(job_name=JOB, namespace=NS, api_client=coordinator_client)
     final = _running(3)
     final.phase = Phase.succeeded
     final.model_ref = "/var/lib/fedkube/model.pt"

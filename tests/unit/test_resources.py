@@ -420,7 +420,8 @@ def test_operator_defaults_fill_only_what_the_job_leaves_unset() -> None:
     assert kept.coordinator.resources.to_wire() == {"limits": {"cpu": "1"}}
     assert kept.coordinator.join_token_secret == "fedkube-token"
     assert own.coordinator.join_token_secret is None  # the input is not modified
-    assert r.with_operator_defaults(_spec(), SETTINGS) == _spec()
+    assert r.with_operator_defaults(_spec(), SETTINGS) == _spec(
+        simulation={"resources": SETTINGS.default_agent_resources.to_wire()})
 
 
 def test_defaults_do_not_count_as_spec_changes() -> None:
@@ -436,3 +437,19 @@ def test_pull_secrets_reach_every_pod() -> None:
     for pod in pods:
         assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
     assert "imagePullSecrets" not in r.agent_pod(JOB, spec, 0, SETTINGS)["spec"]
+
+
+def test_agent_pods_get_requests_and_limits_from_the_job_or_the_operator() -> None:
+    default = r.agent_pod(JOB, _spec(simulation={"clients": 1}), 0, SETTINGS)
+    resources = default["spec"]["containers"][0]["resources"]
+    assert resources == SETTINGS.default_agent_resources.to_wire()
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["limits"]["memory"]
+    admin = OperatorSettings.from_env({"FEDKUBE_AGENT_RESOURCES": '{"limits": {"cpu": "3"}}'})
+    assert r.agent_pod(JOB, _spec(simulation={"clients": 1}), 0, admin)[
+        "spec"]["containers"][0]["resources"] == {"limits": {"cpu": "3"}}
+    own = _spec(simulation={"clients": 2, "resources": {"requests": {"memory": "3Gi"}}})
+    for pod in r.agent_pods(JOB, r.with_operator_defaults(own, admin), admin):
+        assert pod["spec"]["containers"][0]["resources"] == {"requests": {"memory": "3Gi"}}
+    with pytest.raises(ValueError, match="FEDKUBE_AGENT_RESOURCES"):
+        OperatorSettings.from_env({"FEDKUBE_AGENT_RESOURCES": "{not json"})
