@@ -38,6 +38,7 @@ from ..spec import (
     Reason,
     StrategyName,
     load_job,
+    terminal_conditions,
     upsert_condition,
 )
 from ..training import evaluate, load_weights, pick_device, weights_of
@@ -348,8 +349,6 @@ class RoundEngine:
     async def run(self) -> FederatedJobStatus:
         self.status.phase = Phase.running
         self.status.start_time = self.status.start_time or _utc_now()
-        self._condition(ConditionType.READY, "True", Reason.COORDINATOR_READY,
-                        "coordinator is serving")
         self._publish_status()
         self.sink.event("Running", f"coordinator up; {self.spec.rounds} rounds planned")
         try:
@@ -655,7 +654,8 @@ class RoundEngine:
         if self.output_dir is not None:
             self.status.model_ref = str(self.output_dir / "model.pt")
             checkpoint.save_model(self.output_dir, self.weights)
-        self._condition(ConditionType.READY, "False", reason, message)
+        for terminal in terminal_conditions(phase, reason, message, _utc_now()):
+            self._condition(terminal.type, terminal.status, reason, message)
         self._publish_status()
         self.sink.event(reason, message, warning=phase == Phase.failed)
 
