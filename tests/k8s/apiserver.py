@@ -488,10 +488,11 @@ class ApiServer(kmock.KubernetesEmulator):
             if system_field in current["metadata"]:
                 meta[system_field] = current["metadata"][system_field]
         meta["resourceVersion"] = current["metadata"]["resourceVersion"]
-        managed = (wanted.get("metadata") or {}) if applied else current["metadata"]
+        managed = ((wanted.get("metadata") or {}) if applied else current["metadata"]).get(
+            "managedFields")
         meta.pop("managedFields", None)
-        if managed.get("managedFields"):
-            meta["managedFields"] = managed["managedFields"]
+        if managed:
+            meta["managedFields"] = managed
         new["apiVersion"], new["kind"] = res.api_version, res.kind
         if _spec_part(new) != _spec_part(current):
             meta["generation"] = current["metadata"].get("generation", 0) + 1

@@ -244,7 +244,8 @@ def apply(
 
     obj = copy.deepcopy(dict(current))
     still_owned = set().union(*(e.fields for e in others)) if others else set()
-    for path in sorted((own.fields if own else set()) - mine, key=len, reverse=True):
+    # Outermost first: an item removed whole takes its fields with it.
+    for path in sorted((own.fields if own else set()) - mine, key=len):
         if not any(o[:len(path)] == path for o in still_owned):
             remove_at(obj, path)
     obj = merge(obj, config, keys)
