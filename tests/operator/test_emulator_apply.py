@@ -167,3 +167,26 @@ def test_field_sets_encode_as_fields_v1_and_back() -> None:
     assert ssa.decode(ssa.encode(fields)) == fields
     assert ssa.show(("f:status", "f:conditions", 'k:{"type":"Ready"}', "f:status")) == (
         '.status.conditions[type="Ready"].status')
+
+
+def test_a_condition_of_the_same_type_from_two_managers_conflicts_on_its_fields() -> None:
+    keys = ssa.list_keys_from_schema({"type": "object", "properties": {"status": {
+        "type": "object", "properties": {"conditions": {
+            "type": "array", "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"], "items": {"type": "object"}}}}}})
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    obj = ssa.apply({"apiVersion": "v"}, ready, manager="operator", subresource="status",
+                    force=False, keys=keys, now="t1")
+    not_ready = {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    with pytest.raises(ssa.ApplyError) as refused:
+        ssa.apply(obj, not_ready, manager="coordinator", subresource="status", force=False,
+                  keys=keys, now="t2")
+    assert refused.value.code == 409
+    assert [c["field"] for c in refused.value.causes] == [
+        '.status.conditions[type="Ready"].status']
+    forced = ssa.apply(obj, not_ready, manager="coordinator", subresource="status",
+                       force=True, keys=keys, now="t2")
+    assert forced["status"]["conditions"] == [{"type": "Ready", "status": "False"}]
+    owners = {e["manager"]: ssa.decode(e["fieldsV1"]) for e in forced["metadata"]["managedFields"]}
+    status_field = ("f:status", "f:conditions", 'k:{"type":"Ready"}', "f:status")
+    assert status_field in owners["coordinator"] and status_field not in owners["operator"]
