@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -28,6 +29,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -108,6 +110,7 @@ class KubernetesStatusSink:
         self._events: collections.deque[tuple[str, str, bool, str]] = collections.deque(
             maxlen=_EVENT_BACKLOG)
         self._busy = False
+        self._job_went_last = False
         self._closing_deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="kube-status", daemon=True)
         self._thread.start()
@@ -171,21 +174,15 @@ class KubernetesStatusSink:
                         log.warning("gave up sending status to the API server at shutdown")
                     self._cv.notify_all()
                     return
-                job, self._job = self._job, None
-                clients, self._clients = self._clients, {}
-                events = list(self._events)
-                self._events.clear()
+                item = self._take()
                 self._busy = True
-            retry = self._send(job, clients, events)
+            done = self._attempt(item.what, item.send)
             with self._cv:
                 self._busy = False
-                if retry.job is not None and self._job is None:
-                    self._job = retry.job  # nothing newer arrived meanwhile
-                for node_id, update in retry.clients.items():
-                    self._clients.setdefault(node_id, update)
-                self._events.extendleft(reversed(retry.events))
+                if not done:
+                    self._put_back(item)
                 self._cv.notify_all()
-            if retry.empty():
+            if done:
                 backoff = 0.0
                 continue
             backoff = min(self._max_backoff, backoff * 2 or 0.5)
@@ -194,21 +191,34 @@ class KubernetesStatusSink:
                 if self._closing_deadline is None:
                     self._cv.wait(backoff)
 
-    def _send(self, job: FederatedJobStatus | None,
-              clients: dict[str, tuple[ClientNodeSpec, ClientNodeStatus]],
-              events: list[tuple[str, str, bool, str]]) -> _Retry:
-        retry = _Retry()
-        if job is not None and not self._attempt("job status", lambda: self._patch_job(job)):
-            retry.job = job
-        for node_id, (spec, status) in clients.items():
-            if not self._attempt(f"ClientNode {node_id}",
-                                 lambda s=spec, st=status: self._upsert_client(s, st)):
-                retry.clients[node_id] = (spec, status)
-        for index, item in enumerate(events):
-            if not self._attempt(f"event {item[0]}", lambda i=item: self._post_event(*i)):
-                retry.events = events[index:]
-                break
-        return retry
+    def _take(self) -> _Item:
+        """The next thing to send. The job's status goes every other send at least: it is
+        what `kubectl get fj` shows and what must land at shutdown, so behind a slow API
+        server it waits for one ClientNode or Event at most, and they in turn are not
+        starved by a stream of job statuses. Called with the lock held."""
+        others = bool(self._clients or self._events)
+        if self._job is not None and not (self._job_went_last and others):
+            job, self._job = self._job, None
+            self._job_went_last = True
+            return _Item("job status", lambda: self._patch_job(job), job=job)
+        self._job_went_last = False
+        if self._clients:
+            node_id = next(iter(self._clients))
+            spec, status = self._clients.pop(node_id)
+            return _Item(f"ClientNode {node_id}", lambda: self._upsert_client(spec, status),
+                         client=(node_id, spec, status))
+        event = self._events.popleft()
+        return _Item(f"event {event[0]}", lambda: self._post_event(*event), event=event)
+
+    def _put_back(self, item: _Item) -> None:
+        """Queue a failed send again, unless something newer replaced it meanwhile."""
+        if item.job is not None and self._job is None:
+            self._job = item.job
+        elif item.client is not None:
+            node_id, spec, status = item.client
+            self._clients.setdefault(node_id, (spec, status))
+        elif item.event is not None:
+            self._events.appendleft(item.event)
 
     def _attempt(self, what: str, action: Any) -> bool:
         """Run `action`; True when done or refused for good (nothing to retry)."""
@@ -329,13 +339,12 @@ class _Vanished(Exception):
     """An object we created is gone; retrying recreates it (transient by design)."""
 
 
-class _Retry:
-    """What one pass of the sender could not deliver yet."""
+@dataclasses.dataclass
+class _Item:
+    """One thing for the sender to send, and what to queue again if that fails."""
 
-    def __init__(self) -> None:
-        self.job: FederatedJobStatus | None = None
-        self.clients: dict[str, tuple[ClientNodeSpec, ClientNodeStatus]] = {}
-        self.events: list[tuple[str, str, bool, str]] = []
-
-    def empty(self) -> bool:
-        return self.job is None and not self.clients and not self.events
+    what: str
+    send: Callable[[], None]
+    job: FederatedJobStatus | None = None
+    client: tuple[str, ClientNodeSpec, ClientNodeStatus] | None = None
+    event: tuple[str, str, bool, str] | None = None
