@@ -101,7 +101,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         sinks.append(report)
     kube_sink = None
     if args.kube:
-        from .coordinator.kube_status import KubernetesStatusSink
+        from .kube.sink import KubernetesStatusSink
 
         namespace = job.metadata.namespace or os.environ.get("FEDKUBE_NAMESPACE", "default")
         kube_sink = KubernetesStatusSink(job_name=job.metadata.name, namespace=namespace)

@@ -304,12 +304,15 @@ class Condition(_Model):
 
 
 class ConditionType:
-    """FederatedJob condition types, named as states (Kubeflow Trainer's habit)."""
+    """FederatedJob condition types, named as states (Kubeflow Trainer's habit). Each has
+    one writer, given by CONDITION_OWNERS below."""
 
-    READY = "Ready"  # the coordinator is up and reachable
+    READY = "Ready"  # a coordinator pod serves gRPC (False once the job finished)
+    DEGRADED = "Degraded"  # the coordinator pod is failing (CrashLoopBackOff, ...)
     CONVERGED = "Converged"  # training stopped early: target accuracy or patience
     BUDGET_EXHAUSTED = "BudgetExhausted"  # another round would exceed targetEpsilon
-    DEGRADED = "Degraded"  # the coordinator pod is failing or too few clients are live
+    COMPLETE = "Complete"  # terminal: the job succeeded (kubectl wait --for=condition=Complete)
+    FAILED = "Failed"  # terminal: the job failed or was stopped before it finished
     INSECURE = "Insecure"  # in-cluster without TLS or a join token
     SPEC_ACCEPTED = "SpecAccepted"  # the spec validated; False names the field and reason
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"  # an edit touched an immutable field
@@ -323,6 +326,7 @@ class Reason:
     COORDINATOR_READY = "CoordinatorReady"
     COORDINATOR_NOT_READY = "CoordinatorNotReady"
     COORDINATOR_FAILED = "CoordinatorFailed"
+    JOB_FINISHED = "JobFinished"  # Ready=False: the job ended and its coordinator was removed
     ROUND_COMPLETED = "RoundCompleted"
     TARGET_ACCURACY_REACHED = "TargetAccuracyReached"
     NO_IMPROVEMENT = "NoImprovement"  # patience ran out
@@ -333,7 +337,7 @@ class Reason:
     NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"
     IMMUTABLE_FIELD = "ImmutableField"
     SPEC_CHANGE_APPLIED = "SpecChangeApplied"  # rounds/clientsPerRound edited while running
-    STOPPED = "Stopped"
+    STOPPED = "Stopped"  # the coordinator was shut down before the job finished
 
 
 def upsert_condition(
@@ -360,6 +364,21 @@ def upsert_condition(
     )
     return [updated if c.type == type else c for c in conditions] if previous else [
         *conditions, updated]
+
+
+def terminal_conditions(phase: Phase, reason: str, message: str, now: str) -> list[Condition]:
+    """The terminal condition of a finished job, in Kubeflow TrainJob's shape: Succeeded is
+    Complete=True; Failed and Stopped are Failed=True (a stopped job's coordinator is
+    removed like any finished one's and will not resume, so a `kubectl wait` for either
+    terminal condition must return). A job still running has none."""
+    if phase == Phase.succeeded:
+        kind = ConditionType.COMPLETE
+    elif phase in (Phase.failed, Phase.stopped):
+        kind = ConditionType.FAILED
+    else:
+        return []
+    return [Condition(type=kind, status="True", reason=reason, message=message,
+                      last_transition_time=now)]
 
 
 class ClientCounts(_Model):
@@ -389,6 +408,104 @@ class FederatedJobStatus(_Model):
     model_ref: str | None = Field(None, description="Where the final model was written.")
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
+
+
+class Writer(str, enum.Enum):
+    """The two writers of a FederatedJob's status; each server-side applies only its own
+    share (see STATUS_FIELD_OWNERS and CONDITION_OWNERS) under its own field manager."""
+
+    operator = "operator"
+    coordinator = "coordinator"
+
+    @property
+    def field_manager(self) -> str:
+        return f"fedkube-{self.value}"
+
+
+# Who writes each status field (by its wire name). The operator writes what follows from
+# the spec and from the coordinator's pod; the coordinator writes the job's progress and
+# its end. One exception, where no coordinator exists (yet): the operator writes the
+# coordinator's share in the coordinator's name (field manager fedkube-coordinator) while
+# that share is still empty, i.e. before the coordinator pod starts: `phase: Pending` for
+# an accepted spec, and for a refused spec, which never gets a coordinator, its whole end
+# (`phase: Failed`, `message`, `completionTime` and `Failed=True` reason InvalidSpec).
+STATUS_FIELD_OWNERS: dict[str, Writer] = {
+    "endpoint": Writer.operator,
+    "observedGeneration": Writer.operator,
+    "startTime": Writer.operator,
+    "targetEpsilon": Writer.operator,  # spec.privacy.targetEpsilon, shown from acceptance on
+    "phase": Writer.coordinator,
+    "round": Writer.coordinator,
+    "accuracy": Writer.coordinator,
+    "loss": Writer.coordinator,
+    "bestAccuracy": Writer.coordinator,
+    "epsilon": Writer.coordinator,
+    "clients": Writer.coordinator,
+    "clientsSummary": Writer.coordinator,
+    "bytesUp": Writer.coordinator,
+    "bytesDown": Writer.coordinator,
+    "completionTime": Writer.coordinator,
+    "message": Writer.coordinator,
+    "modelRef": Writer.coordinator,
+}
+
+# Who writes each condition type (status.conditions is a list-map keyed by type, so each
+# writer owns its entries and never touches the other's).
+CONDITION_OWNERS: dict[str, Writer] = {
+    ConditionType.SPEC_ACCEPTED: Writer.operator,
+    ConditionType.INSECURE: Writer.operator,
+    ConditionType.SPEC_CHANGE_REFUSED: Writer.operator,
+    ConditionType.READY: Writer.operator,  # from the coordinator pod's readiness
+    ConditionType.DEGRADED: Writer.operator,  # the coordinator pod is failing
+    ConditionType.CONVERGED: Writer.coordinator,
+    ConditionType.BUDGET_EXHAUSTED: Writer.coordinator,
+    ConditionType.COMPLETE: Writer.coordinator,
+    ConditionType.FAILED: Writer.coordinator,
+}
+
+
+class NotOwnedError(ValueError):
+    """A writer tried to write a status field or condition the tables give to another."""
+
+
+def status_owner(field: str) -> Writer:
+    """The writer of a status field; NotOwnedError for a field the tables do not list."""
+    if field not in STATUS_FIELD_OWNERS:
+        raise NotOwnedError(f"status.{field}: not a FederatedJob status field with an owner")
+    return STATUS_FIELD_OWNERS[field]
+
+
+def condition_owner(condition_type: str) -> Writer:
+    """The writer of a condition type; NotOwnedError for a type the table does not list."""
+    if condition_type not in CONDITION_OWNERS:
+        raise NotOwnedError(f"status.conditions[type={condition_type}]: not a FederatedJob "
+                            "condition type with an owner")
+    return CONDITION_OWNERS[condition_type]
+
+
+def owned_status(status: Mapping[str, Any], writer: Writer) -> dict[str, Any]:
+    """The part of a wire-form status (camelCase dict) that `writer` owns."""
+    owned = {k: v for k, v in status.items()
+             if k != "conditions" and STATUS_FIELD_OWNERS.get(k) == writer}
+    conditions = [c for c in status.get("conditions") or []
+                  if CONDITION_OWNERS.get(c.get("type", "")) == writer]
+    if conditions:
+        owned["conditions"] = conditions
+    return owned
+
+
+def check_owned(status: Mapping[str, Any], writer: Writer) -> None:
+    """Raise NotOwnedError naming the first field or condition of `status` (wire form)
+    that `writer` does not own."""
+    for field in status:
+        if field != "conditions" and status_owner(field) != writer:
+            raise NotOwnedError(f"status.{field} is written by the {status_owner(field).value}, "
+                                f"not the {writer.value}")
+    for condition in status.get("conditions") or []:
+        owner = condition_owner(condition.get("type", ""))
+        if owner != writer:
+            raise NotOwnedError(f"status.conditions[type={condition.get('type')}] is written "
+                                f"by the {owner.value}, not the {writer.value}")
 
 
 class ObjectMeta(_Model):

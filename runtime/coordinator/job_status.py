@@ -12,6 +12,7 @@ from ..spec import (
     FederatedJobStatus,
     Phase,
     Reason,
+    terminal_conditions,
     upsert_condition,
 )
 from .events import (
@@ -43,10 +44,9 @@ class StatusBook:
         return ClientCounts(registered=len(self.registry), active=active, dropped=dropped)
 
     def running(self, rounds: int) -> None:
+        # Ready (the pod serves) is the operator's condition: see spec.CONDITION_OWNERS.
         self.status.phase = Phase.running
         self.status.start_time = self.status.start_time or utc_now()
-        self.condition(ConditionType.READY, "True", Reason.COORDINATOR_READY,
-                       "coordinator is serving")
         self.publish()
         self.milestone("Running", f"coordinator up; {rounds} rounds planned")
 
@@ -81,7 +81,9 @@ class StatusBook:
         self.status.clients = self.counts(active=0, dropped=self.status.clients.dropped)
         if model_ref is not None:
             self.status.model_ref = model_ref
-        self.condition(ConditionType.READY, "False", verdict.reason, verdict.message)
+        for terminal in terminal_conditions(verdict.phase, verdict.reason, verdict.message,
+                                            utc_now()):
+            self.condition(terminal.type, terminal.status, terminal.reason, terminal.message)
         self.publish()
         self.milestone(verdict.reason, verdict.message, warning=verdict.phase == Phase.failed)
 

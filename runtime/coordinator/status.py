@@ -3,7 +3,7 @@
 The round engine knows nothing about Kubernetes or files: it hands each new job status,
 each client's state and each milestone to a StatusSink. Locally that sink writes
 metrics.jsonl and the console; in a cluster it patches the FederatedJob's status
-subresource and the ClientNode objects (see kube_status.py).
+subresource and the ClientNode objects (see runtime/kube/sink.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ What it adds, as kube-apiserver does it:
 - writes: POST, PUT (optimistic concurrency on ``resourceVersion``: 409), PATCH as JSON
   merge patch, JSON patch (a failed ``test`` op is 422, which kopf's finalizer patches rely
   on) and strategic merge patch (see :func:`machinery.strategic_merge_patch`), server-side
-  apply as a create-or-merge; no-op writes change nothing and send no event; ``dryRun``;
+  apply with ``fieldManager``, ``force``, per-manager field ownership in
+  ``metadata.managedFields``, list-maps merged by key, removal of fields a manager stops
+  applying and 409 conflicts (see :mod:`tests.k8s.apply`); no-op writes change nothing and
+  send no event; ``dryRun``;
 - the ``status`` subresource: ``.../status`` reads and writes touch only ``status``; writes
   to the main object keep the stored status, for every resource that has the subresource;
 - deletion: ``deletionTimestamp`` while ``finalizers`` remain, removal once they are gone;
@@ -47,9 +50,10 @@ Departures from kmock, each because kmock 0.8 is in the way:
 
 Known gaps against a real cluster: no authentication or RBAC enforcement (Roles are stored,
 not applied; :mod:`tests.k8s.audit`, an observer in :attr:`ApiServer.observers`, decides
-each request as RBAC would, for tests to assert on); no admission webhooks; no CEL ``x-kubernetes-validations`` or ``format``
-checks; no pagination (``limit`` is ignored: one page); no managedFields (server-side apply
-merges without field ownership); no watch compaction (never 410 Gone); each served version
+each request as RBAC would, for tests to assert on); no admission webhooks; no CEL
+``x-kubernetes-validations`` or ``format`` checks; no pagination (``limit`` is ignored: one
+page); writes other than server-side apply leave managedFields as they were (no ``Update``
+managers); no watch compaction (never 410 Gone); each served version
 of a CRD is a separate store (no conversion); no ``scale`` subresource; Foreground deletion
 acts as Background and pods go at once (no graceful deletion); protobuf and CBOR bodies
 are refused with 415, so kubectl's typed generators (``kubectl create deployment ...``)
@@ -88,6 +92,7 @@ import kubernetes.config
 import multidict
 import yaml
 
+from . import apply as ssa
 from . import audit, machinery, protobuf, schema
 
 T = TypeVar("T")
@@ -393,9 +398,10 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def create(
         self, res: ServedResource, namespace: str | None, body: Any, *, dry_run: bool = False,
-        strict: bool = False,
+        strict: bool = False, managed_fields: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """POST: store a new object with server-set metadata; 409 if the name is taken."""
+        """POST: store a new object with server-set metadata; 409 if the name is taken.
+        ``managed_fields`` (from a server-side apply) become its metadata.managedFields."""
         if not isinstance(body, Mapping):
             raise api_error(400, "BadRequest", "the body of the request must be a JSON object")
         obj = copy.deepcopy(dict(body))
@@ -428,6 +434,8 @@ class ApiServer(kmock.KubernetesEmulator):
                              "managedFields"):
             meta.pop(system_field, None)
         meta.update(name=name, uid=_uid(), creationTimestamp=_now(), generation=1)
+        if managed_fields:
+            meta["managedFields"] = managed_fields
         meta.pop("namespace", None)
         if namespace is not None:
             meta["namespace"] = namespace
@@ -453,11 +461,14 @@ class ApiServer(kmock.KubernetesEmulator):
         subresource: str | None = None,
         dry_run: bool = False,
         strict: bool = False,
+        applied: bool = False,
     ) -> dict[str, Any]:
         """PUT/PATCH: ``change`` maps a copy of the stored object to the wanted one.
 
         Writes to ``status`` keep everything else; writes to the main object keep the stored
-        status when the resource has the status subresource; system metadata is kept.
+        status when the resource has the status subresource; system metadata is kept, and
+        so is metadata.managedFields unless the write is a server-side apply (``applied``),
+        whose result carries the new ones.
         """
         namespace = namespace if res.namespaced else None
         current = self.get(res, namespace, name)
@@ -484,6 +495,11 @@ class ApiServer(kmock.KubernetesEmulator):
             if system_field in current["metadata"]:
                 meta[system_field] = current["metadata"][system_field]
         meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        managed = ((wanted.get("metadata") or {}) if applied else current["metadata"]).get(
+            "managedFields")
+        meta.pop("managedFields", None)
+        if managed:
+            meta["managedFields"] = managed
         new["apiVersion"], new["kind"] = res.api_version, res.kind
         if _spec_part(new) != _spec_part(current):
             meta["generation"] = current["metadata"].get("generation", 0) + 1
@@ -876,15 +892,68 @@ class ApiServer(kmock.KubernetesEmulator):
                            subresource=request.subresource, **_write_options(request))
 
     def _server_side_apply(self, request: kmock.Request, res: ServedResource) -> kmock.Payload:
-        # A create-or-merge: field ownership (managedFields) is not emulated.
+        """PATCH with application/apply-patch+yaml: see :mod:`tests.k8s.apply`."""
         assert request.name is not None
-        body = yaml.safe_load(request.text)
-        if self.get(res, request.namespace, request.name) is None:
-            obj = self.create(res, request.namespace, body, **_write_options(request))
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise api_error(400, "BadRequest", "PATCH requests with apply-patch content type "
+                            "must have fieldManager")
+        try:
+            # JSON first: it is valid YAML 1.2, but PyYAML's YAML 1.1 reads 1e-05 as a string.
+            body = json.loads(request.text)
+        except ValueError:
+            body = None
+        try:
+            body = body if body is not None else yaml.safe_load(request.text)
+        except yaml.YAMLError as exc:
+            raise api_error(400, "BadRequest", f"the apply patch is not valid YAML: {exc}") from exc
+        if not isinstance(body, Mapping) or not body.get("apiVersion") or not body.get("kind"):
+            raise api_error(400, "BadRequest", "an apply patch is an object with apiVersion and "
+                            "kind")
+        subresource = request.subresource or ""
+        config = self._apply_scope(res, body, subresource)
+        keys = ssa.list_keys_from_schema(res.schema)
+        force = request.params.get("force") == "true"
+
+        def applied(current: Mapping[str, Any]) -> dict[str, Any]:
+            try:
+                return ssa.apply(current, config, manager=manager, subresource=subresource,
+                                 force=force, keys=keys, now=_now())
+            except ssa.ApplyError as exc:
+                reason = "Conflict" if exc.code == 409 else "Invalid"
+                raise api_error(exc.code, reason, str(exc), name=request.name, group=res.group,
+                                kind=res.plural, causes=exc.causes) from exc
+
+        current = self.get(res, request.namespace, request.name)
+        if current is None:
+            if subresource:
+                raise _not_found(res, request.name)
+            created = applied({"apiVersion": res.api_version, "kind": res.kind})
+            managed = created["metadata"].pop("managedFields", None)
+            obj = self.create(res, request.namespace, created,
+                              managed_fields=managed, **_write_options(request))
             return kmock.Response(status=201, payload=obj)
-        return self.update(res, request.namespace, request.name,
-                           lambda current: machinery.merge_patch(current, body),
-                           subresource=request.subresource, **_write_options(request))
+
+        def change(current: dict[str, Any]) -> Any:
+            _check_version(res, current, (body.get("metadata") or {}).get("resourceVersion"))
+            return applied(current)
+
+        return self.update(res, request.namespace, request.name, change,
+                           subresource=request.subresource, applied=True,
+                           **_write_options(request))
+
+    @staticmethod
+    def _apply_scope(res: ServedResource, body: Mapping[str, Any], subresource: str,
+                     ) -> dict[str, Any]:
+        """What an apply may touch: only ``status`` through the status subresource; all but
+        ``status`` through the main resource when it has that subresource."""
+        if subresource == "status":
+            return {"status": copy.deepcopy(body.get("status") or {})}
+        config = {k: copy.deepcopy(v) for k, v in body.items()
+                  if not (k == "status" and res.has_status)}
+        meta = config.get("metadata") or {}
+        config["metadata"] = {k: v for k, v in meta.items() if k != "resourceVersion"}
+        return config
 
     async def _serve_replace(self, request: kmock.Request) -> kmock.Payload:
         res = self._request_resource(request)

@@ -7,13 +7,14 @@ writes the pod status a kubelet would write.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import yaml
-from fedkube.runtime.coordinator.kube_status import KubernetesStatusSink
-from fedkube.runtime.spec import FederatedJobStatus, Phase, upsert_condition
+from fedkube.runtime.kube.sink import KubernetesStatusSink
+from fedkube.runtime.spec import FederatedJobStatus, Phase, terminal_conditions, upsert_condition
 from support import OperatorProcess as Operator
 
 NS = "default"
@@ -41,8 +42,8 @@ def _has_condition(type_: str, status: str, reason: str | None = None) -> Callab
     return check
 
 
-# The operator writes conditions last (see handlers._set_condition): waiting for them
-# means everything else it writes for the same step is there too.
+# The operator applies its share (with these conditions) last (see handlers.create_job):
+# waiting for them means everything else it writes for the same step is there too.
 ACCEPTED = _has_condition("SpecAccepted", "True", "Created")
 REJECTED = _has_condition("SpecAccepted", "False", "InvalidSpec")
 
@@ -74,8 +75,12 @@ def test_invalid_manifest_fails_with_the_field_named(kube_api: Any, operator: Op
     assert accepted["reason"] == "InvalidSpec"
     assert "minClients" in accepted["message"] and "simulation.clients" in accepted["message"]
     assert "minClients" in job["status"]["message"]
-    # Failed is terminal: it gets a completion time, and nothing was created.
-    _wait(kube_api, "fj", "bad", lambda o: o["status"].get("completionTime"), operator)
+    # Failed is terminal: it gets a completion time and the Failed condition (written in
+    # the coordinator's name: no coordinator will ever run), and nothing was created.
+    assert job["status"]["completionTime"]
+    assert _has_condition("Failed", "True", "InvalidSpec")(job)
+    managers = {(e["manager"], e.get("subresource")) for e in job["metadata"]["managedFields"]}
+    assert {("fedkube-operator", "status"), ("fedkube-coordinator", "status")} <= managers
     assert not any(_children(kube_api, "bad").values())
     warnings = [e for e in kube_api.events(NS) if e["reason"] == "InvalidSpec"]
     assert warnings and warnings[0]["type"] == "Warning"
@@ -139,15 +144,29 @@ def test_deleting_a_job_removes_what_it_owns(kube_api: Any, operator: Operator) 
     assert not any(_children(kube_api, "gone").values())
 
 
+def _publish(kube_api: Any, job: str, status: FederatedJobStatus) -> None:
+    sink = KubernetesStatusSink(job_name=job, namespace=NS, api_client=kube_api.api_client)
+    sink.publish_job(status)
+    sink.close()
+
+
+def _finished(job: str) -> FederatedJobStatus:
+    status = FederatedJobStatus(phase=Phase.succeeded, round=3, accuracy=0.91,
+                                model_ref="/var/lib/fedkube/model.pt",
+                                completion_time="2026-01-01T00:10:00Z")
+    status.conditions = terminal_conditions(Phase.succeeded, "RoundsCompleted",
+                                            "completed 3 rounds", "2026-01-01T00:10:00Z")
+    return status
+
+
 def test_finished_job_keeps_config_and_loses_its_pods(kube_api: Any, operator: Operator,
                                                       ) -> None:
     kube_api.apply(_job("done", simulation={"clients": 2}))
     _wait(kube_api, "fj", "done", ACCEPTED, operator)
-    # What the coordinator writes when its last round ends.
-    kube_api.patch("fj", "done", {"status": {
-        "phase": "Succeeded", "round": 3, "accuracy": 0.91,
-        "modelRef": "/var/lib/fedkube/model.pt"}}, namespace=NS, subresource="status")
-    job = _wait(kube_api, "fj", "done", lambda o: o["status"].get("completionTime"), operator)
+    # What the coordinator writes when its last round ends, through its real writer.
+    _publish(kube_api, "done", _finished("done"))
+    job = _wait(kube_api, "fj", "done", _has_condition("Ready", "False", "JobFinished"),
+                operator)
     deadline = time.monotonic() + 20
     while any(_children(kube_api, "done")[kind] for kind in ("Deployment", "Service", "Pod")):
         assert time.monotonic() < deadline, _children(kube_api, "done")
@@ -332,15 +351,13 @@ def test_the_coordinators_own_conditions_survive_the_operator(kube_api: Any,
                                                               operator: Operator) -> None:
     kube_api.apply(_job("shared"))
     _wait(kube_api, "fj", "shared", ACCEPTED, operator)
-    # The coordinator, through its real status writer, reports too few live clients...
-    sink = KubernetesStatusSink(job_name="shared", namespace=NS, api_client=kube_api.api_client)
+    # The coordinator, through its real status writer, reports a condition of its own...
     status = FederatedJobStatus(phase=Phase.running, round=1)
-    status.conditions = upsert_condition([], type="Degraded", status="True",
-                                         reason="TooFewClients", message="1 of 2 live",
+    status.conditions = upsert_condition([], type="BudgetExhausted", status="False",
+                                         reason="WithinBudget", message="epsilon 0.4 of 4",
                                          now="2026-01-01T00:00:00Z")
-    sink.publish_job(status)
-    sink.close()
-    # ...while its pod is healthy: the operator marks it Ready and leaves Degraded alone.
+    _publish(kube_api, "shared", status)
+    # ...while its pod is healthy: the operator marks it Ready and leaves the rest alone.
     kube_api.apply(_coordinator_pod("shared"))
     kube_api.patch("v1/pods", "shared-coordinator-7d9f-x2x", {"status": {
         "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
@@ -348,6 +365,23 @@ def test_the_coordinators_own_conditions_survive_the_operator(kube_api: Any,
     job = _wait(kube_api, "fj", "shared", _has_condition("Ready", "True"), operator)
     time.sleep(1.5)  # a few more health checks
     job = kube_api.get("fj", "shared", NS)
-    assert _has_condition("Degraded", "True", "TooFewClients")(job)
+    assert _has_condition("BudgetExhausted", "False", "WithinBudget")(job)
     assert _has_condition("SpecAccepted", "True", "Created")(job)
     assert job["status"]["phase"] == "Running"
+
+
+def test_kubectl_wait_for_complete_returns_when_the_coordinator_finishes(
+        kube_api: Any, kubectl: Any, operator: Operator) -> None:
+    kube_api.apply(_job("waited"))
+    _wait(kube_api, "fj", "waited", ACCEPTED, operator)
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.append(kubectl(
+        "wait", "--for=condition=Complete", "fj/waited", "-n", NS, "--timeout=60s",
+        timeout=90)))
+    waiter.start()
+    _wait(kube_api, "fj", "waited", _has_condition("Ready", "False"), operator)
+    _publish(kube_api, "waited", _finished("waited"))
+    waiter.join(timeout=90)
+    (result,) = waited
+    assert result.returncode == 0, result.stderr
+    assert "condition met" in result.stdout

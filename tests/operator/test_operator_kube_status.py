@@ -14,7 +14,9 @@ import kmock
 import kubernetes.config
 import pytest
 from fedkube.operator import resources
-from fedkube.runtime.coordinator.kube_status import KubernetesStatusSink
+from fedkube.runtime.kube.client import KubeClient
+from fedkube.runtime.kube.sink import KubernetesStatusSink
+from fedkube.runtime.kube.status import JobStatusWriter
 from fedkube.runtime.spec import (
     ClientCounts,
     ClientNodeSpec,
@@ -24,6 +26,8 @@ from fedkube.runtime.spec import (
     Hardware,
     Phase,
     PrivacySpent,
+    Writer,
+    terminal_conditions,
     upsert_condition,
 )
 from k8s import audit
@@ -37,17 +41,19 @@ Obj = dict[str, Any]
 
 @pytest.fixture
 def job(kube_api: Any) -> Obj:
-    """The CRDs, and a FederatedJob whose status the operator has already written to."""
+    """The CRDs, and a FederatedJob whose status the operator has already written to
+    (through its own writer, as fedkube-operator)."""
     for crd in sorted((REPO / "crds").glob("*.yaml")):
         kube_api.apply_file(crd)
     kube_api.apply({"apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
                     "metadata": {"name": JOB, "namespace": NS}, "spec": {"model": "mlp"}})
-    return kube_api.patch("fj", JOB, {"status": {
-        "phase": "Pending", "endpoint": "digits-coordinator.default.svc:50051",
+    JobStatusWriter(KubeClient(kube_api.api_client), Writer.operator).apply(NS, JOB, {
+        "endpoint": "digits-coordinator.default.svc:50051",
         "conditions": [
             {"type": "SpecAccepted", "status": "True", "reason": "Created", "message": "ok"},
             {"type": "Ready", "status": "False", "reason": "CoordinatorNotReady",
-             "message": "starting"}]}}, namespace=NS, subresource="status")
+             "message": "starting"}]})
+    return kube_api.get("fj", JOB, NS)
 
 
 @pytest.fixture
@@ -75,13 +81,9 @@ def sink(coordinator_client: ApiClient) -> Iterator[KubernetesStatusSink]:
 
 
 def _running(round_: int, **extra: Any) -> FederatedJobStatus:
-    status = FederatedJobStatus(phase=Phase.running, round=round_, accuracy=0.5 + round_ / 100,
-                                clients=ClientCounts(registered=3, active=2),
-                                clients_summary="2/3", **extra)
-    status.conditions = upsert_condition([], type="Ready", status="True",
-                                         reason="CoordinatorReady", message="serving",
-                                         now="2026-01-01T00:00:00Z")
-    return status
+    return FederatedJobStatus(phase=Phase.running, round=round_, accuracy=0.5 + round_ / 100,
+                              clients=ClientCounts(registered=3, active=2),
+                              clients_summary="2/3", **extra)
 
 
 def _node(node_id: str = "digits-agent-0") -> ClientNodeSpec:
@@ -100,21 +102,62 @@ def _status_patches(kube_api: Any, plural: str) -> int:
                                kmock.subresource("status")])
 
 
-def test_job_status_lands_next_to_the_operators_conditions(
+def _managers(obj: Obj) -> dict[str, Obj]:
+    return {f"{e['manager']}/{e.get('subresource', '')}": e["fieldsV1"]
+            for e in obj["metadata"].get("managedFields") or []}
+
+
+def test_job_status_lands_next_to_the_operators_share(
         kube_api: Any, sink: KubernetesStatusSink) -> None:
-    sink.publish_job(_running(2, epsilon=1.5, target_epsilon=4.0))
+    sink.publish_job(_running(2, epsilon=1.5))
+    assert sink.flush()
+    job = kube_api.get("fj", JOB, NS)
+    status = job["status"]
+    assert (status["phase"], status["round"], status["accuracy"]) == ("Running", 2, 0.52)
+    assert (status["epsilon"], status["clientsSummary"]) == (1.5, "2/3")
+    assert status["clients"] == {"registered": 3, "active": 2, "dropped": 0}
+    # What the operator owns is untouched, and each writer owns its own share.
+    assert status["endpoint"] == "digits-coordinator.default.svc:50051"
+    assert [c["type"] for c in status["conditions"]] == ["SpecAccepted", "Ready"]
+    managers = _managers(job)
+    assert set(managers) == {"fedkube-operator/status", "fedkube-coordinator/status"}
+    assert "f:phase" in managers["fedkube-coordinator/status"]["f:status"]
+    assert "f:endpoint" not in managers["fedkube-coordinator/status"]["f:status"]
+    assert set(managers["fedkube-operator/status"]["f:status"]["f:conditions"]) == {
+        'k:{"type":"SpecAccepted"}', 'k:{"type":"Ready"}'}
+
+
+def test_the_coordinator_applies_only_its_share(
+        kube_api: Any, sink: KubernetesStatusSink) -> None:
+    # The engine's status model has the operator's fields too (startTime, Ready): what
+    # the table gives the operator never leaves the coordinator.
+    status = _running(1, start_time="2026-01-01T00:00:00Z", endpoint="elsewhere:1")
+    status.conditions = upsert_condition([], type="Ready", status="True", reason="Mine",
+                                         message="", now="2026-01-01T00:00:00Z")
+    sink.publish_job(status)
+    assert sink.flush()
+    written = kube_api.get("fj", JOB, NS)["status"]
+    assert written["endpoint"] == "digits-coordinator.default.svc:50051"
+    assert "startTime" not in written
+    ready = next(c for c in written["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "CoordinatorNotReady"
+
+
+def test_the_end_of_a_job_is_complete_and_drops_what_it_no_longer_says(
+        kube_api: Any, sink: KubernetesStatusSink) -> None:
+    sink.publish_job(_running(2, message="round 2 running"))
+    assert sink.flush()
+    final = _running(3)
+    final.phase, final.accuracy = Phase.succeeded, None
+    final.conditions = terminal_conditions(Phase.succeeded, "RoundsCompleted", "3 rounds",
+                                           "2026-01-01T00:00:00Z")
+    sink.publish_job(final)
     assert sink.flush()
     status = kube_api.get("fj", JOB, NS)["status"]
-    assert (status["phase"], status["round"], status["accuracy"]) == ("Running", 2, 0.52)
-    assert (status["epsilon"], status["targetEpsilon"], status["clientsSummary"]) == (
-        1.5, 4.0, "2/3")
-    assert status["clients"] == {"registered": 3, "active": 2, "dropped": 0}
-    # What the operator owns is untouched; Ready is the coordinator's word now.
-    assert status["endpoint"] == "digits-coordinator.default.svc:50051"
-    by_type = {c["type"]: c for c in status["conditions"]}
-    assert by_type["SpecAccepted"]["status"] == "True"
-    assert (by_type["Ready"]["status"], by_type["Ready"]["reason"]) == ("True", "CoordinatorReady")
-    assert [c["type"] for c in status["conditions"]] == ["SpecAccepted", "Ready"]
+    assert status["phase"] == "Succeeded"
+    assert "accuracy" not in status and "message" not in status  # no longer applied: removed
+    assert [(c["type"], c["status"]) for c in status["conditions"]] == [
+        ("SpecAccepted", "True"), ("Ready", "False"), ("Complete", "True")]
 
 
 def test_a_burst_of_statuses_is_coalesced_to_the_newest(
@@ -185,7 +228,7 @@ def test_transient_api_errors_are_retried(kube_api: Any, sink: KubernetesStatusS
     failing = kube_api.server["patch", kmock.resource("fedkube.io", "v1alpha1", "federatedjobs"),
                               kmock.subresource("status")]
     kube_api.call(lambda: failing[:3] << 503)
-    with caplog.at_level(logging.WARNING, "fedkube.coordinator.kube_status"):
+    with caplog.at_level(logging.WARNING, "fedkube.kube.sink"):
         started = time.monotonic()
         sink.publish_job(_running(5))
         assert time.monotonic() - started < 0.5  # never waits on the API server
@@ -198,7 +241,7 @@ def test_a_deleted_job_is_logged_not_raised(kube_api: Any, sink: KubernetesStatu
                                             caplog: pytest.LogCaptureFixture) -> None:
     kube_api.delete("fj", JOB, NS)
     kube_api.wait_gone("fj", JOB, NS)
-    with caplog.at_level(logging.ERROR, "fedkube.coordinator.kube_status"):
+    with caplog.at_level(logging.ERROR, "fedkube.kube.sink"):
         sink.publish_job(_running(1))
         sink.publish_client(_node(), _node_status())
         sink.event("Running", "coordinator up")

@@ -45,6 +45,13 @@ def _diagnose(kube_api: Any, operator: OperatorProcess, kubelet: Any, job: str) 
     return "\n".join(parts)
 
 
+def _history(kube_api: Any, job: str) -> list[tuple[Any, Any]]:
+    """(phase, round) of every version of the job the API server stored, oldest first."""
+    statuses = [c.object.get("status") or {} for c in kube_api.server.changes
+                if c.name == job and c.resource.plural == "federatedjobs"]
+    return [(s.get("phase"), s.get("round")) for s in statuses]
+
+
 def _wait(kube_api, operator, kubelet, job, what, predicate, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,20 +102,32 @@ def test_apply_train_watch_succeed(tmp_path: Path, kube_api: Any, kubectl: Any,
                   timeout=120)
     assert {n["spec"]["device"] for n in nodes} == {"cpu"}
 
+    # A user's way to block until the job is done: kubectl wait on the terminal condition.
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.append(kubectl(
+        "wait", "--for=condition=Complete", f"fj/{job}", "--timeout=200s", timeout=230)))
+    waiter.start()
     _wait(kube_api, operator, local_kubelet, job, "the job to finish",
           lambda: status().get("phase") in ("Succeeded", "Failed"), timeout=200)
     stop_watching.set()
     watcher.join()
+    waiter.join(timeout=60)
+    assert waited and waited[0].returncode == 0, waited and waited[0].stderr
+    assert f"federatedjob.fedkube.io/{job} condition met" in waited[0].stdout
     final = status()
     assert final["phase"] == "Succeeded", _diagnose(kube_api, operator, local_kubelet, job)
     assert final["round"] == 3
     # A watcher saw training in progress. (The coordinator coalesces status writes, so a
     # quick round may never be visible on its own.)
-    assert rounds_seen and min(rounds_seen) < 3, rounds_seen
+    assert rounds_seen and min(rounds_seen) < 3, (rounds_seen, _history(kube_api, job))
     assert final["accuracy"] > 0.3  # ten classes: chance is 0.1
     assert 0 < final["epsilon"] <= TARGET_EPSILON
     assert final["targetEpsilon"] == TARGET_EPSILON
     assert final["completionTime"] and final["endpoint"].startswith(f"{job}-coordinator.")
+    by_type = {c["type"]: c for c in final["conditions"]}
+    assert (by_type["Complete"]["status"], by_type["Complete"]["reason"]) == (
+        "True", "RoundsCompleted")
+    assert "Failed" not in by_type and by_type["SpecAccepted"]["status"] == "True"
 
     # What `kubectl get fj` shows a user: every printer column filled in.
     table = kubectl("get", "fj", job)

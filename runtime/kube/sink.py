@@ -7,10 +7,11 @@ the latest value and wakes a background thread; that thread sends what is newest
 backoff, and drops what the server refuses for good (logged). `close()` (also run at
 interpreter exit) sends what is still pending, so the final phase reaches the job.
 
-Conditions are shared with the operator, which owns SpecAccepted, Insecure, Degraded
-and SpecChangeRefused: a merge patch would replace the whole list, so each job PATCH
-first reads the current conditions, upserts the coordinator's by type and sends the
-result with the resourceVersion it read (a 409 means someone wrote in between: reread).
+The job status goes by server-side apply on the status subresource under the field
+manager fedkube-coordinator, holding only the coordinator's share (spec.CONDITION_OWNERS,
+spec.STATUS_FIELD_OWNERS): the operator's fields and conditions are the API server's to
+keep, and each apply is the whole of what the coordinator says, so nothing needs reading
+first. ClientNodes are applied the same way (object, then status).
 
 Only the `kubernetes` client is used here, never kopf: this runs in the coordinator pod
 with the job's own ServiceAccount (see operator/resources.py for its Role).
@@ -20,18 +21,17 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import datetime
 import hashlib
-import json
 import logging
 import re
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
-import kubernetes
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
@@ -40,9 +40,14 @@ from ..spec import (
     ClientNodeSpec,
     ClientNodeStatus,
     FederatedJobStatus,
+    Writer,
+    owned_status,
 )
+from .client import KubeClient
+from .status import JobStatusWriter
 
-log = logging.getLogger("fedkube.coordinator.kube_status")
+log = logging.getLogger("fedkube.kube.sink")
+FIELD_MANAGER = Writer.coordinator.field_manager
 
 Obj = dict[str, Any]
 
@@ -62,22 +67,6 @@ def client_node_name(job: str, node_id: str) -> str:
         digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
         name = f"{name[:_MAX_NAME - 9].rstrip('-.')}-{digest}"
     return name
-
-
-def merge_conditions(server: list[Mapping[str, Any]], ours: list[Mapping[str, Any]]) -> list[Obj]:
-    """The server's conditions with ours upserted by type: the operator's types survive,
-    ours replace theirs of the same type, order is kept and new types are appended."""
-    by_type = {c["type"]: dict(c) for c in ours}
-    merged = [by_type.pop(c["type"], dict(c)) for c in server]
-    return merged + list(by_type.values())
-
-
-def _connect() -> ApiClient:
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return ApiClient()
 
 
 def _now() -> str:
@@ -106,12 +95,10 @@ class KubernetesStatusSink:
     ) -> None:
         self.job_name = job_name
         self.namespace = namespace
-        self._api = api_client if api_client is not None else _connect()
+        self._client = KubeClient(api_client, timeout_seconds=15)
+        self._status = JobStatusWriter(self._client, Writer.coordinator)
         self._heartbeat_refresh = heartbeat_refresh_seconds
         self._max_backoff = max_backoff_seconds
-        self._job_path = (f"/apis/{API_GROUP_VERSION}/namespaces/{namespace}"
-                          f"/federatedjobs/{job_name}")
-        self._nodes_path = f"/apis/{API_GROUP_VERSION}/namespaces/{namespace}/clientnodes"
         self._owner_uid: str | None = None
         self._created: set[str] = set()
         # name -> (spec as sent, status as sent without lastHeartbeat, when)
@@ -123,6 +110,7 @@ class KubernetesStatusSink:
         self._events: collections.deque[tuple[str, str, bool, str]] = collections.deque(
             maxlen=_EVENT_BACKLOG)
         self._busy = False
+        self._job_went_last = False
         self._closing_deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="kube-status", daemon=True)
         self._thread.start()
@@ -186,21 +174,15 @@ class KubernetesStatusSink:
                         log.warning("gave up sending status to the API server at shutdown")
                     self._cv.notify_all()
                     return
-                job, self._job = self._job, None
-                clients, self._clients = self._clients, {}
-                events = list(self._events)
-                self._events.clear()
+                item = self._take()
                 self._busy = True
-            retry = self._send(job, clients, events)
+            done = self._attempt(item.what, item.send)
             with self._cv:
                 self._busy = False
-                if retry.job is not None and self._job is None:
-                    self._job = retry.job  # nothing newer arrived meanwhile
-                for node_id, update in retry.clients.items():
-                    self._clients.setdefault(node_id, update)
-                self._events.extendleft(reversed(retry.events))
+                if not done:
+                    self._put_back(item)
                 self._cv.notify_all()
-            if retry.empty():
+            if done:
                 backoff = 0.0
                 continue
             backoff = min(self._max_backoff, backoff * 2 or 0.5)
@@ -209,21 +191,34 @@ class KubernetesStatusSink:
                 if self._closing_deadline is None:
                     self._cv.wait(backoff)
 
-    def _send(self, job: FederatedJobStatus | None,
-              clients: dict[str, tuple[ClientNodeSpec, ClientNodeStatus]],
-              events: list[tuple[str, str, bool, str]]) -> _Retry:
-        retry = _Retry()
-        if job is not None and not self._attempt("job status", lambda: self._patch_job(job)):
-            retry.job = job
-        for node_id, (spec, status) in clients.items():
-            if not self._attempt(f"ClientNode {node_id}",
-                                 lambda s=spec, st=status: self._upsert_client(s, st)):
-                retry.clients[node_id] = (spec, status)
-        for index, item in enumerate(events):
-            if not self._attempt(f"event {item[0]}", lambda i=item: self._post_event(*i)):
-                retry.events = events[index:]
-                break
-        return retry
+    def _take(self) -> _Item:
+        """The next thing to send. The job's status goes every other send at least: it is
+        what `kubectl get fj` shows and what must land at shutdown, so behind a slow API
+        server it waits for one ClientNode or Event at most, and they in turn are not
+        starved by a stream of job statuses. Called with the lock held."""
+        others = bool(self._clients or self._events)
+        if self._job is not None and not (self._job_went_last and others):
+            job, self._job = self._job, None
+            self._job_went_last = True
+            return _Item("job status", lambda: self._patch_job(job), job=job)
+        self._job_went_last = False
+        if self._clients:
+            node_id = next(iter(self._clients))
+            spec, status = self._clients.pop(node_id)
+            return _Item(f"ClientNode {node_id}", lambda: self._upsert_client(spec, status),
+                         client=(node_id, spec, status))
+        event = self._events.popleft()
+        return _Item(f"event {event[0]}", lambda: self._post_event(*event), event=event)
+
+    def _put_back(self, item: _Item) -> None:
+        """Queue a failed send again, unless something newer replaced it meanwhile."""
+        if item.job is not None and self._job is None:
+            self._job = item.job
+        elif item.client is not None:
+            node_id, spec, status = item.client
+            self._clients.setdefault(node_id, (spec, status))
+        elif item.event is not None:
+            self._events.appendleft(item.event)
 
     def _attempt(self, what: str, action: Any) -> bool:
         """Run `action`; True when done or refused for good (nothing to retry)."""
@@ -241,52 +236,25 @@ class KubernetesStatusSink:
 
     # ------------------------------------------------------------ API calls
 
-    def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                 content_type: str = "application/json") -> Obj:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        method, url, headers, payload, _ = self._api.param_serialize(
-            method=method, resource_path=path, header_params=headers,
-            body=dict(body) if body is not None else None, auth_settings=["BearerToken"])
-        response = self._api.call_api(method, url, header_params=headers, body=payload,
-                                      _request_timeout=15)
-        data = response.read()
-        if not 200 <= response.status <= 299:
-            ApiException.from_response(http_resp=response,
-                                       body=data.decode("utf-8", "replace"), data=None)
-        return json.loads(data) if data else {}
-
-    def _merge_patch(self, path: str, body: Mapping[str, Any]) -> Obj:
-        return self._request("PATCH", path, body, "application/merge-patch+json")
-
     def _owner(self) -> str:
         """The job's uid, read once (ownerReferences and Events name it)."""
         if self._owner_uid is None:
-            try:
-                self._owner_uid = self._request("GET", self._job_path)["metadata"]["uid"]
-            except ApiException as error:
-                if error.status == 404:
-                    raise _JobGone(f"FederatedJob {self.namespace}/{self.job_name} is gone",
-                                   ) from error
-                raise
+            job = self._client.get(API_GROUP_VERSION, "FederatedJob", self.namespace,
+                                   self.job_name)
+            if job is None:
+                raise _JobGone(f"FederatedJob {self.namespace}/{self.job_name} is gone")
+            self._owner_uid = job["metadata"]["uid"]
         return self._owner_uid
 
     def _patch_job(self, status: FederatedJobStatus) -> None:
-        wire = status.to_wire()
-        for _ in range(5):
-            current = self._request("GET", f"{self._job_path}/status")
-            server = (current.get("status") or {}).get("conditions") or []
-            wire["conditions"] = merge_conditions(server, status.to_wire().get("conditions", []))
-            body = {"metadata": {"resourceVersion": current["metadata"].get("resourceVersion")},
-                    "status": wire}
-            try:
-                self._merge_patch(f"{self._job_path}/status", body)
-                return
-            except ApiException as error:
-                if error.status != 409:
-                    raise
-        raise ApiException(status=409, reason="status kept changing under the coordinator")
+        try:
+            self._status.apply(self.namespace, self.job_name,
+                               owned_status(status.to_wire(), Writer.coordinator))
+        except ApiException as error:
+            if error.status == 404:
+                raise _JobGone(f"FederatedJob {self.namespace}/{self.job_name} is gone",
+                               ) from error
+            raise
 
     def _client_node(self, spec: ClientNodeSpec, name: str) -> Obj:
         return {
@@ -320,20 +288,17 @@ class KubernetesStatusSink:
         if sent is not None and sent[:2] == (spec_wire, without_heartbeat) and (
                 time.monotonic() - sent[2] < self._heartbeat_refresh):
             return  # only the heartbeat moved, and it was refreshed recently
-        path = f"{self._nodes_path}/{name}"
-        node = self._client_node(spec, name) if name not in self._created else None
         try:
-            if node is not None:
-                try:
-                    self._request("POST", self._nodes_path, node)
-                except ApiException as error:
-                    if error.status != 409:
-                        raise
-                    self._merge_patch(path, {"spec": spec_wire})  # an agent that came back
+            if name not in self._created or sent is None or sent[0] != spec_wire:
+                # Creates it, or updates an agent that came back with other facts.
+                self._client.apply(self._client_node(spec, name), field_manager=FIELD_MANAGER,
+                                   force=True)
                 self._created.add(name)
-            elif sent is None or sent[0] != spec_wire:
-                self._merge_patch(path, {"spec": spec_wire})
-            self._merge_patch(f"{path}/status", {"status": status_wire})
+            self._client.apply(
+                {"apiVersion": API_GROUP_VERSION, "kind": "ClientNode",
+                 "metadata": {"name": name, "namespace": self.namespace},
+                 "status": status_wire},
+                field_manager=FIELD_MANAGER, force=True, subresource="status")
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -347,7 +312,7 @@ class KubernetesStatusSink:
         involved: Obj = {"apiVersion": API_GROUP_VERSION, "kind": "FederatedJob",
                          "name": self.job_name, "namespace": self.namespace}
         involved["uid"] = self._owner()
-        self._request("POST", f"/api/v1/namespaces/{self.namespace}/events", {
+        self._client.create({
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{self.job_name}.", "namespace": self.namespace},
@@ -374,13 +339,12 @@ class _Vanished(Exception):
     """An object we created is gone; retrying recreates it (transient by design)."""
 
 
-class _Retry:
-    """What one pass of the sender could not deliver yet."""
+@dataclasses.dataclass
+class _Item:
+    """One thing for the sender to send, and what to queue again if that fails."""
 
-    def __init__(self) -> None:
-        self.job: FederatedJobStatus | None = None
-        self.clients: dict[str, tuple[ClientNodeSpec, ClientNodeStatus]] = {}
-        self.events: list[tuple[str, str, bool, str]] = []
-
-    def empty(self) -> bool:
-        return self.job is None and not self.clients and not self.events
+    what: str
+    send: Callable[[], None]
+    job: FederatedJobStatus | None = None
+    client: tuple[str, ClientNodeSpec, ClientNodeStatus] | None = None
+    event: tuple[str, str, bool, str] | None = None
