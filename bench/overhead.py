@@ -63,6 +63,7 @@ import torch
 from fedkube.runtime.agent.trainer import LocalTrainer
 from fedkube.runtime.aggregation import RoundAggregator, server_optimizer_for
 from fedkube.runtime.coordinator.report import METRICS
+from fedkube.runtime.coordinator.strategy import aggregation_config
 from fedkube.runtime.data import load_dataset, partition_indices
 from fedkube.runtime.local import RunOptions, run_job
 from fedkube.runtime.models import build_model
@@ -276,7 +277,7 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
                                 num_simulated=clients, data_path=None, state_dir=state_dir)
             for i in range(clients)
         ]
-        server = server_optimizer_for(spec.strategy)
+        server = server_optimizer_for(aggregation_config(spec.strategy))
         seconds: list[float] = []
         cpu: list[float] = []
         accuracies: list[float] = []
@@ -286,7 +287,7 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
             task = pb.Task(kind=pb.Task.TRAIN, round=number, model_version=number - 1,
                            local_epochs=spec.local_epochs, batch_size=spec.batch_size,
                            learning_rate=spec.learning_rate, optimizer=spec.optimizer)
-            aggregator = RoundAggregator(spec.strategy, weights, max_buffered=0)
+            aggregator = RoundAggregator(aggregation_config(spec.strategy), weights, max_buffered=0)
             for trainer in trainers:
                 outcome = trainer.train(task, weights)
                 aggregator.add(trainer.node_id, outcome.delta_weights, outcome.num_samples)

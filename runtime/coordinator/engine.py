@@ -21,12 +21,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import wire
-from ..aggregation import RoundAggregator, minimum_updates, server_optimizer_for
+from ..aggregation import (
+    RoundAggregator,
+    client_parameters,
+    minimum_updates,
+    rule_for,
+    server_optimizer_for,
+)
 from ..data import load_dataset
 from ..models import build_model
 from ..proto import fedkube_pb2 as pb
 from ..spec import (
-    ROBUST_STRATEGIES,
     TERMINAL_PHASES,
     ClientCounts,
     ConditionType,
@@ -36,13 +41,13 @@ from ..spec import (
     ManifestError,
     Phase,
     Reason,
-    StrategyName,
     load_job,
     upsert_condition,
 )
 from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
 from .registry import Client, ClientRegistry
+from .strategy import aggregation_config
 
 if TYPE_CHECKING:
     from .privacy_budget import CentralPrivacy
@@ -161,7 +166,7 @@ class RoundEngine:
         # be replayed and subtracted. Its state is checkpointed, so a resumed job does not
         # repeat noise either.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(62))
-        self.server_optimizer = server_optimizer_for(self.spec.strategy)
+        self.server_optimizer = server_optimizer_for(aggregation_config(self.spec.strategy))
         self.central: CentralPrivacy | None = None
         # Nodes that declined a task because it would exceed their local DP budget. A
         # budget only grows, so they are not asked again in this job.
@@ -467,13 +472,14 @@ class RoundEngine:
         if len(selected) < self.spec.min_clients:
             return False
         transform, uniform = (self.central.transform, True) if self.central else (None, False)
-        robust = self.spec.strategy.name in ROBUST_STRATEGIES
+        aggregation = aggregation_config(self.spec.strategy)
+        robust = rule_for(aggregation.rule).buffered
         task = self._task(number)
         open_round = _OpenRound(
             number=number, version=self.version, task=task,
             selected={c.node_id for c in selected}, wanted=wanted,
             aggregator=RoundAggregator(
-                self.spec.strategy, self.weights, max_buffered=len(selected) if robust else 0,
+                aggregation, self.weights, max_buffered=len(selected) if robust else 0,
                 transform=transform, uniform_weights=uniform),
             deadline=started + self.spec.round_timeout_seconds,
         )
@@ -495,7 +501,7 @@ class RoundEngine:
         dropped = len(selected) - len(open_round.answered)
         self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * dropped / len(selected)
         # Robust rules have their own floor (Krum needs n > 2f + 2): below it, retry.
-        if accepted < max(self.spec.min_clients, minimum_updates(self.spec.strategy)):
+        if accepted < max(self.spec.min_clients, minimum_updates(aggregation)):
             self.status.clients = self._counts(active=0, dropped=dropped)
             return False
 
@@ -554,7 +560,7 @@ class RoundEngine:
             kind=pb.Task.TRAIN, round=number, model_version=self.version,
             local_epochs=spec.local_epochs, batch_size=spec.batch_size,
             learning_rate=spec.learning_rate, optimizer=spec.optimizer,
-            proximal_mu=spec.strategy.mu if spec.strategy.name == StrategyName.fedprox else 0.0,
+            proximal_mu=client_parameters(aggregation_config(spec.strategy)).get("proximal_mu", 0.0),
             privacy=settings, deadline_unix=time.time() + spec.round_timeout_seconds)
 
     def _evaluate(self):
@@ -586,7 +592,7 @@ class RoundEngine:
         if self.spec.privacy.mode != "local" or not self.budget_spent:
             return False
         live = self.registry.live(self.spec.client_selector)
-        floor = max(self.spec.min_clients, minimum_updates(self.spec.strategy))
+        floor = max(self.spec.min_clients, minimum_updates(aggregation_config(self.spec.strategy)))
         with_budget = [c for c in live if c.node_id not in self.budget_spent]
         if len(with_budget) >= floor or len(live) < floor:
             return False
