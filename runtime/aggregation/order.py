@@ -10,7 +10,10 @@ updates' own dtype; only the ranks a rule keeps are summed, in float64, and cast
 The network is Batcher's odd-even merge sort (Knuth, TAOCP vol. 3, 5.3.4, Algorithm M),
 built for the next power of two and cut down to n wires (comparators that touch a wire
 >= n only ever meet +inf there and are dropped), then pruned to the comparators that
-the wanted ranks depend on.
+the wanted ranks depend on, or to those that the other ranks depend on when that is
+fewer: comparators only swap values, so once the other wires hold exactly their sorted
+values, the wanted wires hold exactly the wanted values, in some order (a trimmed mean
+with beta 0 needs no comparator at all).
 """
 
 from __future__ import annotations
@@ -65,6 +68,14 @@ def network_for_ranks(count: int, ranks: tuple[int, ...]) -> tuple[Comparator, .
     return tuple(reversed(kept))
 
 
+@functools.lru_cache(maxsize=128)
+def network_placing(count: int, ranks: tuple[int, ...]) -> tuple[Comparator, ...]:
+    """The fewest comparators after which wires `ranks` hold the values of those ranks
+    (as a multiset; in rank order only when the ranks themselves were pruned for)."""
+    others = tuple(rank for rank in range(count) if rank not in set(ranks))
+    return min(network_for_ranks(count, ranks), network_for_ranks(count, others), key=len)
+
+
 def coordinate_statistic(
     updates: Sequence[Mapping[str, Tensor]], meta: TensorMeta, ranks: range
 ) -> Tensor:
@@ -75,7 +86,7 @@ def coordinate_statistic(
         raise ValueError(f"ranks {ranks} do not fit {count} updates")
     work = meta.dtype if meta.dtype.is_floating_point else ACCUMULATOR_DTYPE
     flats = [update[meta.name].detach().to(meta.device).reshape(-1) for update in updates]
-    network = network_for_ranks(count, tuple(ranks))
+    network = network_placing(count, tuple(ranks))
     out = torch.empty(meta.numel, dtype=meta.dtype, device=meta.device)
     spare = torch.empty(min(SLICE, meta.numel), dtype=work, device=meta.device)
     for start in range(0, meta.numel, SLICE):
@@ -88,7 +99,10 @@ def coordinate_statistic(
             torch.minimum(a, b, out=free)
             torch.maximum(a, b, out=b)
             rows[low], free = free, a
-        kept = torch.stack([rows[rank] for rank in ranks])
-        mean = kept.sum(dim=0, dtype=ACCUMULATOR_DTYPE) / len(ranks)
-        out[start:stop] = cast_back(mean, meta.dtype)
+        # A float64 add_ per kept row: several times faster than sum(dtype=float64) over
+        # a stack, which converts element by element.
+        total = rows[ranks[0]].to(ACCUMULATOR_DTYPE, copy=True)
+        for rank in ranks[1:]:
+            total.add_(rows[rank])
+        out[start:stop] = cast_back(total.div_(len(ranks)), meta.dtype)
     return out.reshape(meta.shape)
