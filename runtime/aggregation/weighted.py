@@ -93,10 +93,17 @@ class WeightedSum:
         """The weighted mean so far, as new tensors in the template's dtypes."""
         if self._count == 0:
             raise EmptyAggregationError("no updates were added: the mean of nothing is undefined")
-        return {
-            meta.name: cast_back(self._sums[meta.name] / self._total_weight, meta.dtype)
-            for meta in self._layout
-        }
+        return {meta.name: self._mean_of(meta.name, meta.dtype) for meta in self._layout}
+
+    def _mean_of(self, name: str, dtype: torch.dtype) -> Tensor:
+        # Slice by slice, so the float64 quotient never exists for a whole tensor.
+        total = self._sums[name]
+        out = torch.empty(total.shape, dtype=dtype, device=total.device)
+        flat_out = out.view(-1)
+        for start in range(0, total.numel(), FOLD_CHUNK):
+            part = total.view(-1)[start : start + FOLD_CHUNK] / self._total_weight
+            flat_out[start : start + FOLD_CHUNK] = cast_back(part, dtype)
+        return out
 
 
 def _fold(total: Tensor, tensor: Tensor, scale: float) -> None:
