@@ -48,8 +48,7 @@ from typing import Self
 import numpy as np
 import torch
 from fedkube.runtime import wire
-from fedkube.runtime.aggregation import RoundAggregator
-from fedkube.runtime.spec import StrategySpec
+from fedkube.runtime.aggregation import AggregationConfig, RoundAggregator
 from torch import nn
 
 MB = 1 << 20
@@ -155,7 +154,7 @@ def _assembled(encoded: Sequence[list], schema: wire.Schema, clients: range,
 def fold_fedkube(encoded: Sequence[list], template: Weights, clients: int,
                  concurrency: int) -> Weights:
     """The coordinator's path: assemble, then fold into a running weighted sum."""
-    aggregator = RoundAggregator(StrategySpec(name="fedavg"), template, max_buffered=0)
+    aggregator = RoundAggregator(AggregationConfig(rule="fedavg"), template, max_buffered=0)
     for client, delta in _assembled(encoded, wire.schema_of(template), range(clients),
                                     concurrency):
         aggregator.add(f"sim-{client:04d}", delta, samples_of(client))

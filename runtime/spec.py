@@ -9,13 +9,16 @@ users expect; Python attributes are snake_case.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+
+# Pure data, no torch: the rules' names and what each cannot be combined with.
+from .aggregation.catalog import Feature, momentum_refusal, rule_for, rule_names
 
 API_GROUP = "fedkube.io"
 API_VERSION = "v1alpha1"
@@ -74,21 +77,10 @@ class DataSpec(_Model):
         return self
 
 
-class StrategyName(str, enum.Enum):
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-    fedyogi = "fedyogi"
-    krum = "krum"
-    multikrum = "multikrum"
-    median = "median"
-    trimmedmean = "trimmedmean"
-    bulyan = "bulyan"
-
-
-ROBUST_STRATEGIES = frozenset(
-    {StrategyName.krum, StrategyName.multikrum, StrategyName.median,
-     StrategyName.trimmedmean, StrategyName.bulyan}
+# One member per rule of the aggregation catalog, in its order (adding a rule there adds
+# it here, to the CRD's enum and to the validator).
+StrategyName = enum.Enum(  # type: ignore[misc]
+    "StrategyName", {name: name for name in rule_names()}, type=str, module=__name__
 )
 
 
@@ -109,6 +101,21 @@ class StrategySpec(_Model):
     byzantine: int = Field(
         1, ge=0, description="Byzantine clients tolerated (krum, multikrum, bulyan)."
     )
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1,
+        description="Server momentum (FedAvgM, Hsu et al. 2019) of the fedavg server step; "
+        "0 is plain FedAvg. Not with fedadam/fedyogi, which have beta1.",
+    )
+
+    @model_validator(mode="after")
+    def _momentum_where_it_applies(self) -> StrategySpec:
+        rule = rule_for(self.name.value)
+        if self.server_momentum and rule.server_step != "fedavg":
+            raise ValueError(
+                f"serverMomentum cannot be combined with strategy.name {rule.name!r}: "
+                f"{momentum_refusal(rule)}"
+            )
+        return self
 
 
 class PrivacySpec(_Model):
@@ -241,12 +248,13 @@ class FederatedJobSpec(_Model):
             )
         if sim and self.min_clients > sim:
             raise ValueError(f"minClients ({self.min_clients}) exceeds simulation.clients ({sim})")
-        robust = self.strategy.name in ROBUST_STRATEGIES
-        if robust and self.privacy.mode == "central":
-            raise ValueError(
-                f"strategy {self.strategy.name.value!r} cannot be combined with central "
-                "privacy: DP-FedAvg noise is calibrated to a clipped mean"
-            )
+        rule = rule_for(self.strategy.name.value)
+        for feature, setting, in_use in _FEATURES_IN_USE:
+            reason = rule.incompatible_with.get(feature)
+            if reason is not None and in_use(self):
+                raise ValueError(
+                    f"strategy.name {rule.name!r} cannot be combined with {setting}: {reason}"
+                )
         return self
 
     def clients_to_select(self, live: int) -> int:
@@ -256,6 +264,14 @@ class FederatedJobSpec(_Model):
         if self.fraction is not None:
             return max(self.min_clients, min(live, round(self.fraction * live)))
         return live
+
+
+# The spec settings that switch on a feature some aggregation rule cannot work with; the
+# refusals and their reasons are the rules' own, in the aggregation catalog. Secure
+# aggregation and asynchronous rounds join here when their spec fields land.
+_FEATURES_IN_USE: tuple[tuple[Feature, str, Callable[[FederatedJobSpec], bool]], ...] = (
+    (Feature.central_privacy, "privacy.mode central", lambda spec: spec.privacy.mode == "central"),
+)
 
 
 # The fields a running job takes up when its spec is edited (Python names); every other

@@ -8,7 +8,10 @@ suspicion). Inputs are never modified. Distances between updates come from one G
 matrix product over the flattened updates, not a Python loop over pairs.
 
 Coordinate-wise rules (median, trimmed mean) draw on every update for some coordinates,
-so they report every index as selected and none as set aside.
+so they report every index as selected and none as set aside. They run slice by slice
+over the model (`order.py`): a sorting network of min/max over whole rows orders each
+coordinate's values in the updates' own dtype, which is exact, and only the few values
+the rule keeps are summed in float64.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._tensors import Layout, Weights, cast_back, check_updates, flatten, to_accumulator, unflatten
+from ._tensors import Layout, Weights, check_updates, flatten, unflatten
+from .catalog import bulyan_minimum, krum_minimum
+from .order import coordinate_statistic
 
 
 class TooFewUpdatesError(ValueError):
@@ -38,16 +43,6 @@ class RobustResult:
     aggregate: Weights
     selected: tuple[int, ...]
     set_aside: tuple[int, ...]
-
-
-def krum_minimum(byzantine: int) -> int:
-    """Fewest updates Krum accepts with `byzantine` attackers: n > 2f + 2."""
-    return 2 * _check_byzantine(byzantine) + 3
-
-
-def bulyan_minimum(byzantine: int) -> int:
-    """Fewest updates Bulyan accepts with `byzantine` attackers: n >= 4f + 3."""
-    return 4 * _check_byzantine(byzantine) + 3
 
 
 def krum(updates: Sequence[Weights], *, byzantine: int, select: int = 1) -> RobustResult:
@@ -84,11 +79,12 @@ def coordinate_median(updates: Sequence[Weights]) -> RobustResult:
     Rates" (ICML), Option I (median).
     """
     layout = check_updates(updates)
-    aggregate: Weights = {}
-    for meta in layout:
-        stacked = torch.stack([to_accumulator(update[meta.name], meta) for update in updates])
-        aggregate[meta.name] = cast_back(_median(stacked), meta.dtype)
-    everyone = tuple(range(len(updates)))
+    count = len(updates)
+    middle = count // 2
+    # The middle rank, or the two middle ranks whose mean is taken.
+    ranks = range(middle, middle + 1) if count % 2 else range(middle - 1, middle + 1)
+    aggregate = {meta.name: coordinate_statistic(updates, meta, ranks) for meta in layout}
+    everyone = tuple(range(count))
     return RobustResult(aggregate=aggregate, selected=everyone, set_aside=())
 
 
@@ -104,11 +100,8 @@ def trimmed_mean(updates: Sequence[Weights], *, beta: float) -> RobustResult:
     layout = check_updates(updates)
     count = len(updates)
     trim = int(beta * count)
-    aggregate: Weights = {}
-    for meta in layout:
-        stacked = torch.stack([to_accumulator(update[meta.name], meta) for update in updates])
-        kept = torch.sort(stacked, dim=0).values[trim : count - trim]
-        aggregate[meta.name] = cast_back(kept.mean(dim=0), meta.dtype)
+    ranks = range(trim, count - trim)
+    aggregate = {meta.name: coordinate_statistic(updates, meta, ranks) for meta in layout}
     everyone = tuple(range(count))
     return RobustResult(aggregate=aggregate, selected=everyone, set_aside=())
 
@@ -150,12 +143,6 @@ def bulyan(updates: Sequence[Weights], *, byzantine: int) -> RobustResult:
     # average the `keep` nearest; a stable sort keeps the result deterministic on ties.
     nearest = torch.argsort((selection - _median(selection)).abs(), dim=0, stable=True)[:keep]
     return _result(torch.gather(selection, 0, nearest).mean(dim=0), layout, chosen, count)
-
-
-def _check_byzantine(byzantine: int) -> int:
-    if isinstance(byzantine, bool) or not isinstance(byzantine, int) or byzantine < 0:
-        raise ValueError(f"byzantine must be an integer >= 0, got {byzantine!r}")
-    return byzantine
 
 
 def _pairwise_squared_distances(rows: Tensor) -> Tensor:

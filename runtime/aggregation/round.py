@@ -4,7 +4,8 @@ Updates are folded in as they arrive. Averaging strategies (fedavg, fedprox, fed
 fedyogi) keep only a running weighted sum, so a round costs O(model) memory however many
 clients report. Robust rules need every update at once; they keep them in a buffer whose
 size the coordinator bounds. `finish` turns what arrived into the round's mean delta,
-which the coordinator hands to the `ServerOptimizer` from `server_optimizer_for`.
+which the coordinator hands to the `ServerOptimizer` from `server_optimizer_for`. What
+a rule needs (buffered or not, its floor) comes from the strategy catalog.
 """
 
 from __future__ import annotations
@@ -14,28 +15,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..spec import ROBUST_STRATEGIES, StrategyName, StrategySpec
 from ._tensors import Weights, check_matches, layout_of
-from .robust import (
-    RobustResult,
-    bulyan,
-    bulyan_minimum,
-    coordinate_median,
-    krum,
-    krum_minimum,
-    trimmed_mean,
-)
-from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
+from .catalog import AggregationConfig, rule_for
+from .registry import aggregate_buffered
+from .robust import RobustResult
 from .weighted import EmptyAggregationError, WeightedSum
 
 UpdateTransform = Callable[[Weights], Weights]
 """Applied to each delta before it is aggregated (central DP clips here); must return
 new tensors shaped like its input and leave its input alone."""
-
-_SERVER_STEP: dict[StrategyName, ServerOptimizerName] = {
-    StrategyName.fedadam: "fedadam",
-    StrategyName.fedyogi: "fedyogi",
-}
 
 
 class BufferFullError(RuntimeError):
@@ -56,32 +44,8 @@ class AggregateOutcome:
     set_aside: tuple[str, ...]
 
 
-def minimum_updates(strategy: StrategySpec) -> int:
-    """The fewest updates with which `strategy` can close a round."""
-    if strategy.name in (StrategyName.krum, StrategyName.multikrum):
-        return krum_minimum(strategy.byzantine)
-    if strategy.name is StrategyName.bulyan:
-        return bulyan_minimum(strategy.byzantine)
-    return 1
-
-
-def server_optimizer_for(strategy: StrategySpec) -> ServerOptimizer:
-    """The server step for `strategy`: fedadam and fedyogi are their own; fedavg, fedprox
-    (whose proximal term acts on clients only) and the robust rules apply their
-    aggregate with a plain fedavg step of size serverLearningRate."""
-    return ServerOptimizer(
-        ServerOptimizerConfig(
-            name=_SERVER_STEP.get(strategy.name, "fedavg"),
-            learning_rate=strategy.server_learning_rate,
-            beta1=strategy.beta1,
-            beta2=strategy.beta2,
-            tau=strategy.tau,
-        )
-    )
-
-
 class RoundAggregator:
-    """Collects one round's client deltas and aggregates them by `strategy`.
+    """Collects one round's client deltas and aggregates them by `config`'s rule.
 
     Averaging strategies weight each delta by its client's num_samples, or equally when
     `uniform_weights` is set (DP-FedAvg, McMahan et al., 2018, "Learning Differentially
@@ -96,23 +60,23 @@ class RoundAggregator:
 
     def __init__(
         self,
-        strategy: StrategySpec,
+        config: AggregationConfig,
         template: Weights,
         *,
         max_buffered: int,
         transform: UpdateTransform | None = None,
         uniform_weights: bool = False,
     ) -> None:
-        robust = strategy.name in ROBUST_STRATEGIES
+        robust = rule_for(config.rule).buffered
         # Averaging strategies buffer nothing, so 0 is fine for them; a robust round
         # that may hold nothing could never aggregate.
         least = 1 if robust else 0
         if isinstance(max_buffered, bool) or not isinstance(max_buffered, int) or max_buffered < least:
             raise ValueError(
-                f"max_buffered must be an integer >= {least} for strategy "
-                f"{strategy.name.value!r}, got {max_buffered!r}"
+                f"max_buffered must be an integer >= {least} for rule "
+                f"{config.rule!r}, got {max_buffered!r}"
             )
-        self._strategy = strategy
+        self._config = config
         self._layout = layout_of(template)
         self._max_buffered = max_buffered
         self._transform = transform
@@ -124,8 +88,8 @@ class RoundAggregator:
         self._finished = False
 
     @property
-    def strategy(self) -> StrategySpec:
-        return self._strategy
+    def config(self) -> AggregationConfig:
+        return self._config
 
     @property
     def count(self) -> int:
@@ -162,16 +126,21 @@ class RoundAggregator:
             )
         if self._robust and len(self._buffer) >= self._max_buffered:
             raise BufferFullError(
-                f"update from {node_id!r} refused: the {self._strategy.name.value} buffer "
+                f"update from {node_id!r} refused: the {self._config.rule} buffer "
                 f"already holds max_buffered={self._max_buffered} updates"
             )
-        check_matches(self._layout, delta, what=f"update from {node_id!r}")
+        what = f"update from {node_id!r}"
         if self._transform is not None:
+            # Checked before the transform too: a transform may hide a NaN (a clip by a
+            # NaN norm), and its own output is checked below like any update.
+            check_matches(self._layout, delta, what=what)
             delta = self._transform(dict(delta))
-            check_matches(self._layout, delta, what=f"transformed update from {node_id!r}")
+            what = f"transformed update from {node_id!r}"
         if self._sum is not None:
-            self._sum.add(delta, 1.0 if self._uniform else float(num_samples))
+            # WeightedSum checks names, shapes and finiteness once, before it commits.
+            self._sum.add(delta, 1.0 if self._uniform else float(num_samples), what=what)
         else:
+            check_matches(self._layout, delta, what=what)
             self._buffer.append(dict(delta))
         self._nodes.append(node_id)
 
@@ -201,18 +170,4 @@ class RoundAggregator:
         return outcome
 
     def _robust_aggregate(self) -> RobustResult:
-        name, f = self._strategy.name, self._strategy.byzantine
-        updates = self._buffer
-        if name is StrategyName.krum:
-            return krum(updates, byzantine=f)
-        if name is StrategyName.multikrum:
-            # Blanchard et al. average the m = n - f best-scored updates.
-            return krum(updates, byzantine=f, select=len(updates) - f)
-        if name is StrategyName.median:
-            return coordinate_median(updates)
-        if name is StrategyName.trimmedmean:
-            return trimmed_mean(updates, beta=self._strategy.trim_beta)
-        if name is StrategyName.bulyan:
-            return bulyan(updates, byzantine=f)
-        raise AssertionError(f"{name} is listed as robust but has no rule here")
-
+        return aggregate_buffered(self._config, self._buffer)

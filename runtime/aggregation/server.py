@@ -4,11 +4,14 @@ Reddi et al., 2021, "Adaptive Federated Optimization" (ICLR), Algorithm 2: the m
 client delta is treated as a pseudo-gradient. With Delta_t the mean delta:
 
     fedavg:  x_{t+1} = x_t + eta * Delta_t                 (eta = 1 is plain FedAvg)
+    fedavgm: m_t = beta * m_{t-1} + Delta_t,  x_{t+1} = x_t + eta * m_t
     m_t = beta1 * m_{t-1} + (1 - beta1) * Delta_t
     fedadam: v_t = beta2 * v_{t-1} + (1 - beta2) * Delta_t^2
     fedyogi: v_t = v_{t-1} - (1 - beta2) * Delta_t^2 * sign(v_{t-1} - Delta_t^2)
     x_{t+1} = x_t + eta * m_t / (sqrt(v_t) + tau)
 
+FedAvgM is Hsu et al., 2019, "Measuring the Effects of Non-Identical Data Distribution
+for Federated Visual Classification", section 3 (server momentum beta, m_0 = Delta_0).
 As in the paper, m starts at 0 and v at tau^2, with no bias correction. Moments are kept
 in at least float32 whatever the model's dtype, so float16 models do not lose them to
 underflow. Non-floating tensors (counters such as BatchNorm's num_batches_tracked) are not
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from ._tensors import Layout, Weights, cast_back, check_matches, layout_of
 
-ServerOptimizerName = Literal["fedavg", "fedadam", "fedyogi"]
+ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 
 _STATE_KEYS = frozenset({"name", "steps", "first_moment", "second_moment"})
 
@@ -35,13 +38,15 @@ _STATE_KEYS = frozenset({"name", "steps", "first_moment", "second_moment"})
 @dataclass(frozen=True)
 class ServerOptimizerConfig:
     """The server optimizer and its hyper-parameters (Reddi et al. 2021's eta, beta1,
-    beta2, tau; the betas and tau only matter to fedadam and fedyogi)."""
+    beta2, tau; the betas and tau only matter to fedadam and fedyogi; momentum is
+    FedAvgM's beta, in (0, 1) for fedavgm and unused otherwise)."""
 
     name: ServerOptimizerName
     learning_rate: float
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in get_args(ServerOptimizerName):
@@ -57,6 +62,8 @@ class ServerOptimizerConfig:
                 raise ValueError(f"{field} must be in [0, 1), got {value!r}")
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
+        if self.name == "fedavgm" and not 0 < self.momentum < 1:
+            raise ValueError(f"fedavgm needs momentum in (0, 1), got {self.momentum!r}")
 
 
 class ServerOptimizer:
@@ -90,8 +97,9 @@ class ServerOptimizer:
         layout = layout_of(weights)
         check_matches(layout, weights, what="weights")
         check_matches(layout, mean_delta, what="mean delta")
-        adaptive = self._config.name != "fedavg"
-        if adaptive and (self._steps > 0 or self._first):
+        name = self._config.name
+        stateful = name != "fedavg"
+        if stateful and (self._steps > 0 or self._first):
             self._check_moments(layout)
         new_weights: Weights = {}
         first: Weights = {}
@@ -104,8 +112,13 @@ class ServerOptimizer:
                 continue
             compute = torch.promote_types(meta.dtype, torch.float32)
             pseudo_gradient = delta.to(compute)
-            if not adaptive:
+            if name == "fedavg":
                 updated = weight.to(compute) + self._config.learning_rate * pseudo_gradient
+            elif name == "fedavgm":
+                m, _ = self._moments_for(meta.name, weight, compute)
+                m = self._config.momentum * m + pseudo_gradient
+                first[meta.name] = m
+                updated = weight.to(compute) + self._config.learning_rate * m
             else:
                 m, v = self._moments_for(meta.name, weight, compute)
                 m, v = self._adaptive_moments(m, v, pseudo_gradient)
@@ -113,7 +126,7 @@ class ServerOptimizer:
                 direction = m / (torch.sqrt(v) + self._config.tau)
                 updated = weight.to(compute) + self._config.learning_rate * direction
             new_weights[meta.name] = updated.to(meta.dtype)
-        if adaptive:
+        if stateful:
             self._first, self._second = first, second
         self._steps += 1
         return new_weights
@@ -146,11 +159,15 @@ class ServerOptimizer:
             raise ValueError(f"server optimizer state: steps must be an integer >= 0, got {steps!r}")
         first = _tensor_dict(state["first_moment"], "first_moment")
         second = _tensor_dict(state["second_moment"], "second_moment")
-        if list(first) != list(second):
+        if self._config.name == "fedavgm" and second:
+            raise ValueError("server optimizer state: fedavgm keeps no second moment, but one was given")
+        if self._config.name != "fedavgm" and list(first) != list(second):
             raise ValueError(
                 "server optimizer state: first_moment and second_moment name different tensors"
             )
         for name, tensor in first.items():
+            if name not in second:
+                continue
             if tensor.shape != second[name].shape:
                 raise ValueError(
                     f"server optimizer state: tensor {name!r} has first moment shape "
@@ -178,10 +195,10 @@ class ServerOptimizer:
 
     def _moments_for(self, name: str, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if name in self._first:
-            return (
-                self._first[name].to(device=weight.device, dtype=dtype),
-                self._second[name].to(device=weight.device, dtype=dtype),
-            )
+            first = self._first[name].to(device=weight.device, dtype=dtype)
+            # fedavgm keeps a first moment only.
+            second = self._second.get(name)
+            return first, first if second is None else second.to(device=weight.device, dtype=dtype)
         # Reddi et al. initialise v_{-1} >= tau^2; exactly tau^2 keeps the first step's
         # denominator at the scale tau was chosen for.
         zeros = torch.zeros(weight.shape, dtype=dtype, device=weight.device)

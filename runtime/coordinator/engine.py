@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import wire
-from ..aggregation import RoundAggregator, minimum_updates, server_optimizer_for
+from ..aggregation import (
+    RoundAggregator,
+    client_parameters,
+    minimum_updates,
+    rule_for,
+    server_optimizer_for,
+)
 from ..data import load_dataset
 from ..messages import (
     Admission,
@@ -36,7 +42,6 @@ from ..messages import (
 from ..models import build_model
 from ..plan import plan_for
 from ..spec import (
-    ROBUST_STRATEGIES,
     TERMINAL_PHASES,
     FederatedJob,
     FederatedJobSpec,
@@ -44,7 +49,6 @@ from ..spec import (
     ManifestError,
     Phase,
     Reason,
-    StrategyName,
     load_job,
     with_mutable_edits,
 )
@@ -65,6 +69,7 @@ from .policy import JobPolicy, Verdict
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .status import StatusSink
+from .strategy import aggregation_config
 
 if TYPE_CHECKING:
     from .central_dp import CentralDP
@@ -135,14 +140,15 @@ class RoundEngine:
         self.version = 0
         self.round = 0
         self.history: list[RoundRecord] = []
-        self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.spec.strategy))
+        self.aggregation = aggregation_config(self.spec.strategy)
+        self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.aggregation))
         self.dropout_estimate = self.spec.simulation.dropout
         self.rng = random.Random(self.spec.seed)
         # Central DP noise from a seed no one else knows: every client gets the job's seed
         # and downloads each new model, so noise drawn from that seed could be replayed and
         # subtracted. Its state is checkpointed, so a resumed job does not repeat noise.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(62))
-        self.server_optimizer = server_optimizer_for(self.spec.strategy)
+        self.server_optimizer = server_optimizer_for(self.aggregation)
         self.central: CentralDP | None = None
         if self.spec.privacy.mode == "central":
             # Imported here: Opacus costs seconds of start-up that other jobs never need.
@@ -369,20 +375,16 @@ class RoundEngine:
         if len(selected) < self.spec.min_clients:
             return None
         plan = plan_for(self.spec, round=number, model_version=self.version, now=time.time(),
-                        client_parameters=self._client_parameters())
-        robust = self.spec.strategy.name in ROBUST_STRATEGIES
+                        client_parameters=client_parameters(self.aggregation))
+        buffered = rule_for(self.aggregation.rule).buffered
         aggregator = RoundAggregator(
-            self.spec.strategy, self.weights, max_buffered=len(selected) if robust else 0,
+            self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
             transform=self.central.transform if self.central else None,
             uniform_weights=self.central is not None)
         cap = self.spec.privacy.target_epsilon if self.spec.privacy.mode == "local" else None
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
                      eligible=len(eligible), floor=self.policy.floor, aggregator=aggregator,
                      epsilon_cap=cap)
-
-    def _client_parameters(self) -> dict[str, float]:
-        strategy = self.spec.strategy
-        return {"proximal_mu": strategy.mu} if strategy.name == StrategyName.fedprox else {}
 
     async def _run_round(self, opened: Round) -> RoundResult:
         self.open_round = opened

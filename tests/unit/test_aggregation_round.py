@@ -8,15 +8,17 @@ import weakref
 import pytest
 import torch
 from fedkube.runtime.aggregation import (
+    AggregationConfig,
     BufferFullError,
     EmptyAggregationError,
     RoundAggregator,
     TooFewUpdatesError,
     minimum_updates,
+    rule_for,
+    rule_names,
     server_optimizer_for,
     weighted_mean,
 )
-from fedkube.runtime.spec import ROBUST_STRATEGIES, StrategyName, StrategySpec
 
 Weights = dict[str, torch.Tensor]
 
@@ -46,7 +48,7 @@ def _far(sign: float) -> Weights:
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi"])
 def test_averaging_strategies_weight_by_num_samples(name: str) -> None:
-    aggregator = RoundAggregator(StrategySpec(name=name), TEMPLATE, max_buffered=0)
+    aggregator = RoundAggregator(AggregationConfig(rule=name), TEMPLATE, max_buffered=0)
     pairs = [(_delta(seed), samples) for seed, samples in ((1, 10), (2, 30), (3, 60))]
     for index, (delta, samples) in enumerate(pairs):
         aggregator.add(f"node-{index}", delta, samples)
@@ -59,7 +61,7 @@ def test_averaging_strategies_weight_by_num_samples(name: str) -> None:
 
 
 def test_fedavg_keeps_no_per_client_tensors() -> None:
-    aggregator = RoundAggregator(StrategySpec(name="fedavg"), TEMPLATE, max_buffered=0)
+    aggregator = RoundAggregator(AggregationConfig(rule="fedavg"), TEMPLATE, max_buffered=0)
     alive = []
     for index in range(20):
         delta = _delta(index)
@@ -83,7 +85,7 @@ def test_uniform_weights_ignore_num_samples_and_transform_applies_to_each_delta(
     deltas = [_delta(seed, scale=5.0) for seed in range(3)]
     originals = [{k: t.clone() for k, t in d.items()} for d in deltas]
     aggregator = RoundAggregator(
-        StrategySpec(name="fedavg"), TEMPLATE, max_buffered=0,
+        AggregationConfig(rule="fedavg"), TEMPLATE, max_buffered=0,
         transform=clip_to_unit_norm, uniform_weights=True,
     )
     for index, (delta, samples) in enumerate(zip(deltas, (1, 1000, 0), strict=True)):
@@ -97,8 +99,8 @@ def test_uniform_weights_ignore_num_samples_and_transform_applies_to_each_delta(
 
 
 def test_krum_round_sets_attackers_aside_by_node_id() -> None:
-    spec = StrategySpec(name="krum", byzantine=2)
-    aggregator = RoundAggregator(spec, TEMPLATE, max_buffered=10)
+    config = AggregationConfig(rule="krum", byzantine=2)
+    aggregator = RoundAggregator(config, TEMPLATE, max_buffered=10)
     for index in range(5):
         aggregator.add(f"honest-{index}", _delta(index), 10)
     aggregator.add("evil-a", _far(1.0), 10_000)
@@ -112,7 +114,7 @@ def test_krum_round_sets_attackers_aside_by_node_id() -> None:
 
 
 def test_multikrum_round_averages_n_minus_f() -> None:
-    aggregator = RoundAggregator(StrategySpec(name="multikrum", byzantine=1), TEMPLATE, max_buffered=8)
+    aggregator = RoundAggregator(AggregationConfig(rule="multikrum", byzantine=1), TEMPLATE, max_buffered=8)
     for index in range(4):
         aggregator.add(f"honest-{index}", _delta(index), 10)
     aggregator.add("evil", _far(1.0), 10)
@@ -124,7 +126,7 @@ def test_multikrum_round_averages_n_minus_f() -> None:
 @pytest.mark.parametrize("name", ["median", "trimmedmean", "bulyan"])
 def test_coordinatewise_rounds_ignore_one_attacker(name: str) -> None:
     aggregator = RoundAggregator(
-        StrategySpec(name=name, byzantine=1, trim_beta=0.2), TEMPLATE, max_buffered=10
+        AggregationConfig(rule=name, byzantine=1, trim_beta=0.2), TEMPLATE, max_buffered=10
     )
     for index in range(6):
         aggregator.add(f"honest-{index}", _delta(index), 10)
@@ -135,7 +137,7 @@ def test_coordinatewise_rounds_ignore_one_attacker(name: str) -> None:
 
 
 def test_robust_buffer_is_bounded() -> None:
-    aggregator = RoundAggregator(StrategySpec(name="median"), TEMPLATE, max_buffered=2)
+    aggregator = RoundAggregator(AggregationConfig(rule="median"), TEMPLATE, max_buffered=2)
     aggregator.add("a", _delta(1), 1)
     aggregator.add("b", _delta(2), 1)
     with pytest.raises(BufferFullError, match=r"'c' refused.*max_buffered=2"):
@@ -145,7 +147,7 @@ def test_robust_buffer_is_bounded() -> None:
 
 
 def test_too_few_for_robust_rule_can_be_topped_up() -> None:
-    aggregator = RoundAggregator(StrategySpec(name="krum", byzantine=1), TEMPLATE, max_buffered=8)
+    aggregator = RoundAggregator(AggregationConfig(rule="krum", byzantine=1), TEMPLATE, max_buffered=8)
     for index in range(4):
         aggregator.add(f"n{index}", _delta(index), 1)
     with pytest.raises(TooFewUpdatesError, match="needs at least 5"):
@@ -156,7 +158,7 @@ def test_too_few_for_robust_rule_can_be_topped_up() -> None:
 
 @pytest.mark.parametrize("name", ["fedavg", "krum"])
 def test_wrong_shape_or_name_names_node_and_tensor(name: str) -> None:
-    aggregator = RoundAggregator(StrategySpec(name=name), TEMPLATE, max_buffered=4)
+    aggregator = RoundAggregator(AggregationConfig(rule=name), TEMPLATE, max_buffered=4)
     bad_shape = _delta(1) | {"layer.bias": torch.zeros(4)}
     with pytest.raises(ValueError, match=r"update from 'x' tensor 'layer.bias' has shape \(4,\)"):
         aggregator.add("x", bad_shape, 1)
@@ -174,7 +176,7 @@ def test_wrong_shape_or_name_names_node_and_tensor(name: str) -> None:
 
 def test_transform_output_is_checked() -> None:
     aggregator = RoundAggregator(
-        StrategySpec(), TEMPLATE, max_buffered=0,
+        AggregationConfig(), TEMPLATE, max_buffered=0,
         transform=lambda delta: {k: v for k, v in delta.items() if k != "layer.bias"},
     )
     with pytest.raises(ValueError, match="transformed update from 'a' lacks tensor 'layer.bias'"):
@@ -182,7 +184,7 @@ def test_transform_output_is_checked() -> None:
 
 
 def test_protocol_misuse_is_refused() -> None:
-    aggregator = RoundAggregator(StrategySpec(), TEMPLATE, max_buffered=0)
+    aggregator = RoundAggregator(AggregationConfig(), TEMPLATE, max_buffered=0)
     with pytest.raises(EmptyAggregationError, match="no client updates"):
         aggregator.finish()
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
@@ -196,25 +198,38 @@ def test_protocol_misuse_is_refused() -> None:
     with pytest.raises(RuntimeError, match="already called"):
         aggregator.finish()
     with pytest.raises(ValueError, match="max_buffered must be an integer >= 1"):
-        RoundAggregator(StrategySpec(name="median"), TEMPLATE, max_buffered=0)
+        RoundAggregator(AggregationConfig(rule="median"), TEMPLATE, max_buffered=0)
 
 
 def test_minimum_updates() -> None:
-    assert minimum_updates(StrategySpec(name="fedavg")) == 1
-    assert minimum_updates(StrategySpec(name="median")) == 1
-    assert minimum_updates(StrategySpec(name="krum", byzantine=2)) == 7
-    assert minimum_updates(StrategySpec(name="multikrum", byzantine=0)) == 3
-    assert minimum_updates(StrategySpec(name="bulyan", byzantine=2)) == 11
+    assert minimum_updates(AggregationConfig(rule="fedavg")) == 1
+    assert minimum_updates(AggregationConfig(rule="median")) == 1
+    assert minimum_updates(AggregationConfig(rule="krum", byzantine=2)) == 7
+    assert minimum_updates(AggregationConfig(rule="multikrum", byzantine=0)) == 3
+    assert minimum_updates(AggregationConfig(rule="bulyan", byzantine=2)) == 11
 
 
-@pytest.mark.parametrize("name", list(StrategyName))
-def test_server_optimizer_for_each_strategy(name: StrategyName) -> None:
-    spec = StrategySpec(name=name, server_learning_rate=0.3, beta1=0.8, beta2=0.95, tau=0.01)
-    optimizer = server_optimizer_for(spec)
-    expected = name.value if name in (StrategyName.fedadam, StrategyName.fedyogi) else "fedavg"
-    assert optimizer.config.name == expected
+@pytest.mark.parametrize("name", rule_names())
+def test_server_optimizer_for_each_rule(name: str) -> None:
+    config = AggregationConfig(rule=name, server_learning_rate=0.3, beta1=0.8, beta2=0.95, tau=0.01)
+    optimizer = server_optimizer_for(config)
+    expected = name if name in ("fedadam", "fedyogi") else "fedavg"
+    assert optimizer.config.name == expected == rule_for(name).server_step
     assert optimizer.config.learning_rate == 0.3
     assert (optimizer.config.beta1, optimizer.config.beta2, optimizer.config.tau) == (0.8, 0.95, 0.01)
-    if name in ROBUST_STRATEGIES or name in (StrategyName.fedavg, StrategyName.fedprox):
+    if expected == "fedavg":
         step = optimizer.step({"w": torch.zeros(2)}, {"w": torch.tensor([1.0, -2.0])})
         torch.testing.assert_close(step["w"], torch.tensor([0.3, -0.6]))
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "median", "krum"])
+def test_server_momentum_turns_the_fedavg_step_into_fedavgm(name: str) -> None:
+    optimizer = server_optimizer_for(AggregationConfig(rule=name, server_momentum=0.5))
+    assert optimizer.config.name == "fedavgm"
+    assert optimizer.config.momentum == 0.5
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_momentum_refused_with_adaptive_steps(name: str) -> None:
+    with pytest.raises(ValueError, match=f"server momentum applies to the fedavg server step; '{name}'"):
+        AggregationConfig(rule=name, server_momentum=0.5)

@@ -10,6 +10,7 @@ import torch
 from fedkube.runtime.aggregation import ServerOptimizer, ServerOptimizerConfig
 
 LR, BETA1, BETA2, TAU = 0.1, 0.9, 0.99, 1e-3
+MOMENTUM = 0.7
 
 
 def _adaptive_by_hand(
@@ -35,7 +36,7 @@ def _adaptive_by_hand(
 
 
 def _optimizer(name: str) -> ServerOptimizer:
-    return ServerOptimizer(ServerOptimizerConfig(name, LR, BETA1, BETA2, TAU))
+    return ServerOptimizer(ServerOptimizerConfig(name, LR, BETA1, BETA2, TAU, momentum=MOMENTUM))
 
 
 def test_fedavg_step_is_w_plus_lr_delta() -> None:
@@ -86,7 +87,7 @@ def test_half_precision_model_keeps_float32_moments() -> None:
     assert float(state["second_moment"]["w"][0]) > TAU**2 * BETA2
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
 def test_state_dict_round_trip_continues_identically(name: str) -> None:
     generator = torch.Generator().manual_seed(0)
     weights = {"a": torch.randn(3, 2, generator=generator), "n": torch.tensor(4)}
@@ -108,6 +109,32 @@ def test_state_dict_round_trip_continues_identically(name: str) -> None:
         right = restored.step(right, delta)
         for key in left:
             assert torch.equal(left[key], right[key]), key
+
+
+def test_fedavgm_matches_hsu_et_al_formula() -> None:
+    """Hsu et al. 2019: m_t = beta * m_{t-1} + Delta_t, x_{t+1} = x_t + eta * m_t."""
+    weights = [0.5, -1.0, 2.0]
+    deltas = [[0.1, -0.2, 0.0], [0.3, 0.1, -0.5], [-0.2, 0.0, 0.4], [0.05, 0.05, 0.05]]
+    m, x = [0.0] * 3, list(weights)
+    optimizer = _optimizer("fedavgm")
+    current = {"w": torch.tensor(weights, dtype=torch.float64)}
+    for delta in deltas:
+        m = [MOMENTUM * mi + di for mi, di in zip(m, delta, strict=True)]
+        x = [xi + LR * mi for xi, mi in zip(x, m, strict=True)]
+        current = optimizer.step(current, {"w": torch.tensor(delta, dtype=torch.float64)})
+        torch.testing.assert_close(current["w"], torch.tensor(x, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert optimizer.steps == len(deltas)
+    assert optimizer.state_dict()["second_moment"] == {}
+
+
+def test_fedavgm_needs_a_momentum_and_keeps_no_second_moment() -> None:
+    with pytest.raises(ValueError, match=r"fedavgm needs momentum in \(0, 1\)"):
+        ServerOptimizerConfig("fedavgm", learning_rate=1.0)
+    optimizer = _optimizer("fedavgm")
+    optimizer.step({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    state = optimizer.state_dict()
+    with pytest.raises(ValueError, match="fedavgm keeps no second moment"):
+        _optimizer("fedavgm").load_state_dict(state | {"second_moment": {"w": torch.ones(2)}})
 
 
 def test_load_state_dict_validates_precisely() -> None:

@@ -37,7 +37,7 @@ def test_defaults_and_camel_case_round_trip() -> None:
     ({"clientsPerRound": 2, "fraction": 0.5}, "set clientsPerRound or fraction, not both"),
     ({"data": {"dataset": "mnist"}}, "spec.data: path is required for dataset 'mnist'"),
     ({"privacy": {"mode": "central", "targetEpsilon": 1}, "strategy": {"name": "krum"}},
-     "cannot be combined with central privacy"),
+     "strategy.name 'krum' cannot be combined with privacy.mode central: DP-FedAvg noise"),
     ({"simulation": {"clients": 3}, "clientsPerRound": 5},
      "clientsPerRound (5) exceeds simulation.clients (3)"),
     ({"privacy": {"mode": "local", "targetEpsilon": 1, "delta": 1.5}},
