@@ -489,6 +489,9 @@ def load_job(path: str | Path) -> FederatedJob:
     except yaml.YAMLError as error:
         raise ManifestError(f"{path}: not valid YAML: {error}") from None
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "FederatedJob"]
+    if not jobs and documents and not isinstance(documents[0], dict):
+        raise ManifestError(f"{path}: the document is a {type(documents[0]).__name__}, not a "
+                            "mapping with apiVersion, kind, metadata and spec")
     if not jobs:
         raise ManifestError(f"{path}: no document of kind FederatedJob")
     return parse_job(jobs[0])

@@ -204,6 +204,11 @@ class RoundEngine:
             self.status.accuracy, self.status.loss = last.accuracy, last.loss
         self.status.round = self.round
         self.status.best_accuracy = self.best_accuracy
+        if state.final_status is not None:
+            # The job ended before this restart: it stays ended (run() reports it).
+            self.status = FederatedJobStatus.model_validate(state.final_status)
+            log.info("the job already ended in round %d: %s", self.round, self.status.phase.value)
+            return
         log.info("resumed from checkpoint at round %d", self.round)
 
     def _save_checkpoint(self) -> None:
@@ -217,7 +222,12 @@ class RoundEngine:
             rng_state=self.rng.getstate(), noise_state=self.noise_generator.get_state(),
             server_optimizer=self.server_optimizer.state_dict(),
             accountant=self.central.accountant.state_dict() if self.central else None,
+            final_status=self.status.to_wire() if self._ended() else None,
         ))
+
+    def _ended(self) -> bool:
+        """Succeeded or Failed: a restart must not train on. (Stopped can be resumed.)"""
+        return self.status.phase in (Phase.succeeded, Phase.failed)
 
     # ------------------------------------------------------------ client calls
 
@@ -346,6 +356,11 @@ class RoundEngine:
     # ----------------------------------------------------------------- the job
 
     async def run(self) -> FederatedJobStatus:
+        if self._ended():  # restarted after the job ended (see _resume_from_checkpoint)
+            self._publish_status()
+            self._stop_clients()
+            self.done.set()
+            return self.status
         self.status.phase = Phase.running
         self.status.start_time = self.status.start_time or _utc_now()
         self._condition(ConditionType.READY, "True", Reason.COORDINATOR_READY,
@@ -656,6 +671,8 @@ class RoundEngine:
             self.status.model_ref = str(self.output_dir / "model.pt")
             checkpoint.save_model(self.output_dir, self.weights)
         self._condition(ConditionType.READY, "False", reason, message)
+        if self._ended():
+            self._save_checkpoint()
         self._publish_status()
         self.sink.event(reason, message, warning=phase == Phase.failed)
 
