@@ -398,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         message = _user_error(error)
         if message is None:
             raise
-        for line in message.splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        first, *more = message.splitlines() or [""]
+        # One `error:` line; further problems (pydantic lists each) follow, indented.
+        print("\n".join([f"error: {first}", *(f"       {line}" for line in more)]),
+              file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
