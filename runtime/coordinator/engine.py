@@ -357,7 +357,8 @@ class RoundEngine:
 
     async def run(self) -> FederatedJobStatus:
         if self._ended():  # restarted after the job ended (see _resume_from_checkpoint)
-            self._publish_status()
+            # The status as it ended, client counts included (no client is registered now).
+            self.sink.publish_job(self.status.model_copy(deep=True))
             self._stop_clients()
             self.done.set()
             return self.status
@@ -671,9 +672,9 @@ class RoundEngine:
             self.status.model_ref = str(self.output_dir / "model.pt")
             checkpoint.save_model(self.output_dir, self.weights)
         self._condition(ConditionType.READY, "False", reason, message)
-        if self._ended():
-            self._save_checkpoint()
         self._publish_status()
+        if self._ended():  # after publishing: the client counts are final then
+            self._save_checkpoint()
         self.sink.event(reason, message, warning=phase == Phase.failed)
 
     def _publish_status(self) -> None:

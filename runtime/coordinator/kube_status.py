@@ -213,8 +213,6 @@ class KubernetesStatusSink:
               clients: dict[str, tuple[ClientNodeSpec, ClientNodeStatus]],
               events: list[tuple[str, str, bool, str]]) -> _Retry:
         retry = _Retry()
-        if job is not None and not self._attempt("job status", lambda: self._patch_job(job)):
-            retry.job = job
         for node_id, (spec, status) in clients.items():
             if not self._attempt(f"ClientNode {node_id}",
                                  lambda s=spec, st=status: self._upsert_client(s, st)):
@@ -223,6 +221,10 @@ class KubernetesStatusSink:
             if not self._attempt(f"event {item[0]}", lambda i=item: self._post_event(*i)):
                 retry.events = events[index:]
                 break
+        # The job's status last: once it reads Succeeded the operator removes this pod, so
+        # the ClientNodes and Events of the same moment must already be written.
+        if job is not None and not self._attempt("job status", lambda: self._patch_job(job)):
+            retry.job = job
         return retry
 
     def _attempt(self, what: str, action: Any) -> bool:
