@@ -59,6 +59,7 @@ def _secret(path: str | None, env: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import RunOptions, run_job, with_clients
+    from .progress import outcome_line
 
     job = with_clients(load_job(args.job), args.clients)
     output = Path(args.output or Path("runs") / job.metadata.name)
@@ -68,27 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.agent_processes:
         options = dataclasses.replace(options, agent_processes=args.agent_processes)
     summary = asyncio.run(run_job(job, options))
-    print(_outcome_line(job.metadata.name, summary))
+    print(outcome_line(job.metadata.name, summary))
     print(f"wrote {output}/metrics.jsonl, summary.json, metrics.png")
     if summary["stoppedBy"]:
         print(f"resume with: fedkube run {args.job} --output {output} --resume")
         return 128 + signal.Signals[summary["stoppedBy"]].value
     return 0 if summary["phase"] == "Succeeded" else 1
-
-
-def _outcome_line(name: str, summary: dict[str, Any]) -> str:
-    """`digits: Succeeded after 6 rounds, best accuracy 0.9722 (last 0.9722), 14.1s
-    (start-up 4.2s, shut-down 1.1s)`."""
-    line = f"{name}: {summary['phase']} after {summary['rounds']} rounds"
-    if summary["bestAccuracy"] is not None:
-        line += (f", best accuracy {summary['bestAccuracy']:.4f} "
-                 f"(last {summary['finalAccuracy']:.4f})")
-    if summary.get("epsilon") is not None:
-        line += f", ε {summary['epsilon']:.3f} (target {summary['targetEpsilon']})"
-    if summary["phase"] != "Succeeded" or summary["rounds"] == 0:
-        line += f" ({summary['message']})"
-    return (f"{line}, {summary['wallSeconds']:.1f}s (start-up {summary['startupSeconds']:.1f}s, "
-            f"shut-down {summary['shutdownSeconds']:.1f}s)")
 
 
 async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:

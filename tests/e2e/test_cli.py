@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support import REPO, alive, child_env, descendants, fedkube_command, wait_until, write_job
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 CAMEL_CASE = re.compile(r"^[a-z]+([A-Z][a-z]*)*$")
 
@@ -189,8 +192,9 @@ class _Run:
                 f"{self.stderr_path.read_text()[-3000:]}")
 
     def agents_after_round_one(self) -> set[int]:
+        # Start-up takes long on a loaded machine (agents import torch): a generous limit.
         wait_until(lambda: _rounds_logged(self.output) or self.process.poll() is not None,
-                   what="round 1", diagnose=self.log)
+                   what="round 1", diagnose=self.log, timeout=300)
         assert self.process.poll() is None, self.log()
         return wait_until(lambda: descendants(self.process.pid), what="agent processes",
                           diagnose=self.log)
@@ -199,15 +203,34 @@ class _Run:
         self.process.send_signal(signum)
         return self.process.wait(timeout=120)
 
+    def kill(self) -> None:
+        """After a failed test: nothing of this run may keep running."""
+        for pid in descendants(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def background_runs() -> Iterator[list[_Run]]:
+    runs: list[_Run] = []
+    yield runs
+    for run in runs:
+        run.kill()
+
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_stops_every_agent_and_writes_the_summary(tmp_path: Path, signum) -> None:
+def test_interrupt_stops_every_agent_and_writes_the_summary(
+        tmp_path: Path, signum: int, background_runs: list[_Run]) -> None:
     """Ctrl-C (SIGINT) or SIGTERM mid-run: the job ends Stopped, no agent process
     outlives `fedkube run`, summary.json and the plot cover the rounds done, and the
     message says how to resume; the folder is then refused unless --resume or --fresh."""
     job = _quick_job(tmp_path / "job.yaml", rounds=100)
     output = tmp_path / "run"
     run = _Run(job, output)
+    background_runs.append(run)
     agents = run.agents_after_round_one()
     code = run.interrupt(signum)
     assert code == 128 + signum, run.log()
@@ -222,13 +245,15 @@ def test_interrupt_stops_every_agent_and_writes_the_summary(tmp_path: Path, sign
                        "unfinished run", "--resume", "--fresh")
 
 
-def test_resume_continues_and_fresh_starts_over(tmp_path: Path) -> None:
+def test_resume_continues_and_fresh_starts_over(tmp_path: Path,
+                                                background_runs: list[_Run]) -> None:
     """An interrupted run: a manifest whose model no longer matches is refused, --resume
     continues from the checkpoint to the end, the finished folder is then refused, and
     --fresh trains from round 1 again."""
     job = _quick_job(tmp_path / "job.yaml", rounds=100)
     output = tmp_path / "run"
     run = _Run(job, output)
+    background_runs.append(run)
     run.agents_after_round_one()
     assert run.interrupt(signal.SIGINT) == 130, run.log()
     done = _summary(output)["rounds"]
