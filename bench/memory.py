@@ -284,8 +284,8 @@ def measure_grpc(model_mb: float) -> dict:
         summary = asyncio.run(run_job(job, RunOptions(output=Path(scratch), quiet=True,
                                                       agent_processes=1)))
     return {"phase": summary["phase"], "message": summary["message"],
-            "rounds": summary["rounds"], "bytes_down": summary["bytes_down"],
-            "bytes_up": summary["bytes_up"], "wall_seconds": summary["wall_seconds"],
+            "rounds": summary["rounds"], "bytes_down": summary["bytesDown"],
+            "bytes_up": summary["bytesUp"], "wall_seconds": summary["wallSeconds"],
             "coordinator_peak_added_bytes": peak.added,
             "coordinator_rss_before_bytes": peak.before}
 

@@ -167,12 +167,12 @@ def run_setting(setting: Setting, data: Path, work: Path, *, limit: int | None,
     return {
         "setting": setting.name, "label": setting.label, "spec": setting.spec,
         "phase": summary["phase"], "message": summary["message"],
-        "rounds": summary["rounds"], "final_accuracy": summary["final_accuracy"],
-        "best_accuracy": summary["best_accuracy"],
+        "rounds": summary["rounds"], "final_accuracy": summary["finalAccuracy"],
+        "best_accuracy": summary["bestAccuracy"],
         # The last round's epsilon unrounded (status.epsilon keeps 4 decimals).
         "epsilon": summary["epsilon"],
-        "target_epsilon": summary["target_epsilon"], "wall_seconds": summary["wall_seconds"],
-        "round_seconds": summary["seconds"], "output": str(output),
+        "target_epsilon": summary["targetEpsilon"], "wall_seconds": summary["wallSeconds"],
+        "round_seconds": summary["roundSeconds"], "output": str(output),
     }
 
 

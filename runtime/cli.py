@@ -21,14 +21,16 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .spec import ManifestError, load_job
 
 EXIT_BAD_INPUT = 2
+STARTED = time.monotonic()  # the command's wall time counts from here (before torch loads)
 T = TypeVar("T")
 
 
@@ -56,22 +58,22 @@ def _secret(path: str | None, env: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .local import RunOptions, run_job
+    from .local import RunOptions, run_job, with_clients
+    from .progress import outcome_line
 
-    job = load_job(args.job)
+    job = with_clients(load_job(args.job), args.clients)
     output = Path(args.output or Path("runs") / job.metadata.name)
-    options = RunOptions(output=output, clients=args.clients, quiet=args.quiet)
+    existing = "resume" if args.resume else "fresh" if args.fresh else "refuse"
+    options = RunOptions(output=output, quiet=args.quiet, existing=existing,
+                         job_file=args.job, started=STARTED)
     if args.agent_processes:
         options = dataclasses.replace(options, agent_processes=args.agent_processes)
     summary = asyncio.run(run_job(job, options))
-    accuracy = summary["final_accuracy"]
-    line = (f"{job.metadata.name}: {summary['phase']} after {summary['rounds']} rounds, "
-            f"accuracy {accuracy:.4f}" if accuracy is not None
-            else f"{job.metadata.name}: {summary['phase']} ({summary['message']})")
-    if summary.get("epsilon") is not None:
-        line += f", ε {summary['epsilon']:.3f} (target {summary['target_epsilon']})"
-    print(f"{line}, {summary['wall_seconds']:.1f}s")
+    print(outcome_line(job.metadata.name, summary))
     print(f"wrote {output}/metrics.jsonl, summary.json, metrics.png")
+    if summary["stoppedBy"]:
+        print(f"resume with: fedkube run {args.job} --output {output} --resume")
+        return 128 + signal.Signals[summary["stoppedBy"]].value
     return 0 if summary["phase"] == "Succeeded" else 1
 
 
@@ -123,6 +125,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
         metrics=metrics, on_round=report.round if report else None,
         registration_timeout=args.registration_timeout, job_file=Path(args.job))
+    if report is not None and engine.history:  # restarted: continue the checkpoint's log
+        report.restart_from(engine.history)
     port = args.port if args.port is not None else job.spec.coordinator.port
     try:
         status = asyncio.run(_until_terminated(serve(engine, host=args.host, port=port,
@@ -170,8 +174,23 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The manifest, then what a run would load first: the data (path, arrays) and the
+    model (name, built for the data's shape)."""
+    from .data import load_dataset
+    from .models import build_model
+
     job = load_job(args.job)
-    print(f"{args.job}: FederatedJob {job.metadata.name} is valid")
+    spec = job.spec
+    data = load_dataset(spec.data, seed=spec.seed)  # errors: see _user_error
+    model = build_model(spec.model, input_shape=data.input_shape,
+                        num_classes=data.num_classes, seed=spec.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    clients = (f"{spec.simulation.clients} simulated clients" if spec.simulation.clients
+               else "no simulated clients: real agents must join")
+    print(f"{args.job}: FederatedJob {job.metadata.name} is valid: model {spec.model} "
+          f"({parameters:,} parameters), data {spec.data.dataset} ({len(data.y_train)} "
+          f"training, {len(data.y_test)} test examples of {'x'.join(map(str, data.input_shape))},"
+          f" {data.num_classes} classes), {clients}")
     return 0
 
 
@@ -180,57 +199,110 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkube", description="Federated learning, the "
-                                     "Kubernetes way.")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser = _Parser(prog="fedkube", description="Federated learning, the Kubernetes way.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug logs)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a job on this machine with simulated agents")
+    run = commands.add_parser(
+        "run", help="run a job on this machine with simulated agents",
+        description="Run a job on this machine: the coordinator and spec.simulation.clients "
+        "agents over gRPC on 127.0.0.1. An output folder holds one run: a finished run "
+        "there is refused, an unfinished one is continued with --resume; --fresh starts "
+        "over. Ctrl-C stops the run and keeps what was done.")
     run.add_argument("job", help="FederatedJob manifest (YAML)")
     run.add_argument("--output", "-o", help="folder for metrics.jsonl, summary.json, "
-                     "metrics.png (default runs/<job name>)")
-    run.add_argument("--clients", type=int, help="override spec.simulation.clients")
+                     "metrics.png, the checkpoint and agent logs (default runs/<job name>)")
+    run.add_argument("--clients", type=_count, metavar="N",
+                     help="number of simulated clients (overrides spec.simulation.clients)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the unfinished run in the output folder from its last "
+                       "checkpointed round")
+    again.add_argument("--fresh", action="store_true",
+                       help="delete the previous run's files in the output folder and start "
+                       "over")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    run.add_argument("--agent-processes", type=int,
+    run.add_argument("--agent-processes", type=_count, metavar="N",
                      help="OS processes the simulated agents share (default: one per core)")
     run.set_defaults(func=cmd_run)
 
-    coordinator = commands.add_parser("coordinator", help="serve a job's aggregation over gRPC")
+    coordinator = commands.add_parser(
+        "coordinator", help="serve a job's aggregation over gRPC",
+        description="The gRPC aggregation server (what the operator's coordinator pod runs). "
+        "Restarted with the same --output, it continues from its last checkpoint; after "
+        "the job ended it reports that outcome again.")
     coordinator.add_argument("--job", required=True, help="FederatedJob manifest (YAML)")
-    coordinator.add_argument("--host", default="0.0.0.0")
-    coordinator.add_argument("--port", type=int, help="default: spec.coordinator.port")
-    coordinator.add_argument("--output", help="folder for checkpoints, metrics and the model")
+    coordinator.add_argument("--host", default="0.0.0.0",
+                             help="address to listen on (default 0.0.0.0: all interfaces)")
+    coordinator.add_argument("--port", type=int, help="port to listen on (default "
+                             "spec.coordinator.port; 0 picks a free one)")
+    coordinator.add_argument("--output", help="folder for checkpoints, metrics and the model "
+                             "(without it nothing is saved and a restart starts over)")
     coordinator.add_argument("--kube", action="store_true",
                              help="publish status to the FederatedJob and ClientNodes")
     coordinator.add_argument("--join-token-file", help="agents must present this token "
                              "(default: $FEDKUBE_JOIN_TOKEN)")
-    coordinator.add_argument("--tls-cert")
-    coordinator.add_argument("--tls-key")
-    coordinator.add_argument("--metrics-port", type=int, help="serve Prometheus metrics")
-    coordinator.add_argument("--registration-timeout", type=float, default=120.0,
-                             help="seconds to wait for simulated clients before starting")
+    coordinator.add_argument("--tls-cert", help="PEM certificate to serve TLS with (needs "
+                             "--tls-key)")
+    coordinator.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    coordinator.add_argument("--metrics-port", type=int,
+                             help="serve Prometheus metrics on this port")
+    coordinator.add_argument("--registration-timeout", type=_seconds, default=120.0,
+                             metavar="SECONDS",
+                             help="seconds to wait for simulated clients before starting "
+                             "(default 120)")
     coordinator.set_defaults(func=cmd_coordinator)
 
     agent = commands.add_parser("agent", help="join a job as a client")
     agent.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     agent.add_argument("--node-id", help="stable id of this device (default: assigned)")
-    agent.add_argument("--device", default="auto", choices=["auto", "mps", "cuda", "cpu"])
-    agent.add_argument("--data", help="this device's data (overrides spec.data.path)")
+    agent.add_argument("--device", default="auto", choices=["auto", "mps", "cuda", "cpu"],
+                       help="where to train (default auto: MPS, then CUDA, then CPU)")
+    agent.add_argument("--data", help="this device's data: a .npz file or an MNIST IDX "
+                       "folder (overrides spec.data.path)")
     agent.add_argument("--simulated-index", type=int, action="append", default=[],
                        help="train on this partition of the job's dataset (simulation); "
                        "repeat to run several simulated agents in this process")
     agent.add_argument("--state-dir", default="~/.fedkube",
                        help="where the privacy budget is kept between runs")
-    agent.add_argument("--join-token-file", help="default: $FEDKUBE_JOIN_TOKEN")
+    agent.add_argument("--join-token-file", help="file with the job's join token "
+                       "(default: $FEDKUBE_JOIN_TOKEN)")
     agent.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
-    agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    agent.add_argument("--give-up-after", type=float,
-                       help="exit after this many seconds without a coordinator")
+    agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                       help="label this device for spec.clientSelector (repeatable)")
+    agent.add_argument("--give-up-after", type=_seconds, metavar="SECONDS",
+                       help="exit after this many seconds without a coordinator "
+                       "(default: keep trying)")
     agent.set_defaults(func=cmd_agent)
 
-    validate = commands.add_parser("validate", help="check a FederatedJob manifest")
-    validate.add_argument("job")
+    validate = commands.add_parser(
+        "validate", help="check a FederatedJob manifest, its data and its model",
+        description="Check a manifest as a run would: every field, the data (path exists, "
+        "holds the expected arrays) and the model (name resolves, builds for the data).")
+    validate.add_argument("job", help="FederatedJob manifest (YAML)")
     validate.set_defaults(func=cmd_validate)
 
     show_version = commands.add_parser("version", help="print the version")
@@ -247,6 +319,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean "the input is wrong", by where they are raised and how to name them;
+# looked up only in modules already imported (a command that never loaded torch cannot
+# have raised the model zoo's error), so `fedkube version` stays quick.
+_USER_ERRORS = (
+    ("fedkube.runtime.data.datasets", "DatasetError", "spec.data: "),
+    ("fedkube.runtime.models.zoo", "ModelError", "spec.model: "),
+    ("fedkube.runtime.coordinator.checkpoint", "CheckpointError", ""),
+    ("fedkube.runtime.local", "RunFolderError", ""),
+)
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The one-line message for a user's mistake, or None for anything else (a bug)."""
+    if isinstance(error, ManifestError):
+        return str(error)
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                          PermissionError)) and error.filename:
+        reason = (error.strerror or "cannot be read").lower()
+        return f"{error.filename}: {reason.replace('no such file or directory', 'no such file')}"
+    for module_name, class_name, prefix in _USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, getattr(module, class_name)):
+            return prefix + str(error)
+    return None
+
+
+# Commands that are always a process of their own (an agent, `fedkube run`): when their
+# work is done and written, they exit at once. Python's own teardown (a full garbage
+# collection over torch's objects) takes seconds, 10 s and more on a busy machine, and
+# `fedkube run` waits for its agents to be gone.
+OWN_PROCESS_COMMANDS = ("run", "agent")
+
+
+def _leave(code: int) -> NoReturn:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error style: one `error:` line, exit 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -254,15 +373,22 @@ def main(argv: list[str] | None = None) -> int:
         else logging.INFO - 10 * min(args.verbose, 1),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
-    except ManifestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except FileNotFoundError as error:
-        print(f"error: {error.filename}: no such file", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = args.func(args)
+        if args.command in OWN_PROCESS_COMMANDS:
+            _leave(code)
+        return code
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        message = _user_error(error)
+        if message is None:
+            raise
+        first, *more = message.splitlines() or [""]
+        # One `error:` line; further problems (pydantic lists each) follow, indented.
+        print("\n".join([f"error: {first}", *(f"       {line}" for line in more)]),
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

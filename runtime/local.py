@@ -1,6 +1,12 @@
 """`fedkube run JOB.yaml`: the coordinator and `spec.simulation.clients` agents on one
 machine. The coordinator runs in this process; each agent is a separate OS process that
-talks to it over real gRPC on 127.0.0.1 — the same code path as a cluster."""
+talks to it over real gRPC on 127.0.0.1 — the same code path as a cluster.
+
+An output folder holds one run: a finished run there is refused, an unfinished one is
+continued only when asked (`existing="resume"`), and `existing="fresh"` starts over.
+SIGINT (Ctrl-C) and SIGTERM stop the run within a couple of seconds: agents are
+terminated, the job ends Stopped, summary.json and the plot cover the rounds done, and the
+last checkpoint lets `--resume` continue."""
 
 from __future__ import annotations
 
@@ -8,23 +14,26 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal
 
-from tqdm import tqdm
-
+from .coordinator import checkpoint
 from .coordinator.engine import RoundEngine, RoundRecord
 from .coordinator.report import RunReport
 from .coordinator.server import serve
 from .coordinator.status import FanOut
-from .spec import ClientNodeSpec, ClientNodeStatus, FederatedJob, FederatedJobStatus
+from .progress import ConsoleProgress
+from .spec import FederatedJob, ManifestError, parse_job_spec
 
 log = logging.getLogger("fedkube.run")
+
+Existing = Literal["refuse", "resume", "fresh"]
 
 
 @dataclass(frozen=True)
@@ -37,42 +46,58 @@ class RunOptions:
     # N clients on a laptop should not cost N copies of torch in memory and start-up.
     agent_processes: int = max(1, os.cpu_count() or 1)
     extra_agent_args: tuple[str, ...] = ()
+    # What to do with a previous run in `output`: refuse (default), resume it, start over.
+    existing: Existing = "refuse"
+    job_file: str = "JOB.yaml"  # for the hints in messages
+    started: float | None = None  # time.monotonic() when the command started
 
 
-class ConsoleProgress:
-    """A progress bar over rounds and one line per round."""
+class RunFolderError(ValueError):
+    """The output folder holds a run that this command may not continue or overwrite."""
 
-    def __init__(self, job: FederatedJob, *, stream: TextIO, enabled: bool) -> None:
-        self.privacy = job.spec.privacy.mode != "none"
-        # The bar only where a person watches a terminal; logs get the per-round lines.
-        self.bar = tqdm(total=job.spec.rounds, desc=job.metadata.name, unit="round",
-                        file=stream, disable=not (enabled and stream.isatty()),
-                        dynamic_ncols=True, leave=True)
-        self.enabled = enabled
 
-    def round(self, record: RoundRecord) -> None:
-        line = (f"round {record.round:>3}  accuracy {record.accuracy:.4f}  loss "
-                f"{record.loss:.4f}  clients {record.clients_in}/{record.clients_selected}  "
-                f"{record.seconds:.2f}s")
-        if record.epsilon is not None:
-            line += f"  ε {record.epsilon:.3f}"
-        if self.enabled:
-            tqdm.write(line, file=sys.stderr)
-        self.bar.update(1)
+def with_clients(job: FederatedJob, clients: int | None) -> FederatedJob:
+    """`job` with `simulation.clients` set to `clients` (the `--clients` flag), checked
+    like the manifest itself; ManifestError names the flag and the reason."""
+    count = clients if clients is not None else job.spec.simulation.clients
+    if count < 1:
+        where = f"--clients {count}" if clients is not None else "spec.simulation.clients"
+        raise ManifestError(f"{where}: fedkube run needs at least 1 simulated client")
+    if count == job.spec.simulation.clients:
+        return job
+    raw = job.spec.model_dump(by_alias=True, exclude_none=True)
+    raw["simulation"] = {**raw.get("simulation", {}), "clients": count}
+    try:
+        spec = parse_job_spec(raw)
+    except ManifestError as error:
+        reasons = "; ".join(line.removeprefix("spec: ") for line in str(error).splitlines())
+        raise ManifestError(f"--clients {count}: {reasons}") from None
+    return job.model_copy(update={"spec": spec})
 
-    def publish_job(self, status: FederatedJobStatus) -> None:
-        if status.accuracy is not None:
-            self.bar.set_postfix(acc=f"{status.accuracy:.3f}", clients=status.clients_summary)
 
-    def publish_client(self, spec: ClientNodeSpec, status: ClientNodeStatus) -> None:
-        """Clients are shown in summary.json; the console stays one line per round."""
-
-    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
-        if warning and self.enabled:
-            self.bar.write(f"warning: {reason}: {message}")
-
-    def close(self) -> None:
-        self.bar.close()
+def prepare_folder(output: Path, existing: Existing, *, job_file: str) -> checkpoint.FolderState:
+    """Check what `output` holds against `existing`; clear it for a fresh start."""
+    state = checkpoint.inspect(output)
+    again = f"fedkube run {job_file} --output {output}"
+    if existing == "fresh":
+        checkpoint.clear(output)
+        return checkpoint.FolderState(rounds_done=None)
+    if state.finished:
+        raise RunFolderError(
+            f"{output} holds a finished run ({state.final_phase} after {state.rounds_done} "
+            f"rounds: {state.final_message}); start over with `{again} --fresh` or choose "
+            "another --output")
+    if existing == "resume":
+        if state.empty:
+            raise RunFolderError(f"--resume: {output} holds no checkpoint to resume; run "
+                                 f"without --resume to start")
+        return state
+    if not state.empty:
+        raise RunFolderError(
+            f"{output} holds an unfinished run ({state.rounds_done} rounds done); continue "
+            f"it with `{again} --resume` or start over with `{again} --fresh`")
+    checkpoint.clear(output)  # leftovers of a run stopped before its first checkpoint
+    return state
 
 
 def agent_command(*, port: int, indexes: list[int], state_dir: Path) -> list[str]:
@@ -99,6 +124,10 @@ def _agent_env(threads: int) -> dict[str, str]:
 
 
 class AgentProcesses:
+    """The simulated agents' OS processes. Each leads its own process group (a Ctrl-C
+    in the terminal reaches only `fedkube run`, which then stops them in order), and
+    stopping signals the whole group, so nothing an agent started outlives it."""
+
     def __init__(self, count: int, *, port: int, output: Path, threads: int, processes: int,
                  extra_args: tuple[str, ...]) -> None:
         logs = output / "agents"
@@ -114,68 +143,172 @@ class AgentProcesses:
                 stdout=log_file, stderr=subprocess.STDOUT, env=_agent_env(threads),
                 start_new_session=True))
 
-    def stop(self, timeout: float = 10.0) -> list[int | None]:
+    def signal_all(self, signum: int) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signum)
+
+    def _wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for process in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+    def stop(self, *, grace: float) -> list[int | None]:
+        """Give the agents `grace` seconds to leave on their own (they were told STOP),
+        then SIGTERM, then SIGKILL; returns their exit codes."""
+        self._wait_all(grace)
+        self.signal_all(signal.SIGTERM)
+        self._wait_all(2.0)
+        self.signal_all(signal.SIGKILL)
         for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.wait()
         for f in self._files:
             f.close()
         return [p.returncode for p in self.processes]
 
 
+@dataclass
+class StopRequest:
+    """SIGINT/SIGTERM while a run is in progress: remembered, and `event` set."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    signal_name: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self, loop: asyncio.AbstractEventLoop):
+        installed = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not main thread
+                loop.add_signal_handler(signum, self._received, signum)
+                installed.append(signum)
+        try:
+            yield self
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    def _received(self, signum: int) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+
+@dataclass
+class _Clock:
+    """Where the run's wall time went: start-up (to the first round's dispatch), rounds,
+    shut-down (from the job's end to the files written)."""
+
+    started: float = field(default_factory=time.monotonic)
+    first_round: float | None = None
+    job_ended: float | None = None
+
+    def round_done(self, record: RoundRecord) -> None:
+        if self.first_round is None:
+            self.first_round = time.monotonic() - record.seconds
+
+    def figures(self) -> dict[str, float]:
+        now = time.monotonic()
+        ended = self.job_ended if self.job_ended is not None else now
+        startup_end = self.first_round if self.first_round is not None else ended
+        return {"wallSeconds": round(now - self.started, 3),
+                "startupSeconds": round(startup_end - self.started, 3),
+                "shutdownSeconds": round(now - ended, 3)}
+
+
 async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
-    """Run the job to its end; returns summary.json's content."""
-    clients = options.clients if options.clients is not None else job.spec.simulation.clients
-    if clients < 1:
-        raise ValueError("spec.simulation.clients: fedkube run needs at least 1 simulated "
-                         "client (or pass --clients N)")
-    if clients != job.spec.simulation.clients:
-        spec = job.spec.model_copy(update={
-            "simulation": job.spec.simulation.model_copy(update={"clients": clients})})
-        job = job.model_copy(update={"spec": type(job.spec).model_validate(spec.model_dump())})
+    """Run the job to its end (or to SIGINT/SIGTERM); returns summary.json's content."""
+    clock = _Clock(started=options.started if options.started is not None else time.monotonic())
+    job = with_clients(job, options.clients)
+    clients = job.spec.simulation.clients
+    folder = prepare_folder(options.output, options.existing, job_file=options.job_file)
+    created = not options.output.exists()
     options.output.mkdir(parents=True, exist_ok=True)
     report = RunReport(options.output, job=job.metadata.name,
                        target_epsilon=job.spec.privacy.target_epsilon)
-    progress = ConsoleProgress(job, stream=sys.stderr, enabled=not options.quiet)
+    progress = ConsoleProgress(job, stream=sys.stderr, enabled=not options.quiet,
+                               expected_clients=clients)
+    stop = StopRequest()
+    with stop.installed(asyncio.get_running_loop()):
+        progress.stage("loading data and model")
 
-    def on_round(record: RoundRecord) -> None:
-        report.round(record)
-        progress.round(record)
+        def on_round(record: RoundRecord) -> None:
+            clock.round_done(record)
+            report.round(record)
+            progress.round(record)
 
-    engine = RoundEngine(job, sink=FanOut(report, progress), output_dir=options.output,
-                         on_round=on_round)
+        try:
+            engine = RoundEngine(job, sink=FanOut(report, progress),
+                                 output_dir=options.output, on_round=on_round)
+        except Exception:
+            progress.finish(None)
+            if created:  # a run that could not start leaves no folder behind
+                shutil.rmtree(options.output, ignore_errors=True)
+            raise
+        if not folder.empty:
+            report.restart_from(engine.history)
+            progress.note(f"resuming at round {engine.round + 1}")
+        exit_codes = await _serve_with_agents(engine, options, clients, stop=stop,
+                                              progress=progress, clock=clock, report=report)
+    progress.finish(engine.status)
+    if stop.signal_name is not None:
+        progress.note(f"{stop.signal_name}: stopped after {engine.round} rounds")
+    return report.write_summary({
+        **clock.figures(),
+        "agents": clients,
+        "agentExitCodes": exit_codes,
+        "stoppedBy": stop.signal_name,
+    })
+
+
+def _warm_plotting() -> None:
+    """Import matplotlib while the coordinator waits for agents, not during shut-down."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+
+async def _serve_with_agents(engine: RoundEngine, options: RunOptions, clients: int, *,
+                             stop: StopRequest, progress: ConsoleProgress, clock: _Clock,
+                             report: RunReport) -> list[int | None]:
+    """Serve the job with its agents until it ends or `stop` fires; then stop the
+    agents, the server and write the plot side by side. Returns the agents' exit codes."""
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    started = time.monotonic()
     server = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))
+    stopping = asyncio.create_task(stop.event.wait())
+    ended = asyncio.create_task(engine.done.wait())
+    warming: asyncio.Future[None] | None = None
     agents: AgentProcesses | None = None
     try:
-        port = await asyncio.wait_for(asyncio.shield(bound), timeout=60)
-        agents = AgentProcesses(clients, port=port, output=options.output,
-                                threads=options.agent_threads,
-                                processes=options.agent_processes,
-                                extra_args=options.extra_agent_args)
-        status = await server
-    finally:
-        progress.close()
-        if not server.done():
+        await asyncio.wait({bound, stopping, server}, return_when=asyncio.FIRST_COMPLETED)
+        if bound.done() and not stopping.done():
+            progress.stage(f"starting {clients} agents")
+            agents = AgentProcesses(clients, port=bound.result(), output=options.output,
+                                    threads=options.agent_threads,
+                                    processes=options.agent_processes,
+                                    extra_args=options.extra_agent_args)
+            warming = asyncio.ensure_future(asyncio.to_thread(_warm_plotting))
+            await asyncio.wait({ended, stopping, server}, return_when=asyncio.FIRST_COMPLETED)
+        clock.job_ended = time.monotonic()
+        if not engine.done.is_set():  # interrupted: stop the agents first, then the job
+            progress.stage("stopping")
+            if agents is not None:
+                agents.signal_all(signal.SIGTERM)
             server.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await server
-        exit_codes = await asyncio.to_thread(agents.stop) if agents else []
-    return report.finish({
-        "wall_seconds": round(time.monotonic() - started, 3),
-        "agents": clients,
-        "agent_exit_codes": exit_codes,
-        "phase": status.phase.value,
-        "message": status.message,
-    })
+        # The agents were told STOP: let them leave while the server winds down.
+        stopped = (asyncio.ensure_future(asyncio.to_thread(agents.stop, grace=3.0))
+                   if agents else None)
+        if warming is not None:
+            await warming
+        plotted = asyncio.ensure_future(asyncio.to_thread(report.write_plot))
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        await plotted
+        return (await stopped) if stopped else []
+    finally:
+        for task in (stopping, ended, server):
+            task.cancel()
+        if agents is not None:  # an error above: leave no agent behind
+            agents.signal_all(signal.SIGKILL)

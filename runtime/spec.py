@@ -638,14 +638,27 @@ def parse_job_spec(spec: Mapping[str, Any]) -> FederatedJobSpec:
         raise ManifestError(format_validation_error(error, prefix="spec")) from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_job(path: str | Path) -> FederatedJob:
     """Read and validate the first FederatedJob in a YAML file."""
     text = Path(path).read_text()
     try:
         documents = [d for d in yaml.safe_load_all(text) if d]
     except yaml.YAMLError as error:
-        raise ManifestError(f"{path}: not valid YAML: {error}") from None
+        raise ManifestError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "FederatedJob"]
+    if not jobs and documents and not isinstance(documents[0], dict):
+        raise ManifestError(f"{path}: the document is a {type(documents[0]).__name__}, not a "
+                            "mapping with apiVersion, kind, metadata and spec")
     if not jobs:
         raise ManifestError(f"{path}: no document of kind FederatedJob")
     return parse_job(jobs[0])

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: install, then run the demo job on this machine.
+# Arguments go to `fedkube run`: a second demo refuses the finished runs/digits-fedavg;
+# `./scripts/demo.sh --fresh` starts it over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The top-level folder `operator/` would shadow Python's own module whenever the working

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def fedkube_command(*args: str) -> list[str]:
@@ -36,6 +38,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], *, what: str, timeout: float = 120.0,
+               diagnose: Callable[[], str] = lambda: "") -> T:
+    """Wait for an event (`predicate()` truthy) and return its value. The limit is generous:
+    on a loaded machine things take long, and a test must only fail when they never happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g}s for {what}\n{diagnose()}")
+        time.sleep(0.1)  # polling interval, not a wait for anything to happen
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under `pid` (children, grandchildren...), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended while we looked
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def write_job(path: Path, name: str, **spec: object) -> Path:

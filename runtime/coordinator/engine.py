@@ -56,6 +56,7 @@ from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
 from .events import (
     EventBus,
+    JobStatusChanged,
     ModelSent,
     RoundClosed,
     RoundRecord,
@@ -187,6 +188,13 @@ class RoundEngine:
             self.status.epsilon = None if last.epsilon is None else round(last.epsilon, 4)
         self.status.round = self.round
         self.status.best_accuracy = self.policy.best_accuracy
+        if state.final_status is not None:
+            # The job ended before this restart: it stays ended (run() reports it).
+            self.book.status = self.status = FederatedJobStatus.model_validate(
+                state.final_status)
+            log.info("the job already ended in round %d: %s", self.round,
+                     self.status.phase.value)
+            return
         log.info("resumed from checkpoint at round %d", self.round)
 
     def _save_checkpoint(self) -> None:
@@ -201,7 +209,12 @@ class RoundEngine:
             rng_state=self.rng.getstate(), noise_state=self.noise_generator.get_state(),
             server_optimizer=self.server_optimizer.state_dict(),
             accountant=self.central.budget.state_dict() if self.central else None,
+            final_status=self.status.to_wire() if self._ended() else None,
         ))
+
+    def _ended(self) -> bool:
+        """Succeeded or Failed: a restart must not train on. (Stopped can be resumed.)"""
+        return self.status.phase in (Phase.succeeded, Phase.failed)
 
     # ------------------------------------------------------------ client calls
 
@@ -310,6 +323,13 @@ class RoundEngine:
     # ----------------------------------------------------------------- the job
 
     async def run(self) -> FederatedJobStatus:
+        if self._ended():  # restarted after the job ended (see _resume_from_checkpoint)
+            # The status as it ended, client counts included (no client is registered now).
+            self.events.publish(JobStatusChanged(self.status.model_copy(deep=True)))
+            for client in self.registry.all():
+                client.tasks.put_nowait(Task.stop(self.status.message or "job ended"))
+            self.done.set()
+            return self.status
         self.book.running(self.spec.rounds)
         try:
             await self._wait_for_clients()
@@ -516,3 +536,5 @@ class RoundEngine:
         if self.output_dir is not None:
             model_ref = str(checkpoint.save_model(self.output_dir, self.weights))
         self.book.finish(verdict, model_ref=model_ref)
+        if self._ended():  # after publishing: the client counts are final then
+            self._save_checkpoint()

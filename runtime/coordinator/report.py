@@ -48,28 +48,49 @@ class RunReport:
         return [RoundRecord(**json.loads(line)) for line in path.read_text().splitlines()
                 if line.strip()]
 
+    def restart_from(self, history: Sequence[RoundRecord]) -> None:
+        """metrics.jsonl as the checkpoint knows it: a resumed run continues from there
+        (a round logged after the last checkpoint would otherwise appear twice)."""
+        text = "".join(json.dumps(record.to_dict()) + "\n" for record in history)
+        tmp = self.output_dir / (METRICS + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.output_dir / METRICS)
+
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The plot, then summary.json; returns the summary."""
+        self.write_plot()
+        return self.write_summary(extra)
+
+    def write_plot(self) -> Path | None:
+        history = self.history()
+        if not history:
+            return None
+        return plot(history, self.output_dir / PLOT, title=self.job,
+                    target_epsilon=self.target_epsilon)
+
+    def write_summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """summary.json: camelCase keys, as in the job's status; clients sorted by node
+        id. `extra` adds keys (camelCase too). Returns what it wrote."""
         history = self.history()
         summary: dict[str, Any] = {
             "job": self.job,
-            "status": self.status.to_wire() if self.status else None,
+            "phase": self.status.phase.value if self.status else None,
+            "message": self.status.message if self.status else None,
             "rounds": len(history),
-            "final_accuracy": history[-1].accuracy if history else None,
-            "best_accuracy": max((r.accuracy for r in history), default=None),
+            "finalAccuracy": history[-1].accuracy if history else None,
+            "bestAccuracy": max((r.accuracy for r in history), default=None),
             "epsilon": history[-1].epsilon if history else None,
-            "target_epsilon": self.target_epsilon,
-            "seconds": round(sum(r.seconds for r in history), 3),
-            "bytes_up": history[-1].bytes_up if history else 0,
-            "bytes_down": history[-1].bytes_down if history else 0,
-            "clients": self.clients,
+            "targetEpsilon": self.target_epsilon,
+            "roundSeconds": round(sum(r.seconds for r in history), 3),
+            "bytesUp": history[-1].bytes_up if history else 0,
+            "bytesDown": history[-1].bytes_down if history else 0,
             **(extra or {}),
+            "status": self.status.to_wire() if self.status else None,
+            "clients": {node: self.clients[node] for node in sorted(self.clients)},
         }
         tmp = self.output_dir / (SUMMARY + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.output_dir / SUMMARY)
-        if history:
-            plot(history, self.output_dir / PLOT, title=self.job,
-                 target_epsilon=self.target_epsilon)
         return summary
 
 

@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ..spec import (
     API_GROUP_VERSION,
+    TERMINAL_PHASES,
     ClientNodeSpec,
     ClientNodeStatus,
     FederatedJobStatus,
@@ -197,7 +198,10 @@ class KubernetesStatusSink:
         server it waits for one ClientNode or Event at most, and they in turn are not
         starved by a stream of job statuses. Called with the lock held."""
         others = bool(self._clients or self._events)
-        if self._job is not None and not (self._job_went_last and others):
+        # A final status goes after everything else of the same moment: once it reads
+        # Succeeded the operator removes this pod, and what is still queued is lost.
+        final = self._job is not None and self._job.phase in TERMINAL_PHASES
+        if self._job is not None and not (others and (self._job_went_last or final)):
             job, self._job = self._job, None
             self._job_went_last = True
             return _Item("job status", lambda: self._patch_job(job), job=job)

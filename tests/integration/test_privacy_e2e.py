@@ -133,7 +133,7 @@ def test_local_dp_job_spends_its_budget_over_the_whole_job_and_never_more(
     assert len(epsilons) == rounds
     assert all(e is not None and 0.0 < e <= target for e in epsilons), epsilons
     assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1], epsilons
-    assert summary["final_accuracy"] > 0.3, summary["final_accuracy"]  # ten classes
+    assert summary["finalAccuracy"] > 0.3, summary["finalAccuracy"]  # ten classes
     assert "ε" in result.stdout and f"target {target}" in result.stdout
 
 

@@ -84,7 +84,10 @@ def test_agent_killed_mid_round_round_closes_with_the_others(
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     after_kill = rounds[2:]  # round 2 may have been in flight when the agent died
     assert all(r["clients_in"] == 2 for r in after_kill)
-    assert all(r["seconds"] < 8 + 5 for r in rounds)
+    # Once the coordinator saw the agent go, no round waited for it: rounds after the
+    # kill ask only the two that are left (the deadline is the bound for the round in
+    # flight; its duration is not asserted, a busy machine may take longer).
+    assert all(r["clients_selected"] == 2 and r["clients_dropped"] == 0 for r in rounds[3:])
     summary = json.loads((output / "summary.json").read_text())
     assert summary["status"]["phase"] == "Succeeded"
 
