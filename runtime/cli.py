@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .spec import ManifestError, load_job
+from .threads import Role, ThreadsError, apply_torch_threads
 
 EXIT_BAD_INPUT = 2
 T = TypeVar("T")
@@ -55,9 +56,17 @@ def _secret(path: str | None, env: str) -> str:
     return os.environ.get(env, "").strip()
 
 
+def _torch_threads(role: Role) -> None:
+    try:
+        apply_torch_threads(role)
+    except ThreadsError as error:
+        raise ManifestError(str(error)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import RunOptions, run_job
 
+    _torch_threads("local")
     job = load_job(args.job)
     output = Path(args.output or Path("runs") / job.metadata.name)
     options = RunOptions(output=output, clients=args.clients, quiet=args.quiet)
@@ -91,6 +100,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from .coordinator.server import TlsFiles, serve
     from .coordinator.status import FanOut, StatusSink
 
+    _torch_threads("coordinator")
     job = load_job(args.job)
     output = Path(args.output) if args.output else None
     sinks: list[StatusSink] = []
@@ -142,11 +152,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from .agent.client import AgentConfig, run_agents
 
-    threads = os.environ.get("FEDKUBE_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    _torch_threads("agent")
     indexes: list[int | None] = list(args.simulated_index) or [None]
     if len(indexes) > 1 and args.node_id:
         raise ManifestError("--node-id names one agent; with several --simulated-index "
