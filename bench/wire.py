@@ -19,6 +19,7 @@ note says so when flwr is missing.
 
     python -P bench/wire.py                      # 5 rounds of each, best and median
     python -P bench/wire.py --output wire.json   # upload_gb_per_s, download_gb_per_s, ...
+    python -P bench/wire.py --glibc-defaults     # without runtime/wire/allocator.py
 """
 
 from __future__ import annotations
@@ -59,14 +60,23 @@ def _raw_payload(weights: dict[str, torch.Tensor], chunk_bytes: int) -> list[byt
     return [chunk.data for chunk in wire.to_chunks(weights, chunk_bytes=chunk_bytes)]
 
 
-def serve(port_queue: Any, stop: Any, chunk_bytes: int) -> None:
+def tune(glibc_defaults: bool) -> None:
+    """What the `fedkube` entry points do at start, unless asked to keep glibc's defaults."""
+    from fedkube.runtime.wire.allocator import keep_large_buffers_mapped
+
+    if not glibc_defaults:
+        keep_large_buffers_mapped()
+    torch.set_num_threads(1)
+
+
+def serve(port_queue: Any, stop: Any, chunk_bytes: int, glibc_defaults: bool) -> None:
     """The server process: the coordinator-shaped service and the raw one, one port."""
     from fedkube.runtime import wire
     from fedkube.runtime.coordinator.server import GRPC_OPTIONS
     from fedkube.runtime.proto import fedkube_pb2 as pb
     from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
 
-    torch.set_num_threads(1)
+    tune(glibc_defaults)
     weights = update()
     schema = wire.schema_of(weights)
     model_chunks = list(wire.to_chunks(weights, model_version=1, chunk_bytes=chunk_bytes))
@@ -255,17 +265,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of --repeats")
     parser.add_argument("--chunk-bytes", type=int, default=wire.CHUNK_BYTES,
                         help="payload bytes per message (default: the wire's CHUNK_BYTES)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds alone (the fedkube entry points "
+                        "raise them: runtime/wire/allocator.py), to see what that changes")
     parser.add_argument("--output", help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.quick:
+        args.repeats = 2
+    tune(args.glibc_defaults)
     weights = update()
     payload = wire.encoded_size(weights)
     context = multiprocessing.get_context("spawn")
     port_queue, stop = context.Queue(), context.Event()
-    server = context.Process(target=serve, args=(port_queue, stop, args.chunk_bytes),
-                             daemon=True)
+    server = context.Process(target=serve, daemon=True,
+                             args=(port_queue, stop, args.chunk_bytes, args.glibc_defaults))
     server.start()
     try:
         port = port_queue.get(timeout=120)
@@ -276,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.join(timeout=10)
     result = summarize(seconds, payload, flower_seconds(weights, args.repeats))
     result.update(payload_bytes=payload, chunk_bytes=args.chunk_bytes, repeats=args.repeats,
-                  torch_threads=1, grpc_version=grpc.__version__)
+                  torch_threads=1, grpc_version=grpc.__version__,
+                  glibc_malloc_thresholds="defaults" if args.glibc_defaults else "raised")
     print(render(result, payload, args.repeats, args.chunk_bytes))
     if args.output:
         with open(args.output, "w") as file:

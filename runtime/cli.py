@@ -56,7 +56,11 @@ def _secret(path: str | None, env: str) -> str:
     return os.environ.get(env, "").strip()
 
 
-def _torch_threads(role: Role) -> None:
+def _tune_process(role: Role) -> None:
+    """Torch threads for this role, and glibc keeping the wire's large buffers mapped."""
+    from .wire.allocator import keep_large_buffers_mapped
+
+    keep_large_buffers_mapped()
     try:
         apply_torch_threads(role)
     except ThreadsError as error:
@@ -66,7 +70,7 @@ def _torch_threads(role: Role) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import RunOptions, run_job
 
-    _torch_threads("local")
+    _tune_process("local")
     job = load_job(args.job)
     output = Path(args.output or Path("runs") / job.metadata.name)
     options = RunOptions(output=output, clients=args.clients, quiet=args.quiet)
@@ -100,7 +104,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from .coordinator.server import TlsFiles, serve
     from .coordinator.status import FanOut, StatusSink
 
-    _torch_threads("coordinator")
+    _tune_process("coordinator")
     job = load_job(args.job)
     output = Path(args.output) if args.output else None
     sinks: list[StatusSink] = []
@@ -152,7 +156,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from .agent.client import AgentConfig, run_agents
 
-    _torch_threads("agent")
+    _tune_process("agent")
     indexes: list[int | None] = list(args.simulated_index) or [None]
     if len(indexes) > 1 and args.node_id:
         raise ManifestError("--node-id names one agent; with several --simulated-index "

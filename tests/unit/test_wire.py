@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 import torch
 from fedkube.runtime import wire
@@ -110,3 +113,12 @@ def test_update_chunks_carry_exactly_the_model_chunks() -> None:
     assert [part.tensor for part in wrapped] == plain
     back = wire.from_chunks((part.tensor for part in wrapped), wire.schema_of(weights))
     assert all(torch.equal(back[name], tensor) for name, tensor in weights.items())
+
+
+def test_the_allocator_tuning_defers_to_the_users_own_settings() -> None:
+    from fedkube.runtime.wire.allocator import keep_large_buffers_mapped
+
+    assert keep_large_buffers_mapped({"MALLOC_TRIM_THRESHOLD_": "1000000"}) is False
+    assert keep_large_buffers_mapped({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}) is False
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert keep_large_buffers_mapped({}) is True
