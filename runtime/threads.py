@@ -14,7 +14,8 @@ each process takes a share that leaves room for the others:
 
 "Usable" counts the cores this process may be scheduled on and the container's CPU quota
 (cgroup v1 or v2), since a pod limited to 2 CPUs on a 64-core node must not start 64
-threads. `FEDKUBE_TORCH_THREADS=N` overrides the choice for any role.
+threads; torch's own default (physical cores) stays the ceiling, so hyper-threads are not
+counted twice. `FEDKUBE_TORCH_THREADS=N` overrides the choice for any role.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def usable_cpus(cgroup: Path = _CGROUP) -> int:
     return max(1, cores)
 
 
-def choose_torch_threads(role: Role, *, cpus: int, env: Mapping[str, str]) -> int:
-    """The thread count for `role` on a machine with `cpus` usable cores (module doc)."""
+def choose_torch_threads(role: Role, *, cpus: int, env: Mapping[str, str],
+                         ceiling: int | None = None) -> int:
+    """The thread count for `role` with `cpus` usable cores, at most `ceiling` (torch's
+    default) unless the environment says otherwise (module doc)."""
     override = env.get(ENV_VAR, "").strip()
     if override:
         try:
@@ -73,18 +76,21 @@ def choose_torch_threads(role: Role, *, cpus: int, env: Mapping[str, str]) -> in
             raise ThreadsError(f"{ENV_VAR}={override!r}: expected a positive integer")
         return threads
     if role == "local":
-        return 1
-    if role == "coordinator":
-        return max(1, cpus - 1)
-    if role == "agent":
-        return max(1, cpus)
-    raise ThreadsError(f"unknown role {role!r}: expected coordinator, local or agent")
+        share = 1
+    elif role == "coordinator":
+        share = cpus - 1
+    elif role == "agent":
+        share = cpus
+    else:
+        raise ThreadsError(f"unknown role {role!r}: expected coordinator, local or agent")
+    return max(1, min(share, ceiling) if ceiling is not None else share)
 
 
 def apply_torch_threads(role: Role) -> int:
     """Set torch's intra-op thread count for this process; returns the count set."""
     import torch
 
-    threads = choose_torch_threads(role, cpus=usable_cpus(), env=os.environ)
+    threads = choose_torch_threads(role, cpus=usable_cpus(), env=os.environ,
+                                   ceiling=torch.get_num_threads())
     torch.set_num_threads(threads)
     return threads

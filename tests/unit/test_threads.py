@@ -19,6 +19,15 @@ def test_each_role_leaves_the_cores_others_need(role, cpus, expected) -> None:
     assert choose_torch_threads(role, cpus=cpus, env={}) == expected
 
 
+def test_torchs_own_default_stays_the_ceiling() -> None:
+    # 16 logical CPUs but 8 physical cores: no role starts more threads than torch would.
+    assert choose_torch_threads("agent", cpus=16, env={}, ceiling=8) == 8
+    assert choose_torch_threads("coordinator", cpus=16, env={}, ceiling=8) == 8
+    assert choose_torch_threads("coordinator", cpus=4, env={}, ceiling=8) == 3
+    assert choose_torch_threads("agent", cpus=2, env={"FEDKUBE_TORCH_THREADS": "12"},
+                                ceiling=8) == 12
+
+
 def test_the_environment_overrides_every_role() -> None:
     for role in ("coordinator", "local", "agent"):
         assert choose_torch_threads(role, cpus=2, env={"FEDKUBE_TORCH_THREADS": "6"}) == 6
