@@ -18,7 +18,6 @@ environment tunables, which then win).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
@@ -39,12 +38,9 @@ def keep_large_buffers_mapped(env: Mapping[str, str] = os.environ) -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True if it did."""
     if not sys.platform.startswith("linux") or any(env.get(name) for name in _USER_TUNABLES):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    try:  # the C library already loaded into this process, without ldconfig's help
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES)) and bool(
