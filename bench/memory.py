@@ -13,8 +13,8 @@ time, interleaved chunk by chunk, as the coordinator's upload slots allow
 (RoundEngine._upload_slots, 4). Both sides must produce the same mean; the script
 checks that they do.
 
-Part 2 sends a 100 MB model through `wire.to_chunks` / `TensorAssembler` (no gRPC
-message limit raised: every message stays far below gRPC's 4 MiB default) and, unless
+Part 2 sends a 100 MB model through `wire.to_chunks` / `TensorAssembler` (every message
+stays under `wire.MAX_MESSAGE_BYTES`, the limit both ends set) and, unless
 `--no-grpc`, through a real one-round `fedkube run` (`run_job`): the coordinator serves
 the 100 MB model over GetModel and takes the update over SubmitUpdate, both streamed.
 
@@ -57,7 +57,7 @@ UPLOAD_SLOTS = 4
 # Distinct client updates encoded up front and reused round-robin: the coordinator's
 # work per update is the same, and set-up stays small next to what is measured.
 DISTINCT_UPDATES = 4
-GRPC_DEFAULT_MAX_MESSAGE = 4 * MB
+MAX_MESSAGE = wire.MAX_MESSAGE_BYTES
 
 Weights = dict[str, torch.Tensor]
 
@@ -226,7 +226,7 @@ def measure_wire(model_bytes: int) -> dict:
         rebuilt = assembler.finish()
     exact = all(torch.equal(rebuilt[name], weights[name]) for name in weights)
     return {"model_bytes": wire.encoded_size(weights), "messages": count,
-            "largest_message_bytes": largest, "grpc_default_limit_bytes": GRPC_DEFAULT_MAX_MESSAGE,
+            "largest_message_bytes": largest, "message_limit_bytes": MAX_MESSAGE,
             "bit_exact": exact, "seconds": peak.seconds, "peak_added_bytes": peak.added}
 
 
@@ -369,8 +369,8 @@ def render(report: dict) -> str:
             "",
             (f"wire: a {wire_result['model_bytes'] / MB:.1f} MB update in "
              f"{wire_result['messages']} messages, the largest "
-             f"{wire_result['largest_message_bytes'] / MB:.2f} MB (gRPC's default limit "
-             f"{GRPC_DEFAULT_MAX_MESSAGE / MB:.0f} MB, not raised); rebuilt bit-exact: "
+             f"{wire_result['largest_message_bytes'] / MB:.2f} MB (both ends' limit "
+             f"{MAX_MESSAGE / MB:.2f} MB); rebuilt bit-exact: "
              f"{'yes' if wire_result['bit_exact'] else 'NO'}; "
              f"{wire_result['seconds']:.2f} s; peak +{_mb(wire_result['peak_added_bytes'])} MB "
              "(sender and receiver in one process)"),

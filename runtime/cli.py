@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from .spec import ManifestError, load_job
+from .threads import Role, ThreadsError, apply_torch_threads
 
 EXIT_BAD_INPUT = 2
 STARTED = time.monotonic()  # the command's wall time counts from here (before torch loads)
@@ -57,10 +58,22 @@ def _secret(path: str | None, env: str) -> str:
     return os.environ.get(env, "").strip()
 
 
+def _tune_process(role: Role) -> None:
+    """Torch threads for this role, and glibc keeping the wire's large buffers mapped."""
+    from .wire.allocator import keep_large_buffers_mapped
+
+    keep_large_buffers_mapped()
+    try:
+        apply_torch_threads(role)
+    except ThreadsError as error:
+        raise ManifestError(str(error)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .local import RunOptions, run_job, with_clients
     from .progress import outcome_line
 
+    _tune_process("local")
     job = with_clients(load_job(args.job), args.clients)
     output = Path(args.output or Path("runs") / job.metadata.name)
     existing = "resume" if args.resume else "fresh" if args.fresh else "refuse"
@@ -93,6 +106,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from .coordinator.server import TlsFiles, serve
     from .coordinator.status import FanOut, StatusSink
 
+    _tune_process("coordinator")
     job = load_job(args.job)
     output = Path(args.output) if args.output else None
     sinks: list[StatusSink] = []
@@ -146,11 +160,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     from .agent.client import AgentConfig, run_agents
 
-    threads = os.environ.get("FEDKUBE_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    _tune_process("agent")
     indexes: list[int | None] = list(args.simulated_index) or [None]
     if len(indexes) > 1 and args.node_id:
         raise ManifestError("--node-id names one agent; with several --simulated-index "

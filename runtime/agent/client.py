@@ -26,8 +26,8 @@ from .trainer import LocalTrainer, Refusal
 log = logging.getLogger("fedkube.agent")
 
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 2 * wire.CHUNK_BYTES + (64 << 10)),
-    ("grpc.max_send_message_length", 2 * wire.CHUNK_BYTES + (64 << 10)),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
@@ -212,8 +212,8 @@ class Agent:
 
 async def _update_stream(header: UpdateHeader, weights: dict) -> AsyncIterator[pb.UpdateChunk]:
     yield pb.UpdateChunk(header=convert.header_to_pb(header))
-    for chunk in wire.to_chunks(weights, model_version=header.model_version):
-        yield pb.UpdateChunk(tensor=chunk)
+    for part in wire.to_update_chunks(weights, model_version=header.model_version):
+        yield part
 
 
 def run_agents(configs: list[AgentConfig]) -> int:

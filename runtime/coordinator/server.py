@@ -23,7 +23,7 @@ from .engine import RoundEngine
 log = logging.getLogger("fedkube.coordinator")
 
 # Updates larger than a chunk are streamed; this only bounds a single message.
-MAX_MESSAGE_BYTES = 2 * wire.CHUNK_BYTES + (64 << 10)
+MAX_MESSAGE_BYTES = wire.MAX_MESSAGE_BYTES
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

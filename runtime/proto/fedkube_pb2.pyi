@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -48,7 +47,7 @@ class RegisterRequest(_message.Message):
     facts: DeviceFacts
     simulated_index: int
     simulated: bool
-    def __init__(self, join_token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., simulated_index: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
+    def __init__(self, join_token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., simulated_index: _Optional[int] = ..., simulated: bool = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_seconds", "job")
@@ -94,7 +93,7 @@ class HeartbeatReply(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     job_running: bool
     round: int
-    def __init__(self, job_running: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+    def __init__(self, job_running: bool = ..., round: _Optional[int] = ...) -> None: ...
 
 class StreamTasksRequest(_message.Message):
     __slots__ = ("node_id",)
@@ -234,4 +233,4 @@ class SubmitReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., message: _Optional[str] = ...) -> None: ...

@@ -8,6 +8,7 @@
 
 from .tensors import (
     CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
     Schema,
     TensorAssembler,
     TensorSpec,
@@ -17,10 +18,12 @@ from .tensors import (
     from_chunks,
     schema_of,
     to_chunks,
+    to_update_chunks,
 )
 
 __all__ = [
     "CHUNK_BYTES",
+    "MAX_MESSAGE_BYTES",
     "Schema",
     "TensorAssembler",
     "TensorSpec",
@@ -30,4 +33,5 @@ __all__ = [
     "from_chunks",
     "schema_of",
     "to_chunks",
+    "to_update_chunks",
 ]

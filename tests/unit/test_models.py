@@ -163,3 +163,20 @@ def test_unknown_zoo_name_lists_the_zoo() -> None:
 def test_bad_shapes_are_refused(shape: tuple, classes: int, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         build_model("mlp", input_shape=shape, num_classes=classes)
+
+
+def test_tanh_cnn_is_papernots_network_on_mnist() -> None:
+    # Papernot et al. 2021, Table 1: conv 16x8x8/2, pool, conv 32x4x4/2, pool, fc 32, fc 10.
+    model = build_model("tanh-cnn", input_shape=(1, 28, 28), num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == 26_010
+    assert [type(m).__name__ for m in model.modules() if not list(m.children())] == [
+        "Conv2d", "Tanh", "MaxPool2d", "Conv2d", "Tanh", "MaxPool2d", "Flatten",
+        "Linear", "Tanh", "Linear"]
+    assert model[1].in_features == 4 * 4 * 32
+
+
+def test_tanh_cnn_names_the_smallest_input_it_takes() -> None:
+    assert build_model("tanh-cnn", input_shape=(1, 4, 4), num_classes=3)(
+        torch.randn(2, 1, 4, 4)).shape == (2, 3)
+    with pytest.raises(ModelError, match="'tanh-cnn': input must be at least 4x4, got 3x8"):
+        build_model("tanh-cnn", input_shape=(1, 3, 8), num_classes=10)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 import torch
 from fedkube.runtime import wire
+from fedkube.runtime.agent.client import GRPC_OPTIONS as AGENT_OPTIONS
+from fedkube.runtime.coordinator.server import GRPC_OPTIONS as SERVER_OPTIONS
 from fedkube.runtime.coordinator.server import MAX_MESSAGE_BYTES
 
 
@@ -28,7 +33,7 @@ def test_round_trip_is_exact_for_every_dtype() -> None:
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
 
 
-def test_a_100mb_model_travels_in_messages_under_the_grpc_limit() -> None:
+def test_a_100mb_model_travels_in_messages_under_both_ends_limits() -> None:
     weights = {"big": torch.ones(25 * 1024 * 1024), "small": torch.ones(3)}  # 100 MiB
     sizes = []
     assembler = wire.TensorAssembler(wire.schema_of(weights))
@@ -36,9 +41,36 @@ def test_a_100mb_model_travels_in_messages_under_the_grpc_limit() -> None:
         sizes.append(chunk.ByteSize())
         assembler.add(chunk)
     back = assembler.finish()
-    assert max(sizes) < MAX_MESSAGE_BYTES < 4 * 1024 * 1024  # gRPC's default stays untouched
-    assert len(sizes) >= 100
+    limits = {dict(options)[key] for options in (SERVER_OPTIONS, AGENT_OPTIONS)
+              for key in ("grpc.max_receive_message_length", "grpc.max_send_message_length")}
+    assert limits == {MAX_MESSAGE_BYTES}  # both ends agree on one bound
+    # An UpdateChunk wraps a TensorChunk with a few bytes of framing: well under the bound.
+    assert max(sizes) + 64 < MAX_MESSAGE_BYTES
+    assert len(sizes) >= 100 * (1 << 20) // wire.CHUNK_BYTES
     assert torch.equal(back["big"], weights["big"])
+
+
+def test_assembled_tensors_are_writable_and_own_their_memory() -> None:
+    weights = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(2, 3)}
+    back = wire.from_chunks(wire.to_chunks(weights, chunk_bytes=8), wire.schema_of(weights))
+    back["a"].add_(1)  # the receiver may fold into what it got
+    assert torch.equal(back["a"], weights["a"] + 1) and torch.equal(back["b"], weights["b"])
+    assert back["a"].untyped_storage().data_ptr() != back["b"].untyped_storage().data_ptr()
+
+
+def test_a_large_finite_update_is_not_mistaken_for_an_overflow() -> None:
+    # The finite check sums first; a sum that overflows must not refuse finite values.
+    weights = {"w": torch.full((1000,), 3e38), "h": torch.full((100,), 60000.0).half()}
+    back = wire.from_chunks(wire.to_chunks(weights), wire.schema_of(weights))
+    assert torch.equal(back["w"], weights["w"]) and torch.equal(back["h"], weights["h"])
+
+
+def test_a_bool_tensor_with_other_bytes_is_refused() -> None:
+    schema = {"mask": wire.TensorSpec((2,), "bool")}
+    chunk = next(wire.to_chunks({"mask": torch.tensor([True, False])}))
+    chunk.data = b"\x01\x07"
+    with pytest.raises(wire.WireError, match="'mask': bool values other than 0 and 1"):
+        wire.from_chunks([chunk], schema)
 
 
 @pytest.mark.parametrize(("tamper", "message"), [
@@ -65,3 +97,28 @@ def test_reordered_truncated_and_oversized_streams_are_refused() -> None:
         wire.from_chunks(chunks[:-1], schema)
     with pytest.raises(wire.WireError, match="exceeds"):
         wire.from_chunks(chunks + chunks[-1:], schema)
+    # A chunk that would run past its tensor is refused before it is written anywhere.
+    long = next(wire.to_chunks(weights))
+    long.data = bytes(320)
+    assembler = wire.TensorAssembler(schema, max_bytes=1000)
+    with pytest.raises(wire.WireError, match="'w': 320 bytes, expected 256"):
+        assembler.add(long)
+
+
+def test_update_chunks_carry_exactly_the_model_chunks() -> None:
+    weights = _weights()
+    plain = list(wire.to_chunks(weights, model_version=3, chunk_bytes=16))
+    wrapped = list(wire.to_update_chunks(weights, model_version=3, chunk_bytes=16))
+    assert [part.WhichOneof("part") for part in wrapped] == ["tensor"] * len(plain)
+    assert [part.tensor for part in wrapped] == plain
+    back = wire.from_chunks((part.tensor for part in wrapped), wire.schema_of(weights))
+    assert all(torch.equal(back[name], tensor) for name, tensor in weights.items())
+
+
+def test_the_allocator_tuning_defers_to_the_users_own_settings() -> None:
+    from fedkube.runtime.wire.allocator import keep_large_buffers_mapped
+
+    assert keep_large_buffers_mapped({"MALLOC_TRIM_THRESHOLD_": "1000000"}) is False
+    assert keep_large_buffers_mapped({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}) is False
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert keep_large_buffers_mapped({}) is True
