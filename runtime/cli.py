@@ -3,7 +3,8 @@
     fedkube run JOB.yaml          coordinator + simulated agents on this machine
     fedkube coordinator --job F   the gRPC aggregation server (what the operator's pod runs)
     fedkube agent --coordinator   a client: register, train, upload
-    fedkube validate JOB.yaml     check a manifest
+    fedkube validate JOB.yaml     check a manifest; print model size and memory
+    fedkube privacy plan JOB.yaml noise, epsilon per round, rounds the budget allows
     fedkube version
 
 Sub-commands of other packages (the operator's `operator` and `crds`) plug in through the
@@ -60,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     output = Path(args.output or Path("runs") / job.metadata.name)
-    options = RunOptions(output=output, clients=args.clients, quiet=args.quiet)
+    options = RunOptions(output=output, clients=args.clients, quiet=args.quiet,
+                         mlflow_uri=args.mlflow_uri)
     if args.agent_processes:
         options = dataclasses.replace(options, agent_processes=args.agent_processes)
     summary = asyncio.run(run_job(job, options))
@@ -97,7 +99,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     report = None
     if output is not None:
         report = RunReport(output, job=job.metadata.name,
-                           target_epsilon=job.spec.privacy.target_epsilon)
+                           target_epsilon=job.spec.privacy.target_epsilon,
+                           target_accuracy=job.spec.convergence.target_accuracy)
         sinks.append(report)
     kube_sink = None
     if args.kube:
@@ -123,6 +126,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
         metrics=metrics, on_round=report.round if report else None,
         registration_timeout=args.registration_timeout, job_file=Path(args.job))
+    from .coordinator.tracking import tracker_for
+
+    tracker = tracker_for(job, output_dir=output, uri_override=args.mlflow_uri)
+    if tracker is not None:
+        engine.events.subscribe(tracker)
     port = args.port if args.port is not None else job.spec.coordinator.port
     try:
         status = asyncio.run(_until_terminated(serve(engine, host=args.host, port=port,
@@ -134,6 +142,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             kube_sink.close(timeout=10)  # the last status must reach the API server
     if report is not None:
         report.finish()
+    if tracker is not None:
+        tracker.finish(model=engine.model, weights=engine.weights, phase=status.phase)
     print(json.dumps({"phase": status.phase.value, "round": status.round,
                       "accuracy": status.accuracy, "message": status.message}))
     return 0 if status.phase.value == "Succeeded" else 1
@@ -170,8 +180,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .sizing import format_footprint, job_footprint
+
     job = load_job(args.job)
     print(f"{args.job}: FederatedJob {job.metadata.name} is valid")
+    try:
+        print(format_footprint(job_footprint(job.spec)))
+    except (OSError, ValueError) as error:  # the data lives on the devices, not here
+        print(f"  (size not estimated: {error})")
     return 0
 
 
@@ -194,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     run.add_argument("--agent-processes", type=int,
                      help="OS processes the simulated agents share (default: one per core)")
+    run.add_argument("--mlflow-uri", help="log the job to MLflow at this tracking URI "
+                     "(overrides spec.tracking.mlflow.trackingUri)")
     run.set_defaults(func=cmd_run)
 
     coordinator = commands.add_parser("coordinator", help="serve a job's aggregation over gRPC")
@@ -210,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--metrics-port", type=int, help="serve Prometheus metrics")
     coordinator.add_argument("--registration-timeout", type=float, default=120.0,
                              help="seconds to wait for simulated clients before starting")
+    coordinator.add_argument("--mlflow-uri", help="log the job to MLflow at this tracking URI "
+                             "(overrides spec.tracking.mlflow.trackingUri)")
     coordinator.set_defaults(func=cmd_coordinator)
 
     agent = commands.add_parser("agent", help="join a job as a client")
@@ -232,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a FederatedJob manifest")
     validate.add_argument("job")
     validate.set_defaults(func=cmd_validate)
+
+    from .planning import register as register_privacy
+
+    register_privacy(commands)
 
     show_version = commands.add_parser("version", help="print the version")
     show_version.set_defaults(func=cmd_version)

@@ -22,6 +22,7 @@ from .coordinator.engine import RoundEngine, RoundRecord
 from .coordinator.report import RunReport
 from .coordinator.server import serve
 from .coordinator.status import FanOut
+from .coordinator.tracking import tracker_for
 from .spec import ClientNodeSpec, ClientNodeStatus, FederatedJob, FederatedJobStatus
 
 log = logging.getLogger("fedkube.run")
@@ -37,6 +38,7 @@ class RunOptions:
     # N clients on a laptop should not cost N copies of torch in memory and start-up.
     agent_processes: int = max(1, os.cpu_count() or 1)
     extra_agent_args: tuple[str, ...] = ()
+    mlflow_uri: str | None = None  # overrides spec.tracking.mlflow.trackingUri
 
 
 class ConsoleProgress:
@@ -145,7 +147,8 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
         job = job.model_copy(update={"spec": type(job.spec).model_validate(spec.model_dump())})
     options.output.mkdir(parents=True, exist_ok=True)
     report = RunReport(options.output, job=job.metadata.name,
-                       target_epsilon=job.spec.privacy.target_epsilon)
+                       target_epsilon=job.spec.privacy.target_epsilon,
+                       target_accuracy=job.spec.convergence.target_accuracy)
     progress = ConsoleProgress(job, stream=sys.stderr, enabled=not options.quiet)
 
     def on_round(record: RoundRecord) -> None:
@@ -154,6 +157,9 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
 
     engine = RoundEngine(job, sink=FanOut(report, progress), output_dir=options.output,
                          on_round=on_round)
+    tracker = tracker_for(job, output_dir=options.output, uri_override=options.mlflow_uri)
+    if tracker is not None:
+        engine.events.subscribe(tracker)
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     started = time.monotonic()
     server = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))
@@ -172,10 +178,14 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
             with contextlib.suppress(asyncio.CancelledError):
                 await server
         exit_codes = await asyncio.to_thread(agents.stop) if agents else []
-    return report.finish({
+    summary = report.finish({
         "wall_seconds": round(time.monotonic() - started, 3),
         "agents": clients,
         "agent_exit_codes": exit_codes,
         "phase": status.phase.value,
         "message": status.message,
     })
+    if tracker is not None:
+        await asyncio.to_thread(tracker.finish, model=engine.model, weights=engine.weights,
+                                phase=status.phase)
+    return summary
