@@ -180,8 +180,12 @@ class MlflowTracker:
             saved = Path(folder) / MODEL_PATH
             # Requirements given, not inferred: inference loads the model again in a
             # child interpreter, which costs more than the whole of a small job.
-            mlflow.pytorch.save_model(model, str(saved), pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}", "fedkube"])
+            # Pickled, not mlflow 3's traced pt2 default: that needs an input example and
+            # a graph torch.export accepts, which a user's module:factory may not give.
+            mlflow.pytorch.save_model(model, str(saved), serialization_format="pickle",
+                                      pip_requirements=[
+                                          f"torch=={torch.__version__.split('+')[0]}",
+                                          "fedkube"])
             self._client.log_artifacts(self.run_id, str(saved), artifact_path=MODEL_PATH)
 
     # ------------------------------------------------------------ helpers

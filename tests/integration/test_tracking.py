@@ -107,6 +107,8 @@ def test_a_job_is_one_run_with_metrics_files_and_a_loadable_model(tmp_path: Path
         "minClients": 2, "simulation": {"clients": 2}, "batchSize": 32, "learningRate": 0.1,
         "tracking": {"mlflow": {"trackingUri": "sqlite:///ignored-the-flag-wins.db",
                                 "experiment": "digits"}}}
+    # Artifacts under tmp_path too (MLflow's default root is ./mlruns in the working dir).
+    MlflowClient(uri).create_experiment("digits", artifact_location=str(tmp_path / "artifacts"))
     job = write_job(tmp_path / "job.yaml", "tracked-run", **spec)
     assert _run(job, output, uri)["phase"] == "Succeeded"
     # Resumed with one more round: the same MLflow run continues at step 3.
@@ -127,7 +129,7 @@ def test_a_job_is_one_run_with_metrics_files_and_a_loadable_model(tmp_path: Path
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "metrics.png", CLIENTS_TABLE, "model"} <= artifacts
 
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pytorch.load_model(f"{run.info.artifact_uri}/model")
     final = torch.load(output / checkpoint.MODEL, weights_only=True)  # the job's own copy
     state = model.state_dict()
     assert set(state) == set(final)
