@@ -71,6 +71,7 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
     clients.bar(rounds, [r.clients_dropped for r in history],
                 bottom=[r.clients_in for r in history], color="tab:gray", label="dropped")
     clients.set(title="Clients per round", xlabel="round", ylabel="clients")
+    clients.yaxis.set_major_locator(MaxNLocator(integer=True))
     clients.legend(loc="lower right")
 
     for axis in grid.flat:
