@@ -3,7 +3,8 @@
     fedkube run JOB.yaml          coordinator + simulated agents on this machine
     fedkube coordinator --job F   the gRPC aggregation server (what the operator's pod runs)
     fedkube agent --coordinator   a client: register, train, upload
-    fedkube validate JOB.yaml     check a manifest
+    fedkube validate JOB.yaml     check a manifest; print model size and memory
+    fedkube privacy plan JOB.yaml noise, epsilon per round, rounds the budget allows
     fedkube version
 
 Sub-commands of other packages (the operator's `operator` and `crds`) plug in through the
@@ -78,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     output = Path(args.output or Path("runs") / job.metadata.name)
     existing = "resume" if args.resume else "fresh" if args.fresh else "refuse"
     options = RunOptions(output=output, quiet=args.quiet, existing=existing,
-                         job_file=args.job, started=STARTED)
+                         job_file=args.job, started=STARTED,
+                         mlflow_uri=args.mlflow_uri)
     if args.agent_processes:
         options = dataclasses.replace(options, agent_processes=args.agent_processes)
     summary = asyncio.run(run_job(job, options))
@@ -113,7 +115,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     report = None
     if output is not None:
         report = RunReport(output, job=job.metadata.name,
-                           target_epsilon=job.spec.privacy.target_epsilon)
+                           target_epsilon=job.spec.privacy.target_epsilon,
+                           target_accuracy=job.spec.convergence.target_accuracy)
         sinks.append(report)
     kube_sink = None
     if args.kube:
@@ -141,6 +144,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         registration_timeout=args.registration_timeout, job_file=Path(args.job))
     if report is not None and engine.history:  # restarted: continue the checkpoint's log
         report.restart_from(engine.history)
+    from .coordinator.tracking import tracker_for
+
+    tracker = tracker_for(job, output_dir=output, uri_override=args.mlflow_uri)
+    if tracker is not None:
+        engine.events.subscribe(tracker)
     port = args.port if args.port is not None else job.spec.coordinator.port
     try:
         status = asyncio.run(_until_terminated(serve(engine, host=args.host, port=port,
@@ -152,6 +160,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             kube_sink.close(timeout=10)  # the last status must reach the API server
     if report is not None:
         report.finish()
+    if tracker is not None:
+        tracker.finish(model=engine.model, weights=engine.weights, phase=status.phase)
     print(json.dumps({"phase": status.phase.value, "round": status.round,
                       "accuracy": status.accuracy, "message": status.message}))
     return 0 if status.phase.value == "Succeeded" else 1
@@ -201,6 +211,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"({parameters:,} parameters), data {spec.data.dataset} ({len(data.y_train)} "
           f"training, {len(data.y_test)} test examples of {'x'.join(map(str, data.input_shape))},"
           f" {data.num_classes} classes), {clients}")
+    from .sizing import format_footprint, job_footprint
+
+    print(format_footprint(job_footprint(spec)))
     return 0
 
 
@@ -257,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     run.add_argument("--agent-processes", type=_count, metavar="N",
                      help="OS processes the simulated agents share (default: one per core)")
+    run.add_argument("--mlflow-uri", help="log the job to MLflow at this tracking URI "
+                     "(overrides spec.tracking.mlflow.trackingUri)")
     run.set_defaults(func=cmd_run)
 
     coordinator = commands.add_parser(
@@ -284,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                              metavar="SECONDS",
                              help="seconds to wait for simulated clients before starting "
                              "(default 120)")
+    coordinator.add_argument("--mlflow-uri", help="log the job to MLflow at this tracking URI "
+                             "(overrides spec.tracking.mlflow.trackingUri)")
     coordinator.set_defaults(func=cmd_coordinator)
 
     agent = commands.add_parser("agent", help="join a job as a client")
@@ -314,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         "holds the expected arrays) and the model (name resolves, builds for the data).")
     validate.add_argument("job", help="FederatedJob manifest (YAML)")
     validate.set_defaults(func=cmd_validate)
+
+    from .planning import register as register_privacy
+
+    register_privacy(commands)
 
     show_version = commands.add_parser("version", help="print the version")
     show_version.set_defaults(func=cmd_version)

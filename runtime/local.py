@@ -28,6 +28,7 @@ from .coordinator.engine import RoundEngine, RoundRecord
 from .coordinator.report import RunReport
 from .coordinator.server import serve
 from .coordinator.status import FanOut
+from .coordinator.tracking import tracker_for
 from .progress import ConsoleProgress
 from .spec import FederatedJob, ManifestError, parse_job_spec
 
@@ -50,6 +51,7 @@ class RunOptions:
     existing: Existing = "refuse"
     job_file: str = "JOB.yaml"  # for the hints in messages
     started: float | None = None  # time.monotonic() when the command started
+    mlflow_uri: str | None = None  # overrides spec.tracking.mlflow.trackingUri
 
 
 class RunFolderError(ValueError):
@@ -226,7 +228,8 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
     created = not options.output.exists()
     options.output.mkdir(parents=True, exist_ok=True)
     report = RunReport(options.output, job=job.metadata.name,
-                       target_epsilon=job.spec.privacy.target_epsilon)
+                       target_epsilon=job.spec.privacy.target_epsilon,
+                       target_accuracy=job.spec.convergence.target_accuracy)
     progress = ConsoleProgress(job, stream=sys.stderr, enabled=not options.quiet,
                                expected_clients=clients)
     stop = StopRequest()
@@ -246,6 +249,9 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
             if created:  # a run that could not start leaves no folder behind
                 shutil.rmtree(options.output, ignore_errors=True)
             raise
+        tracker = tracker_for(job, output_dir=options.output, uri_override=options.mlflow_uri)
+        if tracker is not None:
+            engine.events.subscribe(tracker)
         if not folder.empty:
             report.restart_from(engine.history)
             progress.note(f"resuming at round {engine.round + 1}")
@@ -254,12 +260,16 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
     progress.finish(engine.status)
     if stop.signal_name is not None:
         progress.note(f"{stop.signal_name}: stopped after {engine.round} rounds")
-    return report.write_summary({
+    summary = report.write_summary({
         **clock.figures(),
         "agents": clients,
         "agentExitCodes": exit_codes,
         "stoppedBy": stop.signal_name,
     })
+    if tracker is not None:
+        await asyncio.to_thread(tracker.finish, model=engine.model, weights=engine.weights,
+                                phase=engine.status.phase)
+    return summary
 
 
 def _warm_plotting() -> None:

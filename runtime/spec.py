@@ -194,6 +194,24 @@ class CoordinatorSpec(_Model):
     )
 
 
+class MlflowSpec(_Model):
+    """Where the coordinator logs the job as one MLflow run."""
+
+    tracking_uri: str = Field(
+        min_length=1,
+        description="MLflow tracking URI: http(s)://server, file:///path or sqlite:///file.db.",
+    )
+    experiment: str | None = Field(
+        None, min_length=1, description="MLflow experiment (default: the job's name)."
+    )
+
+
+class TrackingSpec(_Model):
+    """Experiment tracking (needs the `mlflow` extra: pip install fedkube[mlflow])."""
+
+    mlflow: MlflowSpec | None = None
+
+
 class FederatedJobSpec(_Model):
     """What a data scientist asks for."""
 
@@ -230,6 +248,7 @@ class FederatedJobSpec(_Model):
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
     convergence: ConvergenceSpec = Field(default_factory=ConvergenceSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
 
     @model_validator(mode="after")
@@ -594,6 +613,15 @@ class ClientNodeStatus(_Model):
     privacy: dict[str, PrivacySpent] = Field(
         default_factory=dict, description="DP budget spent on this device, per job."
     )
+    last_round_seconds: float | None = Field(
+        None, ge=0, description="Dispatch to accepted update, in its last round."
+    )
+    local_loss: float | None = Field(None, description="Training loss it reported last round.")
+    local_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Training accuracy it reported last round."
+    )
+    bytes_up: int = Field(0, ge=0, description="Update bytes accepted from it in this job.")
+    rejections: int = Field(0, ge=0, description="Its requests refused in this job.")
 
 
 class ClientNode(_Model):

@@ -289,6 +289,9 @@ class RoundEngine:
     def refused(self, node_id: str, rejection: Rejected) -> None:
         """The servicer refused a request: count it and log it."""
         log.warning("refused %s: %s", node_id or "request", rejection)
+        client = self.registry.get(node_id)
+        if client is not None:
+            client.rejections += 1
         self.events.publish(UpdateRefused(node_id, rejection.reason, str(rejection)))
 
     def record_refusal(self, header: UpdateHeader) -> None:
@@ -311,6 +314,8 @@ class RoundEngine:
         client.rounds_participated += 1
         client.epsilon = max(client.epsilon, header.epsilon_spent)
         client.delta = header.delta if header.epsilon_spent else client.delta
+        client.update_arrived(nbytes=nbytes, seconds=time.monotonic() - open_round.started,
+                              metrics=header.metrics)
         self.status.bytes_up += nbytes
         self.events.publish(UpdateAccepted(header.node_id, nbytes))
 

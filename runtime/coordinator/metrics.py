@@ -20,6 +20,18 @@ Names follow Prometheus' conventions (base units, `_total` on counters, `fedkube
 | fedkube_privacy_epsilon | gauge | DP budget spent so far |
 | fedkube_round_current | gauge | the round in progress or last closed |
 | fedkube_model_accuracy | gauge | test accuracy of the global model |
+| fedkube_client_round_duration_seconds{client} | gauge | dispatch to its accepted update, last round |
+| fedkube_client_local_loss{client} | gauge | training loss it reported last round |
+| fedkube_client_local_accuracy{client} | gauge | training accuracy it reported last round |
+| fedkube_client_bytes_received{client} | gauge | update bytes accepted from it in this job |
+| fedkube_client_rejections{client} | gauge | its requests refused in this job |
+| fedkube_client_rounds_participated{client} | gauge | rounds its update was folded into |
+| fedkube_clients_untracked | gauge | clients beyond `MAX_CLIENT_SERIES`, left without series |
+
+Every client label value is a set of new time series, so only the first
+`MAX_CLIENT_SERIES` (50) clients of a coordinator get per-client series; the rest are
+counted in fedkube_clients_untracked (their figures stay in the ClientNode status and
+summary.json). Series are never created from anything but a registered node id.
 """
 
 from __future__ import annotations
@@ -40,7 +52,9 @@ from prometheus_client import (
 )
 
 from ..messages import RejectReason
+from ..spec import ClientNodeStatus
 from .events import (
+    ClientChanged,
     ClientsCounted,
     Event,
     ModelSent,
@@ -57,6 +71,9 @@ ROUND_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 
 # The label values of fedkube_updates_rejected_total: exactly the protocol's refusal reasons.
 REASON_LABELS = tuple(reason.label for reason in RejectReason)
+
+# The most clients with their own per-client series (see the module's docstring).
+MAX_CLIENT_SERIES = 50
 
 # A reason is a label value, and every distinct value is a new time series: only short
 # identifiers are allowed, so an error message can never end up as a label.
@@ -105,6 +122,24 @@ class CoordinatorMetrics:
         self._accuracy = Gauge(
             "fedkube_model_accuracy", "Test accuracy of the global model (0 to 1).", registry=r
         )
+        self._per_client = {
+            name: Gauge(f"fedkube_client_{name}", help_text, ["client"], registry=r)
+            for name, help_text in (
+                ("round_duration_seconds", "Dispatch to the client's accepted update."),
+                ("local_loss", "Training loss the client reported last round."),
+                ("local_accuracy", "Training accuracy the client reported last round."),
+                ("bytes_received", "Update bytes accepted from the client in this job."),
+                ("rejections", "Requests of the client refused in this job."),
+                ("rounds_participated", "Rounds the client's update was folded into."),
+            )
+        }
+        self._untracked = Gauge(
+            "fedkube_clients_untracked",
+            f"Clients beyond the first {MAX_CLIENT_SERIES}, left without per-client series.",
+            registry=r,
+        )
+        self._tracked_clients: set[str] = set()
+        self._untracked_clients: set[str] = set()
 
     # ------------------------------------------------------------------ recording
 
@@ -164,6 +199,26 @@ class CoordinatorMetrics:
         """The round now in progress (or last closed)."""
         self._round.set(_non_negative(n, "round"))
 
+    def client(self, node_id: str, status: ClientNodeStatus) -> None:
+        """One client's figures, as its ClientNode status has them (bounded series)."""
+        if node_id not in self._tracked_clients:
+            if len(self._tracked_clients) >= MAX_CLIENT_SERIES:
+                self._untracked_clients.add(node_id)
+                self._untracked.set(len(self._untracked_clients))
+                return
+            self._tracked_clients.add(node_id)
+        values = {
+            "round_duration_seconds": status.last_round_seconds,
+            "local_loss": status.local_loss,
+            "local_accuracy": status.local_accuracy,
+            "bytes_received": status.bytes_up,
+            "rejections": status.rejections,
+            "rounds_participated": status.rounds_participated,
+        }
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._per_client[name].labels(client=node_id).set(value)
+
     # ------------------------------------------------------------------ exposing
 
     def render(self) -> bytes:
@@ -219,3 +274,5 @@ class MetricsSubscriber:
             metrics.bytes_sent(event.nbytes)
         elif isinstance(event, ClientsCounted):
             metrics.clients(event.registered, event.live)
+        elif isinstance(event, ClientChanged):
+            metrics.client(event.spec.node_id, event.status)

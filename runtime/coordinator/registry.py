@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..messages import Registration, Task
@@ -26,6 +27,22 @@ class Client:
     set_aside: int = 0
     epsilon: float = 0.0
     delta: float = 0.0
+    bytes_up: int = 0
+    rejections: int = 0
+    last_round_seconds: float | None = None
+    local_loss: float | None = None
+    local_accuracy: float | None = None
+
+    def update_arrived(self, *, nbytes: int, seconds: float,
+                       metrics: Mapping[str, float]) -> None:
+        """An update of this client was accepted `seconds` after its round's dispatch."""
+        self.bytes_up += nbytes
+        self.last_round_seconds = round(seconds, 4)
+        self.local_loss = metrics.get("loss", self.local_loss)
+        accuracy = metrics.get("accuracy")
+        # Only a fraction is a status value; anything else is the agent's business.
+        if accuracy is not None and 0.0 <= accuracy <= 1.0:
+            self.local_accuracy = accuracy
 
     def phase(self, *, now: float, offline_after: float) -> ClientPhase:
         if now - self.last_seen > offline_after:
@@ -43,6 +60,11 @@ class Client:
             reliability=round(self.answered / self.dispatched, 4) if self.dispatched else None,
             suspicion=round(self.set_aside / self.answered, 4) if self.answered else None,
             privacy=privacy,
+            last_round_seconds=self.last_round_seconds,
+            local_loss=self.local_loss,
+            local_accuracy=self.local_accuracy,
+            bytes_up=self.bytes_up,
+            rejections=self.rejections,
         )
 
 

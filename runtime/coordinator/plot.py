@@ -1,0 +1,113 @@
+"""The run's pictures: metrics.png (the job, round by round) and clients.png (who took
+part and how long each took). Sized and labelled to be read at a glance: every axis says
+what and in which unit, the targets are drawn as lines, the best round is marked."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .events import RoundRecord
+
+FIGURE_DPI = 110
+FONT_SIZE = 11
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": FONT_SIZE})
+    return plt
+
+
+def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
+                target_epsilon: float | None, target_accuracy: float | None = None) -> Path:
+    """Accuracy (target line, best-so-far marker), loss, privacy spent (target line) or,
+    without privacy, the round's duration, and the clients in and dropped per round."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = [r.round for r in history]
+    figure, grid = plt.subplots(2, 2, figsize=(13, 8.5))
+    accuracy, loss, third, clients = grid.flat
+
+    accuracy.plot(rounds, [r.accuracy for r in history], marker="o", label="test accuracy")
+    best = max(history, key=lambda r: r.accuracy)
+    accuracy.scatter([best.round], [best.accuracy], s=160, marker="*", color="tab:green",
+                     zorder=3, label=f"best {best.accuracy:.3f} (round {best.round})")
+    if target_accuracy is not None:
+        accuracy.axhline(target_accuracy, linestyle="--", color="black",
+                         label=f"target {target_accuracy:g}")
+    accuracy.set(title="Global model accuracy", xlabel="round", ylabel="accuracy (test set)",
+                 ylim=(0, 1.02))
+    accuracy.legend(loc="lower right")
+
+    loss.plot(rounds, [r.loss for r in history], marker="o", color="tab:orange",
+              label="test (global model)")
+    train = [(r.round, r.train_loss) for r in history if r.train_loss is not None]
+    if train:
+        loss.plot(*zip(*train, strict=True), marker=".", linestyle="--", color="tab:gray",
+                  label="train (clients' mean)")
+    loss.set(title="Loss", xlabel="round", ylabel="cross-entropy loss")
+    loss.legend(loc="upper right")
+
+    if any(r.epsilon is not None for r in history):
+        third.plot(rounds, [r.epsilon or 0.0 for r in history], marker="o", color="tab:red",
+                   label="ε spent")
+        if target_epsilon is not None:
+            third.axhline(target_epsilon, linestyle="--", color="black",
+                          label=f"target ε {target_epsilon:g}")
+        third.set(title="Privacy budget", xlabel="round", ylabel="ε spent", ylim=(0, None))
+        third.legend(loc="lower right")
+    else:
+        third.bar(rounds, [r.seconds for r in history], color="tab:purple")
+        third.set(title="Round duration", xlabel="round", ylabel="seconds")
+
+    clients.bar(rounds, [r.clients_in for r in history], color="tab:blue", label="in")
+    clients.bar(rounds, [r.clients_dropped for r in history],
+                bottom=[r.clients_in for r in history], color="tab:gray", label="dropped")
+    clients.set(title="Clients per round", xlabel="round", ylabel="clients")
+    clients.yaxis.set_major_locator(MaxNLocator(integer=True))
+    clients.legend(loc="lower right")
+
+    for axis in grid.flat:
+        axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle(title, fontsize=FONT_SIZE + 3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=FIGURE_DPI)
+    plt.close(figure)
+    return path
+
+
+def plot_clients(clients: Mapping[str, Mapping[str, Any]], path: Path, *, title: str,
+                 rounds: int) -> Path:
+    """Per client (summary.json's `clients`): rounds taken part in out of the job's
+    rounds, and the seconds its last accepted update took from dispatch."""
+    plt = _pyplot()
+
+    names = sorted(clients)
+    status = [dict(clients[name].get("status") or {}) for name in names]
+    height = max(3.5, 0.35 * len(names) + 1.5)
+    figure, (taken, seconds) = plt.subplots(1, 2, figsize=(13, height), sharey=True)
+    positions = range(len(names))
+    taken.barh(positions, [s.get("roundsParticipated", 0) for s in status], color="tab:blue")
+    taken.axvline(rounds, linestyle="--", color="black", label=f"job rounds ({rounds})")
+    taken.set(title="Participation", xlabel="rounds taken part in", yticks=list(positions),
+              yticklabels=names)
+    taken.legend(loc="lower right")
+    seconds.barh(positions, [s.get("lastRoundSeconds") or 0.0 for s in status],
+                 color="tab:orange")
+    seconds.set(title="Time per client (last round)", xlabel="seconds, dispatch to update")
+    for axis in (taken, seconds):
+        axis.grid(alpha=0.3, axis="x")
+    taken.invert_yaxis()  # shared: the first client on top in both panels
+    figure.suptitle(f"{title}: clients", fontsize=FONT_SIZE + 3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=FIGURE_DPI)
+    plt.close(figure)
+    return path
