@@ -13,7 +13,9 @@ import pytest
 import torch
 from fedkube.runtime.agent.device import TrainingDevice
 from fedkube.runtime.agent.trainer import LocalTrainer
+from fedkube.runtime.messages import JobIdentity
 from fedkube.runtime.models import ZOO_NAMES, build_model
+from fedkube.runtime.plan import TrainPlan, plan_for
 from fedkube.runtime.privacy import PrivacyAccountant, private_training, require_dp_compatible
 from fedkube.runtime.privacy.dpsgd import unwrap
 from fedkube.runtime.spec import FederatedJobSpec
@@ -153,19 +155,27 @@ def _spec(model: str, privacy: dict[str, object] | None = None) -> FederatedJobS
 
 
 def _trainer(spec: FederatedJobSpec, device: torch.device, state_dir: Path) -> LocalTrainer:
-    return LocalTrainer.create(spec=spec, job="j", node_id="n0", device=device,
-                               input_shape=(1, 8, 8), num_classes=10, simulated_index=0,
-                               num_simulated=2, data_path=None, state_dir=state_dir)
+    identity = JobIdentity(job_name="j", model=spec.model, data=spec.data, seed=spec.seed,
+                           num_simulated_clients=2, input_shape=(1, 8, 8), num_classes=10)
+    return LocalTrainer.create(job=identity, node_id="n0", device=device, simulated_index=0,
+                               data_path=None, state_dir=state_dir)
+
+
+def _plan(spec: FederatedJobSpec) -> TrainPlan:
+    return plan_for(spec.model_copy(update={"learning_rate": 0.1}), round=1, model_version=0,
+                    now=0.0, client_parameters={})
 
 
 def test_an_agent_refuses_a_batchnorm_model_under_local_dp_before_training(
         tmp_path: Path) -> None:
     spec = _spec(f"{__name__}:batchnorm_model",
                  {"mode": "local", "targetEpsilon": 5.0, "delta": 1e-5})
+    trainer = _trainer(spec, CPU, tmp_path)
     with pytest.raises(ValueError, match="cannot be trained with privacy.mode 'local'"):
-        _trainer(spec, CPU, tmp_path)
+        trainer.refusal(_plan(spec))  # the first plan under local DP, before any step
     # Without DP the same model is fine.
-    _trainer(_spec(f"{__name__}:batchnorm_model"), CPU, tmp_path)
+    plain = _spec(f"{__name__}:batchnorm_model")
+    _trainer(plain, CPU, tmp_path).train(_plan(plain), weights_of(trainer.model))
 
 
 # ------------------------------------------------------------------ CPU fallback
@@ -206,14 +216,11 @@ def test_an_accelerator_that_worked_once_is_not_given_up() -> None:
 
 def test_an_agent_under_dp_falls_back_and_still_accounts(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    from fedkube.runtime.proto import fedkube_pb2 as pb
-
     spec = _spec("mlp", {"mode": "local", "targetEpsilon": 50.0, "delta": 1e-5})
     trainer = _trainer(spec, torch.device("meta"), tmp_path)
-    task = pb.Task(round=1, batch_size=16, local_epochs=1, learning_rate=0.1, optimizer="sgd")
     global_weights = weights_of(trainer.model)
     with caplog.at_level(logging.WARNING, logger="fedkube.agent"):
-        outcome = trainer.train(task, global_weights)
+        outcome = trainer.train(_plan(spec), global_weights)
     assert trainer.device.device == CPU
     assert outcome.num_samples == trainer.num_samples and outcome.epsilon > 0
     assert sum("failed at first use" in r.getMessage() for r in caplog.records) == 1
@@ -249,15 +256,12 @@ def test_training_dp_and_evaluation_on_the_accelerator() -> None:
 @pytest.mark.gpu
 def test_an_agent_trains_on_the_accelerator_without_falling_back(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from fedkube.runtime.proto import fedkube_pb2 as pb
-
     device = pick_device()
     for privacy in (None, {"mode": "local", "targetEpsilon": 50.0, "delta": 1e-5}):
-        trainer = _trainer(_spec("cnn8", privacy), device, tmp_path / str(bool(privacy)))
-        task = pb.Task(round=1, batch_size=16, local_epochs=1, learning_rate=0.1,
-                       optimizer="sgd")
+        spec = _spec("cnn8", privacy)
+        trainer = _trainer(spec, device, tmp_path / str(bool(privacy)))
         with caplog.at_level(logging.WARNING, logger="fedkube.agent"):
-            outcome = trainer.train(task, weights_of(trainer.model))
+            outcome = trainer.train(_plan(spec), weights_of(trainer.model))
         assert trainer.device.device.type == device.type
         assert not [r for r in caplog.records if "failed at first use" in r.getMessage()]
         assert outcome.metrics["steps"] > 0
