@@ -180,7 +180,9 @@ def create_job(
             _set_condition(status, patch, type=ConditionType.INSECURE, value="True",
                            reason=Reason.NO_TLS_OR_TOKEN,
                            message="neither spec.coordinator.tlsSecret nor joinTokenSecret is "
-                           "set: any pod that reaches the Service can join and read the model")
+                           "set: any pod that reaches the Service can join, read the model and "
+                           "send updates, and traffic is unencrypted; session credentials "
+                           "still keep a joined node from being impersonated")
         if created:
             kopf.info(body, reason=Reason.CREATED, message=f"created {', '.join(created)}")
 

@@ -26,6 +26,7 @@ class Client:
     set_aside: int = 0
     epsilon: float = 0.0
     delta: float = 0.0
+    rejections: dict[str, int] = field(default_factory=dict)  # by RejectReason label
 
     def phase(self, *, now: float, offline_after: float) -> ClientPhase:
         if now - self.last_seen > offline_after:
@@ -43,6 +44,7 @@ class Client:
             reliability=round(self.answered / self.dispatched, 4) if self.dispatched else None,
             suspicion=round(self.set_aside / self.answered, 4) if self.answered else None,
             privacy=privacy,
+            rejections=dict(self.rejections),
         )
 
 
@@ -118,6 +120,18 @@ class ClientRegistry:
         client.state = state or client.state
         client.epsilon = max(client.epsilon, epsilon)
         return client
+
+    def expire(self, older_than: float) -> list[str]:
+        """Forget nodes without a task stream not heard from for `older_than` seconds
+        (they free their place under admission.maxClients); their ids."""
+        now = time.monotonic()
+        gone = [c.node_id for c in self._clients.values()
+                if not c.streaming and now - c.last_seen > older_than]
+        for node_id in gone:
+            del self._clients[node_id]
+        if gone:
+            self.changed.set()
+        return gone
 
     def live(self, selector: dict[str, str] | None = None) -> list[Client]:
         """Clients seen recently, with a task stream open, matching the label selector."""
