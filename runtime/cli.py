@@ -26,6 +26,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .logs import configure as configure_logs
 from .spec import ManifestError, load_job
 
 EXIT_BAD_INPUT = 2
@@ -249,10 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2) if args.command == "run"
-        else logging.INFO - 10 * min(args.verbose, 1),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(logging.WARNING - 10 * min(args.verbose, 2) if args.command == "run"
+                   else logging.INFO - 10 * min(args.verbose, 1))
     try:
         return args.func(args)
     except ManifestError as error:

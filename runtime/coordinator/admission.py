@@ -55,6 +55,7 @@ class Bounded:
     delta: dict[str, torch.Tensor]
     weight: int
     norm: float  # of the update as sent
+    limit: float | None  # the bound it was held to
     clipped: bool
     capped: bool
 
@@ -98,11 +99,11 @@ class UpdateBounds:
             delta, clipped = clip_to_norm(delta, norm=norm, limit=limit), True
         if weight < claimed:
             log.warning("node %s claimed %d examples, weighed as %d", node_id, claimed, weight)
-        return Bounded(delta=dict(delta), weight=weight, norm=norm, clipped=clipped,
-                       capped=weight < claimed)
+        return Bounded(delta=dict(delta), weight=weight, norm=norm, limit=limit,
+                       clipped=clipped, capped=weight < claimed)
 
     def record(self, bounded: Bounded) -> None:
         """Remember an accepted update's norm (at most the limit it was clipped to)."""
-        limit = self.limit()
+        limit = bounded.limit
         norm = min(bounded.norm, limit) if bounded.clipped and limit is not None else bounded.norm
         self._this_round.append(norm)

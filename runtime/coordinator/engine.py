@@ -203,7 +203,7 @@ class RoundEngine:
     def register(self, registration: Registration) -> Admission:
         client, session = self.enrolment.enrol(registration)
         log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
-                 client.spec.data_size)
+                 client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)
         self.book.publish()
         return Admission(node_id=client.node_id, heartbeat_interval_seconds=self.HEARTBEAT_SECONDS,
@@ -268,7 +268,9 @@ class RoundEngine:
 
     def refused(self, node_id: str, rejection: Rejected) -> None:
         """The servicer refused a request: count it and log it."""
-        log.warning("refused %s: %s", node_id or "request", rejection)
+        log.warning("refused %s: %s", node_id or "request", rejection, extra={
+            "job": self.name, "round": self.round + 1, "node": node_id or None,
+            "reason": rejection.reason.label})
         client = self.registry.get(node_id)
         if client is not None:
             label = rejection.reason.label
@@ -491,8 +493,11 @@ class RoundEngine:
             remaining = deadline - time.monotonic()
             if live >= wanted:
                 return
-            if remaining <= 0 and live >= self.spec.min_clients:
-                log.warning("starting with %d of %d expected clients", live, wanted)
+            if remaining <= 0:
+                # Too few for even minClients: start anyway, so the round's retries end the
+                # job with TooFewClients instead of it waiting forever.
+                log.warning("starting with %d of %d expected clients (minClients %d)", live,
+                            wanted, self.spec.min_clients)
                 return
             await self._registry_change(max(0.5, min(remaining, 5.0)))
 

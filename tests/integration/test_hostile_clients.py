@@ -130,3 +130,14 @@ def test_impersonation_and_reregistration_are_refused() -> None:
     for name, moved in seen["moved"].items():
         if moved.is_floating_point():
             assert torch.allclose(moved, torch.full_like(moved, 0.5)), name
+
+
+def test_a_job_whose_clients_never_come_fails_with_a_reason() -> None:
+    async def scenario():
+        coordinator = await start(job("nobody", minClients=2, roundRetries=1,
+                                      roundTimeoutSeconds=0.5), registration_timeout=0.5)
+        return await asyncio.wait_for(coordinator.finished, timeout=60)
+
+    status = asyncio.run(scenario())
+    assert status.phase.value == "Failed"
+    assert "minClients" in (status.message or "")

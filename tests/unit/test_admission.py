@@ -130,3 +130,19 @@ def test_upload_guard_cuts_off_stalls_and_frees_the_slot() -> None:
 
     assert asyncio.run(scenario()) == [RejectReason.UPLOAD_IN_FLIGHT,
                                        RejectReason.UPLOAD_STALLED, None]
+
+
+def test_json_logs_are_one_object_per_line_with_job_round_and_node() -> None:
+    import json
+    import logging
+
+    from fedkube.runtime.logs import JsonFormatter
+
+    record = logging.LogRecord("fedkube.coordinator", logging.WARNING, __file__, 1,
+                               "refused %s", ("n1",), None)
+    record.job, record.round, record.node = "j", 3, "n1"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert (entry["job"], entry["round"], entry["node"]) == ("j", 3, "n1")
+    assert entry["message"] == "refused n1" and entry["level"] == "WARNING"
