@@ -332,6 +332,7 @@ class RoundEngine:
             for client in self.registry.all():
                 client.tasks.put_nowait(stop)
                 client.state = "idle"
+                client.departed = not client.streaming
                 self.book.publish_client(client)
             self.done.set()
         return self.status

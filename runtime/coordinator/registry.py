@@ -27,9 +27,10 @@ class Client:
     epsilon: float = 0.0
     delta: float = 0.0
     rejections: dict[str, int] = field(default_factory=dict)  # by RejectReason label
+    departed: bool = False  # no task stream when the job ended: the agent is gone
 
     def phase(self, *, now: float, offline_after: float) -> ClientPhase:
-        if now - self.last_seen > offline_after:
+        if self.departed or now - self.last_seen > offline_after:
             return ClientPhase.offline
         return ClientPhase.training if self.state in ("training", "uploading") else ClientPhase.ready
 

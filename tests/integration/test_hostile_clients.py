@@ -101,7 +101,10 @@ async def _impersonation_scenario() -> dict[str, object]:
         seen["victim"] = await victim.submit(filled(coordinator.initial, 0.5))
         rejections = dict(coordinator.engine.registry.get("victim").rejections)
         status = await finish(coordinator, victim, impostor, squatter)
-    seen.update(phase=status.phase.value, moved=coordinator.moved(), rejections=rejections)
+    victim_phase = coordinator.engine.registry.get("victim").phase(
+        now=0.0, offline_after=float("inf"))
+    seen.update(phase=status.phase.value, moved=coordinator.moved(), rejections=rejections,
+                dropped=status.clients.dropped, victim_phase=victim_phase.value)
     return seen
 
 
@@ -127,6 +130,8 @@ def test_impersonation_and_reregistration_are_refused() -> None:
     assert seen["victim"] == "accepted"
     assert seen["phase"] == "Succeeded"
     assert seen["rejections"] == {"unauthenticated": 4}
+    # All three left before the job ended: Offline and dropped, not Ready.
+    assert seen["dropped"] == 3 and seen["victim_phase"] == "Offline"
     for name, moved in seen["moved"].items():
         if moved.is_floating_point():
             assert torch.allclose(moved, torch.full_like(moved, 0.5)), name
