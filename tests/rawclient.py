@@ -51,6 +51,7 @@ class Coordinator:
     port: int
     finished: asyncio.Task[FederatedJobStatus]
     initial: Weights
+    sink: RecordingSink
 
     def untouched(self) -> bool:
         return all(torch.equal(self.engine.weights[k], self.initial[k]) for k in self.initial)
@@ -66,11 +67,12 @@ class Coordinator:
 
 
 async def start(spec_job, **engine_options: Any) -> Coordinator:
-    engine = RoundEngine(spec_job, sink=RecordingSink(), **engine_options)
+    sink = RecordingSink()
+    engine = RoundEngine(spec_job, sink=sink, **engine_options)
     initial = {k: v.clone() for k, v in engine.weights.items()}
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     finished = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))
-    return Coordinator(engine, await bound, finished, initial)
+    return Coordinator(engine, await bound, finished, initial, sink)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import wire
+from ..spec import FederatedJobStatus
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -67,3 +68,22 @@ def save_model(output_dir: Path, weights: dict[str, torch.Tensor]) -> Path:
     path = output_dir / MODEL
     _atomic_save(weights, path)
     return path
+
+
+FINAL_STATUS = "final-status.json"
+
+
+def save_final(output_dir: Path, status: FederatedJobStatus) -> None:
+    """The job's terminal status, so that a coordinator restarted after the end (in a
+    cluster, when a last status write timed out) reports it instead of running again."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / (FINAL_STATUS + ".tmp")
+    tmp.write_text(status.model_dump_json(by_alias=True, exclude_none=True))
+    os.replace(tmp, output_dir / FINAL_STATUS)
+
+
+def load_final(output_dir: Path) -> FederatedJobStatus | None:
+    path = output_dir / FINAL_STATUS
+    if not path.exists():
+        return None
+    return FederatedJobStatus.model_validate_json(path.read_text())

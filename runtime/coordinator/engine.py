@@ -313,6 +313,9 @@ class RoundEngine:
     # ----------------------------------------------------------------- the job
 
     async def run(self) -> FederatedJobStatus:
+        finished = checkpoint.load_final(self.output_dir) if self.output_dir else None
+        if finished is not None:
+            return self._already_finished(finished)
         self.book.running(self.spec.rounds)
         try:
             await self._wait_for_clients()
@@ -528,3 +531,14 @@ class RoundEngine:
         if self.output_dir is not None:
             model_ref = str(checkpoint.save_model(self.output_dir, self.weights))
         self.book.finish(verdict, model_ref=model_ref)
+        if self.output_dir is not None and verdict.phase is not Phase.stopped:
+            checkpoint.save_final(self.output_dir, self.status)
+
+    def _already_finished(self, status: FederatedJobStatus) -> FederatedJobStatus:
+        """Restarted after the job ended: report the end again, never Running."""
+        log.info("job %s already finished (%s); not running it again", self.name,
+                 status.phase.value)
+        self.book.status = self.status = status
+        self.book.publish()
+        self.done.set()
+        return status
