@@ -82,8 +82,32 @@ class Agent:
         self.node_id = config.node_id
         self.trainer: LocalTrainer | None = None
         self.state = "idle"
-        self.session = ""  # the credential Register returned for node_id
+        # The credential Register returned for node_id, kept in the state folder: an agent
+        # restarted with the same id proves it is the same node (and keeps its budget).
+        self.session = self._saved_session()
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
+
+    def _session_file(self) -> Path:
+        return self.config.state_dir / "sessions" / f"{self.node_id}.session"
+
+    def _saved_session(self) -> str:
+        if not self.node_id:
+            return ""
+        try:
+            return self._session_file().read_text().strip()
+        except OSError:
+            return ""
+
+    def _save_session(self) -> None:
+        path = self._session_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text(self.session)
+            tmp.replace(path)
+        except OSError as error:  # a read-only state folder costs only restarts
+            log.warning("cannot keep the session credential in %s: %s", path, error)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((SESSION_METADATA, self.session),)
@@ -139,6 +163,7 @@ class Agent:
             log.warning("node id %s is held by another session; joined as %s", self.node_id,
                         admission.node_id)
         self.node_id, self.session = admission.node_id, admission.session
+        self._save_session()
         if self.trainer is None:
             self.trainer = await asyncio.to_thread(
                 LocalTrainer.create, job=admission.job, node_id=self.node_id,
@@ -148,6 +173,7 @@ class Agent:
             again = convert.admission_from_pb(
                 await stub.Register(self._registration(self.trainer.num_samples), timeout=30))
             self.session = again.session
+            self._save_session()
         log.info("registered as %s for job %s", self.node_id, admission.job.job_name)
 
     async def _serve(self, stub: pb_grpc.CoordinatorStub) -> None:
