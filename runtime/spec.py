@@ -189,13 +189,13 @@ class AdmissionSpec(_Model):
     long an upload may take."""
 
     max_update_norm: float | None = Field(
-        1000.0, gt=0,
+        10_000.0, gt=0,
         description="Largest L2 norm of one update (new minus global weights); null: none.",
     )
     norm_bound_factor: float | None = Field(
         10.0, gt=1,
-        description="Largest update norm as a multiple of the median norm of recently "
-        "accepted updates (this round and the last); null: only maxUpdateNorm applies.",
+        description="Largest update norm as a multiple of the median norm of the updates "
+        "accepted so far in the same round; null: only maxUpdateNorm applies.",
     )
     norm_action: Literal["reject", "clip"] = Field(
         "reject", description="An update over the norm bound is refused, or scaled down to it."

@@ -240,8 +240,11 @@ class Agent:
             log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
                      result.metrics.get("loss", float("nan")))
         except grpc.aio.AioRpcError as error:
+            # INVALID_ARGUMENT too: an update over the norm bound costs this round, not the
+            # agent's place in the job.
             if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
-                                grpc.StatusCode.ALREADY_EXISTS):
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.INVALID_ARGUMENT):
                 log.warning("round %d: update not taken: %s", plan.round, error.details())
             else:
                 raise

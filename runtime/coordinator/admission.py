@@ -61,22 +61,21 @@ class Bounded:
 
 
 class UpdateBounds:
-    """The norm bound and the sample cap of one job, with the norms of recently accepted
-    updates (this round's and the last round's) that the relative bound compares with.
+    """The norm bound and the sample cap of one job, with the norms of the updates accepted
+    in the open round that the relative bound compares with. Only the same round's: update
+    norms change a lot from round to round (a noised model under central DP gives honest
+    updates many times the last round's norm), never among updates of the same model.
     Called under the round's fold lock, so arrivals are seen one at a time."""
 
     def __init__(self, spec: AdmissionSpec) -> None:
         self.spec = spec
-        self._last_round: list[float] = []
         self._this_round: list[float] = []
 
     def next_round(self) -> None:
-        if self._this_round:
-            self._last_round = self._this_round
         self._this_round = []
 
     def limit(self) -> float | None:
-        return norm_limit(self._last_round + self._this_round,
+        return norm_limit(self._this_round,
                           factor=self.spec.norm_bound_factor, absolute=self.spec.max_update_norm)
 
     def apply(self, node_id: str, delta: Mapping[str, torch.Tensor], *, claimed: int,
