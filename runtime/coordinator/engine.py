@@ -117,7 +117,11 @@ class RoundEngine:
         self.registry = ClientRegistry(job=self.name, offline_after=offline_after)
         admission = self.spec.admission
         self.enrolment = Enrolment(self.registry, admission, join_token=join_token)
-        self.bounds = UpdateBounds(admission)
+        # Central DP clips every update to maxGradNorm, a tighter bound than these; and its
+        # noise makes honest norms grow without limit, so a norm bound would refuse them.
+        self.bounds = UpdateBounds(admission.model_copy(
+            update={"max_update_norm": None, "norm_bound_factor": None})
+            if self.spec.privacy.mode == "central" else admission)
         # Uploads being assembled are bounded (memory); stalled ones are cut off.
         self.uploads = UploadGuard(slots=4, idle_seconds=admission.upload_idle_seconds,
                                    total_seconds=admission.upload_timeout_seconds)
