@@ -19,7 +19,9 @@ from .resources import CoordinatorHealth
 
 Share = dict[str, Any]
 INSECURE_MESSAGE = ("neither spec.coordinator.tlsSecret nor joinTokenSecret is set: any pod "
-                    "that reaches the Service can join and read the model")
+                    "that reaches the Service can join, read the model and send updates, and "
+                    "traffic is unencrypted; session credentials still keep a joined node "
+                    "from being impersonated")
 
 
 def accept(share: Share, *, endpoint: str, generation: int | None, insecure: bool,

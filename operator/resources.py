@@ -233,6 +233,14 @@ def _coordinator_volumes(job: JobRef, spec: FederatedJobSpec) -> tuple[list[Obj]
     return volumes, mounts
 
 
+def _coordinator_probe(spec: FederatedJobSpec) -> Obj:
+    """The coordinator's grpc.health.v1 service; the kubelet's gRPC probe speaks no TLS,
+    so a TLS coordinator is probed by its port alone."""
+    if spec.coordinator.tls_secret:
+        return {"tcpSocket": {"port": "grpc"}}
+    return {"grpc": {"port": spec.coordinator.port, "service": "fedkube.v1.Coordinator"}}
+
+
 def coordinator_deployment(
     job: JobRef, spec: FederatedJobSpec, settings: OperatorSettings
 ) -> Obj:
@@ -251,10 +259,10 @@ def coordinator_deployment(
         "ports": ports,
         "env": _common_env(job),
         "volumeMounts": mounts,
-        "readinessProbe": {"tcpSocket": {"port": "grpc"}, "initialDelaySeconds": 2,
+        "readinessProbe": {**_coordinator_probe(spec), "initialDelaySeconds": 2,
                            "periodSeconds": 5},
         # Generous: loading a dataset and building the model can take a while on a busy node.
-        "livenessProbe": {"tcpSocket": {"port": "grpc"}, "initialDelaySeconds": 15,
+        "livenessProbe": {**_coordinator_probe(spec), "initialDelaySeconds": 15,
                           "periodSeconds": 10, "failureThreshold": 6},
         "securityContext": _container_security_context(),
     }

@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from .logs import configure as configure_logs
 from .spec import ManifestError, load_job
 from .threads import Role, ThreadsError, apply_torch_threads
 
@@ -399,10 +400,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2) if args.command == "run"
-        else logging.INFO - 10 * min(args.verbose, 1),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(logging.WARNING - 10 * min(args.verbose, 2) if args.command == "run"
+                   else logging.INFO - 10 * min(args.verbose, 1))
     try:
         code = args.func(args)
         if args.command in OWN_PROCESS_COMMANDS:

@@ -31,10 +31,21 @@ class RejectReason(enum.Enum):
     BAD_SHAPE = ("bad_shape", "INVALID_ARGUMENT")
     NON_FINITE = ("non_finite", "INVALID_ARGUMENT")
     OVERSIZE = ("oversize", "INVALID_ARGUMENT")
+    NORM_BOUND = ("norm_bound", "INVALID_ARGUMENT")
+    SAMPLE_CAP = ("sample_cap", "INVALID_ARGUMENT")
+    TOO_MANY_CLIENTS = ("too_many_clients", "RESOURCE_EXHAUSTED")
+    RATE_LIMITED = ("rate_limited", "RESOURCE_EXHAUSTED")
+    UPLOAD_BUSY = ("upload_busy", "RESOURCE_EXHAUSTED")
+    UPLOAD_STALLED = ("upload_stalled", "DEADLINE_EXCEEDED")
+    UPLOAD_IN_FLIGHT = ("upload_in_flight", "ALREADY_EXISTS")
 
     def __init__(self, label: str, code: str) -> None:
         self.label = label
         self.code = code  # a grpc.StatusCode name; the servicer maps it
+
+
+# The gRPC metadata key carrying a node's session credential on every call after Register.
+SESSION_METADATA = "fedkube-session"
 
 
 class Rejected(Exception):
@@ -68,6 +79,7 @@ class Registration:
     join_token: str
     facts: NodeFacts
     simulated_index: int | None = None
+    session: str = ""  # the credential of node_id, when re-registering it
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class Admission:
     node_id: str
     heartbeat_interval_seconds: float
     job: JobIdentity
+    session: str = ""  # present it as SESSION_METADATA on every later call
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,49 @@ class TrackingSpec(_Model):
     mlflow: MlflowSpec | None = None
 
 
+class AdmissionSpec(_Model):
+    """What the coordinator admits beyond well-formed messages: how large an update may
+    be, how much weight a client may claim, how many nodes may join and how fast, and how
+    long an upload may take."""
+
+    max_update_norm: float | None = Field(
+        10_000.0, gt=0,
+        description="Largest L2 norm of one update (new minus global weights); null: none.",
+    )
+    norm_bound_factor: float | None = Field(
+        10.0, gt=1,
+        description="Largest update norm as a multiple of the median norm of the updates "
+        "accepted so far in the same round; null: only maxUpdateNorm applies.",
+    )
+    norm_action: Literal["reject", "clip"] = Field(
+        "reject", description="An update over the norm bound is refused, or scaled down to it."
+    )
+    max_samples_per_client: int | None = Field(
+        None, ge=1,
+        description="Most training examples a client may register or claim as weight; "
+        "claims are also capped by what the node registered.",
+    )
+    max_clients: int = Field(
+        1000, ge=1, description="Most nodes registered with the job at once."
+    )
+    registrations_per_second: float = Field(
+        20.0, gt=0, description="Sustained rate of new registrations admitted."
+    )
+    registration_burst: int = Field(
+        100, ge=1, description="New registrations admitted at once before the rate applies."
+    )
+    upload_idle_seconds: float = Field(
+        30.0, gt=0, description="An upload that sends nothing for this long is cut off."
+    )
+    upload_timeout_seconds: float = Field(
+        600.0, gt=0, description="Longest time one upload may take from its header."
+    )
+    expire_after_seconds: float = Field(
+        600.0, gt=0,
+        description="A node not heard from for this long is dropped from the job's records.",
+    )
+
+
 class FederatedJobSpec(_Model):
     """What a data scientist asks for."""
 
@@ -249,6 +292,7 @@ class FederatedJobSpec(_Model):
     convergence: ConvergenceSpec = Field(default_factory=ConvergenceSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
     seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
 
     @model_validator(mode="after")
@@ -621,7 +665,11 @@ class ClientNodeStatus(_Model):
         None, ge=0, le=1, description="Training accuracy it reported last round."
     )
     bytes_up: int = Field(0, ge=0, description="Update bytes accepted from it in this job.")
-    rejections: int = Field(0, ge=0, description="Its requests refused in this job.")
+    rejections: dict[str, int] = Field(
+        default_factory=dict,
+        description="Requests of this node the coordinator refused, by reason label "
+        "(norm_bound, sample_cap, unauthenticated ...).",
+    )
 
 
 class ClientNode(_Model):

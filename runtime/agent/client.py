@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from .. import wire
-from ..messages import Heartbeat, Payload, Registration, TaskKind, UpdateHeader
+from ..messages import SESSION_METADATA, Heartbeat, Payload, Registration, TaskKind, UpdateHeader
 from ..plan import TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
@@ -30,6 +30,11 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Reconnect within a few seconds of a coordinator restart, not gRPC's default two
+    # minutes of exponential backoff.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 3000),
 ]
 
 # Errors after which the agent reconnects instead of giving up.
@@ -77,18 +82,49 @@ class Agent:
         self.node_id = config.node_id
         self.trainer: LocalTrainer | None = None
         self.state = "idle"
+        # The credential Register returned for node_id, kept in the state folder: an agent
+        # restarted with the same id proves it is the same node (and keeps its budget).
+        self.session = self._saved_session()
+        self.last_contact = 0.0  # loop time of the last call the coordinator answered
+
+    def _session_file(self) -> Path:
+        return self.config.state_dir / "sessions" / f"{self.node_id}.session"
+
+    def _saved_session(self) -> str:
+        if not self.node_id:
+            return ""
+        try:
+            return self._session_file().read_text().strip()
+        except OSError:
+            return ""
+
+    def _save_session(self) -> None:
+        path = self._session_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text(self.session)
+            tmp.replace(path)
+        except OSError as error:  # a read-only state folder costs only restarts
+            log.warning("cannot keep the session credential in %s: %s", path, error)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SESSION_METADATA, self.session),)
+
+    def _contact(self) -> None:
+        self.last_contact = asyncio.get_running_loop().time()
 
     async def run(self) -> int:
         """Returns the process exit code: 0 when the job ended, 2 when refused for good."""
         backoff = 0.5
         loop = asyncio.get_running_loop()
-        last_contact = loop.time()
+        self._contact()
         while True:
             try:
                 async with _channel(self.config) as channel:
                     stub = pb_grpc.CoordinatorStub(channel)
                     await self._register(stub)
-                    last_contact = loop.time()
                     backoff = 0.5
                     await self._serve(stub)
             except JobEnded as ended:
@@ -103,7 +139,9 @@ class Agent:
                             error.code().name, backoff)
             except Disconnected:
                 log.warning("coordinator closed the task stream; retrying in %.1fs", backoff)
-            gone_for = loop.time() - last_contact
+            # From the last answer of any call, not the last registration: an agent that
+            # trained for an hour is not "gone" for an hour when the coordinator restarts.
+            gone_for = loop.time() - self.last_contact
             if self.config.give_up_after is not None and gone_for > self.config.give_up_after:
                 log.error("no coordinator for %.0fs; giving up", gone_for)
                 return 1
@@ -114,26 +152,36 @@ class Agent:
         return convert.registration_to_pb(Registration(
             node_id=self.node_id, join_token=self.config.join_token,
             facts=device_facts(self.device, labels=self.config.labels, num_samples=samples),
-            simulated_index=self.config.simulated_index))
+            simulated_index=self.config.simulated_index, session=self.session))
 
     async def _register(self, stub: pb_grpc.CoordinatorStub) -> None:
         samples = self.trainer.num_samples if self.trainer else 0
         admission = convert.admission_from_pb(
             await stub.Register(self._registration(samples), timeout=30))
-        self.node_id = admission.node_id
+        self._contact()
+        if self.node_id and admission.node_id != self.node_id:
+            log.warning("node id %s is held by another session; joined as %s", self.node_id,
+                        admission.node_id)
+        self.node_id, self.session = admission.node_id, admission.session
+        self._save_session()
         if self.trainer is None:
             self.trainer = await asyncio.to_thread(
                 LocalTrainer.create, job=admission.job, node_id=self.node_id,
                 device=self.device, simulated_index=self.config.simulated_index,
                 data_path=self.config.data_path, state_dir=self.config.state_dir)
             # Tell the coordinator how much data we hold now that it is loaded.
-            await stub.Register(self._registration(self.trainer.num_samples), timeout=30)
+            again = convert.admission_from_pb(
+                await stub.Register(self._registration(self.trainer.num_samples), timeout=30))
+            self.session = again.session
+            self._save_session()
         log.info("registered as %s for job %s", self.node_id, admission.job.job_name)
 
     async def _serve(self, stub: pb_grpc.CoordinatorStub) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(stub))
         try:
-            async for message in stub.StreamTasks(pb.StreamTasksRequest(node_id=self.node_id)):
+            async for message in stub.StreamTasks(pb.StreamTasksRequest(node_id=self.node_id),
+                                                  metadata=self._metadata()):
+                self._contact()
                 task = convert.task_from_pb(message)
                 if task.kind is TaskKind.STOP:
                     raise JobEnded(task.reason or "stopped")
@@ -150,7 +198,9 @@ class Agent:
             epsilon = self.trainer.epsilon_spent() if self.trainer else 0.0
             try:
                 await stub.Heartbeat(convert.heartbeat_to_pb(Heartbeat(
-                    node_id=self.node_id, state=self.state, epsilon_spent=epsilon)), timeout=10)
+                    node_id=self.node_id, state=self.state, epsilon_spent=epsilon)), timeout=10,
+                    metadata=self._metadata())
+                self._contact()
             except grpc.aio.AioRpcError as error:
                 log.debug("heartbeat failed: %s", error.code().name)
             await asyncio.sleep(2.0)
@@ -168,7 +218,8 @@ class Agent:
         try:
             global_weights = wire.from_chunks(
                 [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
-                    node_id=self.node_id, model_version=plan.model_version))],
+                    node_id=self.node_id, model_version=plan.model_version),
+                    metadata=self._metadata())],
                 self.trainer.schema)
             try:
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
@@ -183,12 +234,17 @@ class Agent:
                 node_id=self.node_id, round=plan.round, model_version=plan.model_version,
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
                 epsilon_spent=result.epsilon, delta=result.delta)
-            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights))
+            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights),
+                                            metadata=self._metadata())
+            self._contact()
             log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
                      result.metrics.get("loss", float("nan")))
         except grpc.aio.AioRpcError as error:
+            # INVALID_ARGUMENT too: an update over the norm bound costs this round, not the
+            # agent's place in the job.
             if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
-                                grpc.StatusCode.ALREADY_EXISTS):
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.INVALID_ARGUMENT):
                 log.warning("round %d: update not taken: %s", plan.round, error.details())
             else:
                 raise
@@ -203,7 +259,7 @@ class Agent:
             payload=Payload.REFUSAL, refusal_reason=refusal.reason,
             epsilon_spent=refusal.epsilon, delta=refusal.delta)
         try:
-            await stub.SubmitUpdate(_update_stream(header, {}))
+            await stub.SubmitUpdate(_update_stream(header, {}), metadata=self._metadata())
         except grpc.aio.AioRpcError as error:
             if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION,
                                     grpc.StatusCode.ALREADY_EXISTS):

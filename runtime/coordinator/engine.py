@@ -54,6 +54,8 @@ from ..spec import (
 )
 from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
+from .admission import UpdateBounds
+from .enrolment import Enrolment
 from .events import (
     EventBus,
     JobStatusChanged,
@@ -71,6 +73,7 @@ from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .status import StatusSink
 from .strategy import aggregation_config
+from .uploads import UploadGuard
 
 if TYPE_CHECKING:
     from .central_dp import CentralDP
@@ -118,6 +121,16 @@ class RoundEngine:
         if on_round is not None:
             self.events.subscribe(on_round_closed(on_round))
         self.registry = ClientRegistry(job=self.name, offline_after=offline_after)
+        admission = self.spec.admission
+        self.enrolment = Enrolment(self.registry, admission, join_token=join_token)
+        # Central DP clips every update to maxGradNorm, a tighter bound than these; and its
+        # noise makes honest norms grow without limit, so a norm bound would refuse them.
+        self.bounds = UpdateBounds(admission.model_copy(
+            update={"max_update_norm": None, "norm_bound_factor": None})
+            if self.spec.privacy.mode == "central" else admission)
+        # Uploads being assembled are bounded (memory); stalled ones are cut off.
+        self.uploads = UploadGuard(slots=4, idle_seconds=admission.upload_idle_seconds,
+                                   total_seconds=admission.upload_timeout_seconds)
         self.book = StatusBook(job=self.name, spec=self.spec, registry=self.registry,
                                events=self.events)
         self.status = self.book.status
@@ -160,7 +173,6 @@ class RoundEngine:
         # budget only grows, so they are not asked again in this job.
         self.budget_spent: set[str] = set()
         self.open_round: Round | None = None
-        self.upload_slots = asyncio.Semaphore(4)  # bounds memory: uploads being assembled
         self.done = asyncio.Event()
         self._resume_from_checkpoint()
 
@@ -219,19 +231,17 @@ class RoundEngine:
     # ------------------------------------------------------------ client calls
 
     def register(self, registration: Registration) -> Admission:
-        if self.join_token and not secrets.compare_digest(
-                registration.join_token.encode(), self.join_token.encode()):
-            raise Rejected(RejectReason.UNAUTHENTICATED, "join token missing or wrong")
-        try:
-            client = self.registry.register(registration)
-        except ValueError as error:
-            raise Rejected(RejectReason.INVALID_REGISTRATION, str(error)) from None
+        client, session = self.enrolment.enrol(registration)
         log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
-                 client.spec.data_size)
+                 client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)
         self.book.publish()
         return Admission(node_id=client.node_id, heartbeat_interval_seconds=self.HEARTBEAT_SECONDS,
-                         job=self.identity())
+                         job=self.identity(), session=session)
+
+    def authenticate(self, node_id: str, session: str) -> None:
+        """Every call after Register: Rejected unless `session` is `node_id`'s credential."""
+        self.enrolment.authenticate(node_id, session)
 
     def identity(self) -> JobIdentity:
         return JobIdentity(
@@ -288,10 +298,14 @@ class RoundEngine:
 
     def refused(self, node_id: str, rejection: Rejected) -> None:
         """The servicer refused a request: count it and log it."""
-        log.warning("refused %s: %s", node_id or "request", rejection)
+        log.warning("refused %s: %s", node_id or "request", rejection, extra={
+            "job": self.name, "round": self.round + 1, "node": node_id or None,
+            "reason": rejection.reason.label})
         client = self.registry.get(node_id)
         if client is not None:
-            client.rejections += 1
+            label = rejection.reason.label
+            client.rejections[label] = client.rejections.get(label, 0) + 1
+            self.book.publish_client(client)
         self.events.publish(UpdateRefused(node_id, rejection.reason, str(rejection)))
 
     def record_refusal(self, header: UpdateHeader) -> None:
@@ -308,8 +322,11 @@ class RoundEngine:
     async def accept_update(self, header: UpdateHeader, delta: Weights, nbytes: int) -> None:
         """Fold a validated delta into the open round; the global model is untouched."""
         open_round = self.admit(header)
-        await open_round.fold(header, delta, self._live_ids())
+        bounded = await open_round.fold(header, delta, self._live_ids())
         client = self._client(header.node_id)
+        for label, hit in (("norm_bound", bounded.clipped), ("sample_cap", bounded.capped)):
+            if hit:  # admitted, cut down: the ClientNode shows it beside the refusals
+                client.rejections[label] = client.rejections.get(label, 0) + 1
         client.answered += 1
         client.rounds_participated += 1
         client.epsilon = max(client.epsilon, header.epsilon_spent)
@@ -354,6 +371,7 @@ class RoundEngine:
             for client in self.registry.all():
                 client.tasks.put_nowait(stop)
                 client.state = "idle"
+                client.departed = not client.streaming
                 self.book.publish_client(client)
             self.done.set()
         return self.status
@@ -407,9 +425,10 @@ class RoundEngine:
             transform=self.central.transform if self.central else None,
             uniform_weights=self.central is not None)
         cap = self.spec.privacy.target_epsilon if self.spec.privacy.mode == "local" else None
+        self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
                      eligible=len(eligible), floor=self.policy.floor, aggregator=aggregator,
-                     epsilon_cap=cap)
+                     bounds=self.bounds, epsilon_cap=cap)
 
     async def _run_round(self, opened: Round) -> RoundResult:
         self.open_round = opened
@@ -510,8 +529,11 @@ class RoundEngine:
             remaining = deadline - time.monotonic()
             if live >= wanted:
                 return
-            if remaining <= 0 and live >= self.spec.min_clients:
-                log.warning("starting with %d of %d expected clients", live, wanted)
+            if remaining <= 0:
+                # Too few for even minClients: start anyway, so the round's retries end the
+                # job with TooFewClients instead of it waiting forever.
+                log.warning("starting with %d of %d expected clients (minClients %d)", live,
+                            wanted, self.spec.min_clients)
                 return
             await self._registry_change(max(0.5, min(remaining, 5.0)))
 

@@ -78,7 +78,10 @@ class StatusBook:
         self.status.phase = verdict.phase
         self.status.message = verdict.message
         self.status.completion_time = utc_now()
-        self.status.clients = self.counts(active=0, dropped=self.status.clients.dropped)
+        # Agents that died mid-job count as dropped even if the last round did not miss them.
+        gone = len(self.registry) - len(self.registry.live())
+        self.status.clients = self.counts(active=0,
+                                          dropped=max(self.status.clients.dropped, gone))
         if model_ref is not None:
             self.status.model_ref = model_ref
         for terminal in terminal_conditions(verdict.phase, verdict.reason, verdict.message,

@@ -212,7 +212,7 @@ class CoordinatorMetrics:
             "local_loss": status.local_loss,
             "local_accuracy": status.local_accuracy,
             "bytes_received": status.bytes_up,
-            "rejections": status.rejections,
+            "rejections": sum(status.rejections.values()),
             "rounds_participated": status.rounds_participated,
         }
         for name, value in values.items():

@@ -73,6 +73,15 @@ class JobPolicy:
     # ------------------------------------------------------------ budgets
 
     def central_budget_spent(self, rounds_done: int, epsilon: float) -> Verdict:
+        if rounds_done == 0:
+            # Not a budget used up but one that never fit: the job is refused, not a success.
+            return Verdict(
+                Phase.failed, Reason.BUDGET_EXHAUSTED,
+                "privacy budget too small: even the first round would exceed targetEpsilon "
+                f"{self.spec.privacy.target_epsilon} at the sampling rate of the clients live",
+                ConditionType.BUDGET_EXHAUSTED,
+                "no round fits the budget; lower noise is not allowed, so raise targetEpsilon, "
+                "add clients or set a larger noiseMultiplier")
         return Verdict(
             Phase.succeeded, Reason.BUDGET_EXHAUSTED,
             f"privacy budget exhausted after {rounds_done} rounds", ConditionType.BUDGET_EXHAUSTED,

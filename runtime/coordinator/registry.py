@@ -27,8 +27,9 @@ class Client:
     set_aside: int = 0
     epsilon: float = 0.0
     delta: float = 0.0
+    rejections: dict[str, int] = field(default_factory=dict)  # by RejectReason label
+    departed: bool = False  # no task stream when the job ended: the agent is gone
     bytes_up: int = 0
-    rejections: int = 0
     last_round_seconds: float | None = None
     local_loss: float | None = None
     local_accuracy: float | None = None
@@ -45,7 +46,7 @@ class Client:
             self.local_accuracy = accuracy
 
     def phase(self, *, now: float, offline_after: float) -> ClientPhase:
-        if now - self.last_seen > offline_after:
+        if self.departed or now - self.last_seen > offline_after:
             return ClientPhase.offline
         return ClientPhase.training if self.state in ("training", "uploading") else ClientPhase.ready
 
@@ -64,7 +65,7 @@ class Client:
             local_loss=self.local_loss,
             local_accuracy=self.local_accuracy,
             bytes_up=self.bytes_up,
-            rejections=self.rejections,
+            rejections=dict(self.rejections),
         )
 
 
@@ -140,6 +141,18 @@ class ClientRegistry:
         client.state = state or client.state
         client.epsilon = max(client.epsilon, epsilon)
         return client
+
+    def expire(self, older_than: float) -> list[str]:
+        """Forget nodes without a task stream not heard from for `older_than` seconds
+        (they free their place under admission.maxClients); their ids."""
+        now = time.monotonic()
+        gone = [c.node_id for c in self._clients.values()
+                if not c.streaming and now - c.last_seen > older_than]
+        for node_id in gone:
+            del self._clients[node_id]
+        if gone:
+            self.changed.set()
+        return gone
 
     def live(self, selector: dict[str, str] | None = None) -> list[Client]:
         """Clients seen recently, with a task stream open, matching the label selector."""

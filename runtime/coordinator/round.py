@@ -15,6 +15,7 @@ import torch
 from ..aggregation import AggregateOutcome, RoundAggregator
 from ..messages import Payload, Rejected, RejectReason, Task, UpdateHeader
 from ..plan import TrainPlan
+from .admission import Bounded, UpdateBounds
 from .registry import Client
 
 Weights = dict[str, torch.Tensor]
@@ -52,6 +53,7 @@ class Round:
     eligible: int  # clients it was drawn from (the sampling rate is selected / eligible)
     floor: int  # the fewest updates that make the round count
     aggregator: RoundAggregator
+    bounds: UpdateBounds
     epsilon_cap: float | None = None  # local DP: the most a client may report spent
     answered: set[str] = field(default_factory=set)
     accepted: list[str] = field(default_factory=list)
@@ -111,21 +113,30 @@ class Round:
         self.answered.add(header.node_id)
         self.check_complete(live)
 
-    async def fold(self, header: UpdateHeader, delta: Weights, live: set[str]) -> None:
-        """Fold a validated delta into the running aggregate; the global model is
-        untouched. Raises Rejected if the round closed meanwhile."""
+    async def fold(self, header: UpdateHeader, delta: Weights, live: set[str]) -> Bounded:
+        """Bound a validated delta (norm, sample count) and fold it into the running
+        aggregate; the global model is untouched. Raises Rejected if the bounds refuse it
+        or the round closed meanwhile."""
         async with self.fold_lock:
             self.admit(header)
             try:
-                await asyncio.to_thread(self.aggregator.add, header.node_id, delta,
-                                        int(header.num_samples))
+                bounded = await asyncio.to_thread(self._bound_and_add, header, delta)
             except ValueError as error:
                 raise Rejected(RejectReason.MALFORMED, str(error)) from None
             self.answered.add(header.node_id)
             self.accepted.append(header.node_id)
             if "loss" in header.metrics:
-                self.train_losses.append((header.metrics["loss"], header.num_samples))
+                self.train_losses.append((header.metrics["loss"], bounded.weight))
         self.check_complete(live)
+        return bounded
+
+    def _bound_and_add(self, header: UpdateHeader, delta: Weights) -> Bounded:
+        bounded = self.bounds.apply(
+            header.node_id, delta, claimed=int(header.num_samples),
+            registered=self.selected[header.node_id].spec.data_size)
+        self.aggregator.add(header.node_id, bounded.delta, bounded.weight)
+        self.bounds.record(bounded)
+        return bounded
 
     def check_complete(self, live: set[str]) -> None:
         waiting = {n for n in set(self.selected) - self.answered if n in live}

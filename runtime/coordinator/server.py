@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import wire
-from ..messages import Payload, Rejected, RejectReason, TaskKind, UpdateHeader
+from ..messages import SESSION_METADATA, Payload, Rejected, RejectReason, TaskKind, UpdateHeader
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..spec import FederatedJobStatus
@@ -32,6 +33,10 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+# The overall server ("") and the coordinator service by its full name.
+HEALTH_SERVICES = ("", "fedkube.v1.Coordinator")
+
+
 class ModelChunks:
     """The global model as chunks, encoded once per version however many clients ask."""
 
@@ -47,6 +52,13 @@ class ModelChunks:
 async def _abort(context: grpc.aio.ServicerContext, rejection: Rejected) -> NoReturn:
     await context.abort(grpc.StatusCode[rejection.reason.code], str(rejection))
     raise AssertionError("context.abort returns by raising")
+
+
+def _session(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_METADATA:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -69,16 +81,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         try:
+            self.engine.authenticate(request.node_id, _session(context))
             ack = self.engine.heartbeat(convert.heartbeat_from_pb(request))
         except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
             await _abort(context, rejection)
         return convert.ack_to_pb(ack)
 
     async def StreamTasks(self, request: pb.StreamTasksRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Task]:
         try:
+            self.engine.authenticate(request.node_id, _session(context))
             queue = self.engine.open_stream(request.node_id)
         except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
             await _abort(context, rejection)
         try:
             while True:
@@ -92,8 +108,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TensorChunk]:
         try:
+            self.engine.authenticate(request.node_id, _session(context))
             version, weights = self.engine.model_for(request.node_id, request.model_version)
         except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
             await _abort(context, rejection)
         for chunk in self.model.of(version, weights):
             yield chunk
@@ -103,11 +121,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         node_id = ""
         try:
             iterator = aiter(request_iterator)
-            first = await anext(iterator, None)
+            first = await self.engine.uploads.first(iterator)
             if first is None or not first.HasField("header"):
                 raise Rejected(RejectReason.MALFORMED, "an update must start with an UpdateHeader")
             header = convert.header_from_pb(first.header)
             node_id = header.node_id
+            self.engine.authenticate(node_id, _session(context))
             return await self._submit(header, iterator)
         except Rejected as rejection:
             self.engine.refused(node_id, rejection)
@@ -119,10 +138,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if header.payload is Payload.REFUSAL:
             self.engine.record_refusal(header)
             return pb.SubmitReply(accepted=True, message="refusal recorded")
-        async with self.engine.upload_slots:
+        async with self.engine.uploads.slot(header.node_id):
             assembler = wire.TensorAssembler(self.engine.schema)
             try:
-                async for part in chunks:
+                async for part in self.engine.uploads.rest(chunks):
                     if not part.HasField("tensor"):
                         raise Rejected(RejectReason.MALFORMED,
                                        "a second UpdateHeader in one update")
@@ -152,6 +171,10 @@ async def serve(
     """Owns the server's life: build, bind, start, run the job, stop in `finally`."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
+    # grpc.health.v1 for the pod's probes: SERVING while the job runs, and still after it
+    # ends (the server stays up to hand out STOP tasks), NOT_SERVING while shutting down.
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     address = f"{host}:{port}"
     if tls is not None:
         credentials = grpc.ssl_server_credentials(
@@ -160,6 +183,8 @@ async def serve(
     else:
         bound = server.add_insecure_port(address)
     await server.start()
+    for service in HEALTH_SERVICES:
+        await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator for %s listening on %s:%d", engine.name, host, bound)
     if on_bound is not None:
         on_bound.set_result(bound)
@@ -169,4 +194,5 @@ async def serve(
         await asyncio.sleep(0.2)
         return status
     finally:
+        await checks.enter_graceful_shutdown()
         await server.stop(grace)

@@ -36,28 +36,32 @@ class DeviceFacts(_message.Message):
     def __init__(self, device: _Optional[str] = ..., platform: _Optional[str] = ..., machine: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., num_samples: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("join_token", "node_id", "facts", "simulated_index", "simulated")
+    __slots__ = ("join_token", "node_id", "facts", "simulated_index", "simulated", "session")
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_INDEX_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     join_token: str
     node_id: str
     facts: DeviceFacts
     simulated_index: int
     simulated: bool
-    def __init__(self, join_token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., simulated_index: _Optional[int] = ..., simulated: bool = ...) -> None: ...
+    session: str
+    def __init__(self, join_token: _Optional[str] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[DeviceFacts, _Mapping]] = ..., simulated_index: _Optional[int] = ..., simulated: bool = ..., session: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("node_id", "heartbeat_interval_seconds", "job")
+    __slots__ = ("node_id", "heartbeat_interval_seconds", "job", "session")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     heartbeat_interval_seconds: float
     job: JobIdentity
-    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., job: _Optional[_Union[JobIdentity, _Mapping]] = ...) -> None: ...
+    session: str
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., job: _Optional[_Union[JobIdentity, _Mapping]] = ..., session: _Optional[str] = ...) -> None: ...
 
 class JobIdentity(_message.Message):
     __slots__ = ("job_name", "model", "data_spec_json", "seed", "num_simulated_clients", "input_shape", "num_classes")

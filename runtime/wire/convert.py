@@ -33,7 +33,7 @@ def registration_to_pb(registration: Registration) -> pb.RegisterRequest:
             cpus=facts.cpus, memory_bytes=facts.memory_bytes, accelerator=facts.accelerator,
             labels=dict(facts.labels), num_samples=facts.num_samples, hostname=facts.hostname),
         simulated_index=registration.simulated_index or 0,
-        simulated=registration.simulated_index is not None)
+        simulated=registration.simulated_index is not None, session=registration.session)
 
 
 def registration_from_pb(request: pb.RegisterRequest) -> Registration:
@@ -44,7 +44,8 @@ def registration_from_pb(request: pb.RegisterRequest) -> Registration:
             device=facts.device, platform=facts.platform, machine=facts.machine,
             cpus=facts.cpus, memory_bytes=facts.memory_bytes, accelerator=facts.accelerator,
             labels=dict(facts.labels), num_samples=facts.num_samples, hostname=facts.hostname),
-        simulated_index=request.simulated_index if request.simulated else None)
+        simulated_index=request.simulated_index if request.simulated else None,
+        session=request.session)
 
 
 def admission_to_pb(admission: Admission) -> pb.RegisterReply:
@@ -52,6 +53,7 @@ def admission_to_pb(admission: Admission) -> pb.RegisterReply:
     return pb.RegisterReply(
         node_id=admission.node_id,
         heartbeat_interval_seconds=admission.heartbeat_interval_seconds,
+        session=admission.session,
         job=pb.JobIdentity(
             job_name=job.job_name, model=job.model,
             data_spec_json=job.data.model_dump_json(by_alias=True, exclude_none=True),
@@ -63,6 +65,7 @@ def admission_from_pb(reply: pb.RegisterReply) -> Admission:
     job = reply.job
     return Admission(
         node_id=reply.node_id, heartbeat_interval_seconds=reply.heartbeat_interval_seconds,
+        session=reply.session,
         job=JobIdentity(
             job_name=job.job_name, model=job.model,
             data=DataSpec.model_validate_json(job.data_spec_json or "{}"), seed=job.seed,

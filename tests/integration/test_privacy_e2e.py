@@ -291,8 +291,10 @@ async def _over_budget_scenario() -> dict[str, Any]:
     seen: dict[str, Any] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        await stub.Register(pb.RegisterRequest(node_id="greedy"))
-        tasks = stub.StreamTasks(pb.StreamTasksRequest(node_id="greedy"))
+        reply = await stub.Register(pb.RegisterRequest(
+            node_id="greedy", facts=pb.DeviceFacts(num_samples=10)))
+        session = (("fedkube-session", reply.session),)
+        tasks = stub.StreamTasks(pb.StreamTasksRequest(node_id="greedy"), metadata=session)
         task = await anext(aiter(tasks))
         assert task.kind == pb.Task.TRAIN and task.plan.privacy.mode == "local"
         seen["task_target"] = task.plan.privacy.target_epsilon
@@ -310,7 +312,7 @@ async def _over_budget_scenario() -> dict[str, Any]:
         for name, head in (("update", header(1.5)),
                            ("refusal", header(1.2, payload="refusal", refusal_reason="x"))):
             try:
-                await stub.SubmitUpdate(_chunks(head, step if name == "update" else {}))
+                await stub.SubmitUpdate(_chunks(head, step if name == "update" else {}), metadata=session)
                 seen[name] = "accepted"
             except grpc.aio.AioRpcError as error:
                 seen[name] = (error.code(), error.details())
@@ -318,7 +320,7 @@ async def _over_budget_scenario() -> dict[str, Any]:
                 torch.equal(engine.weights[k], initial[k]) for k in initial)
             seen[f"{name}:client_epsilon"] = engine.registry.get("greedy").epsilon
         # The same client, honest this time, is still heard in the same round.
-        reply = await stub.SubmitUpdate(_chunks(header(0.4), step))
+        reply = await stub.SubmitUpdate(_chunks(header(0.4), step), metadata=session)
         seen["honest"] = reply.accepted
         tasks.cancel()
     status = await server

@@ -46,8 +46,10 @@ async def _scenario() -> dict[str, object]:
     outcomes: dict[str, object] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        reply = await stub.Register(pb.RegisterRequest(node_id="raw-client"))
-        tasks = stub.StreamTasks(pb.StreamTasksRequest(node_id=reply.node_id))
+        reply = await stub.Register(pb.RegisterRequest(
+            node_id="raw-client", facts=pb.DeviceFacts(num_samples=10)))
+        session = (("fedkube-session", reply.session),)
+        tasks = stub.StreamTasks(pb.StreamTasksRequest(node_id=reply.node_id), metadata=session)
         task = await anext(aiter(tasks))
         assert task.kind == pb.Task.TRAIN and task.plan.round == 1
 
@@ -74,7 +76,7 @@ async def _scenario() -> dict[str, object]:
         }
         for name, (head, tensors) in attempts.items():
             try:
-                await stub.SubmitUpdate(_stream(head, tensors))
+                await stub.SubmitUpdate(_stream(head, tensors), metadata=session)
                 outcomes[name] = "accepted"
             except grpc.aio.AioRpcError as error:
                 outcomes[name] = (error.code(), error.details())
@@ -86,7 +88,7 @@ async def _scenario() -> dict[str, object]:
         async def no_header():
             yield headerless
         try:
-            await stub.SubmitUpdate(no_header())
+            await stub.SubmitUpdate(no_header(), metadata=session)
             outcomes["no_header"] = "accepted"
         except grpc.aio.AioRpcError as error:
             outcomes["no_header"] = (error.code(), error.details())
@@ -94,7 +96,7 @@ async def _scenario() -> dict[str, object]:
         # A good update is still accepted after all that, and it is the only one folded.
         step = {k: torch.full_like(v, 0.5) if v.is_floating_point() else torch.zeros_like(v)
                 for k, v in initial.items()}
-        good = await stub.SubmitUpdate(_stream(header(), step))
+        good = await stub.SubmitUpdate(_stream(header(), step), metadata=session)
         outcomes["good"] = good.accepted
         tasks.cancel()
     status = await server

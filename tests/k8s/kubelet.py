@@ -572,6 +572,9 @@ class LocalKubelet:
                 async with aiohttp.ClientSession() as session, session.get(
                         url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                     return 200 <= response.status < 400
+            if "grpc" in probe:  # grpc.health.v1, as the kubelet's own gRPC probe
+                return await _grpc_health(port_of(probe["grpc"]["port"]),
+                                          probe["grpc"].get("service", ""), timeout + 1)
             if "exec" in probe:
                 process = await asyncio.create_subprocess_exec(
                     *resolve_command(probe["exec"]["command"]),
@@ -840,3 +843,16 @@ def pod_from_template(deployment: Obj, pod_hash: str) -> Obj:
 def is_ready(pod: Obj) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+async def _grpc_health(port: int, service: str, timeout: float) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

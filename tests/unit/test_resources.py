@@ -90,8 +90,9 @@ def test_coordinator_deployment() -> None:
         "fedkube", "coordinator", "--job", "/etc/fedkube/job.yaml", "--port", "6000",
         "--kube", "--output", "/var/lib/fedkube"]
     assert container["ports"] == [{"name": "grpc", "containerPort": 6000, "protocol": "TCP"}]
-    assert container["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    health = {"port": 6000, "service": "fedkube.v1.Coordinator"}
+    assert container["readinessProbe"]["grpc"] == health
+    assert container["livenessProbe"]["grpc"] == health
     assert container["resources"] == {"limits": {"cpu": "2"}}
     env = _env(container)
     assert env["FEDKUBE_JOB_NAME"] == "digits"

@@ -1,0 +1,79 @@
+"""Upload slots that stalled or hostile clients cannot hold: at most one upload in
+flight per node, a bounded number in all (they bound the memory of half-assembled
+updates), an idle deadline between messages and a total deadline per upload. A slot is
+freed however the upload ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from ..messages import Rejected, RejectReason
+
+T = TypeVar("T")
+
+
+class UploadGuard:
+    def __init__(self, *, slots: int, idle_seconds: float, total_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+        self.total_seconds = total_seconds
+        self._slots = asyncio.Semaphore(slots)
+        self._in_flight: set[str] = set()
+
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, node_id: str) -> AsyncIterator[None]:
+        """Hold an upload slot for `node_id` for the body; Rejected when the node already
+        uploads or when no slot frees up within the total deadline. Waiters are served in
+        order, and stalled holders are cut off at the idle deadline, so an honest upload
+        gets a slot however many stallers keep coming back."""
+        if node_id in self._in_flight:
+            raise Rejected(RejectReason.UPLOAD_IN_FLIGHT,
+                           f"node {node_id!r} already has an upload in flight")
+        self._in_flight.add(node_id)
+        try:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout=self.total_seconds)
+            except TimeoutError:
+                raise Rejected(RejectReason.UPLOAD_BUSY,
+                               "every upload slot is busy; retry later") from None
+            try:
+                yield
+            finally:
+                self._slots.release()
+        finally:
+            self._in_flight.discard(node_id)
+
+    async def first(self, parts: AsyncIterator[T]) -> T | None:
+        """An upload's first message (its header), within the idle deadline."""
+        return await self._next(parts, self.idle_seconds)
+
+    async def rest(self, parts: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The remaining messages, each within the idle deadline and all within the total
+        one (from now); Rejected(UPLOAD_STALLED) otherwise. Only receiving is timed:
+        folding is never cancelled half-way."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_seconds
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise Rejected(RejectReason.UPLOAD_STALLED,
+                               f"upload took longer than {self.total_seconds:g}s "
+                               "(admission.uploadTimeoutSeconds)")
+            part = await self._next(parts, min(self.idle_seconds, left))
+            if part is None:
+                return
+            yield part
+
+    async def _next(self, parts: AsyncIterator[T], timeout: float) -> T | None:
+        try:
+            async with asyncio.timeout(timeout):
+                return await anext(parts, None)
+        except TimeoutError:
+            raise Rejected(RejectReason.UPLOAD_STALLED,
+                           f"upload sent nothing for {timeout:.3g}s "
+                           "(admission.uploadIdleSeconds / uploadTimeoutSeconds)") from None

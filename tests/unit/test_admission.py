@@ -1,0 +1,147 @@
+"""Admission's pieces on their own: the pure norm and sample bounds, the registration
+gate, the session book, the upload guard."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from fedkube.runtime.aggregation.bounds import (
+    capped_samples,
+    clip_to_norm,
+    norm_limit,
+    update_norm,
+)
+from fedkube.runtime.coordinator.admission import RegistrationGate, UpdateBounds
+from fedkube.runtime.coordinator.sessions import SessionBook
+from fedkube.runtime.coordinator.uploads import UploadGuard
+from fedkube.runtime.messages import Rejected, RejectReason
+from fedkube.runtime.spec import AdmissionSpec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def _delta(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3, 4), value), "b": torch.full((4,), value),
+            "steps": torch.tensor(5)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+       st.floats(min_value=1e-3, max_value=1e3))
+def test_clipping_never_leaves_an_update_above_its_limit(value: float, limit: float) -> None:
+    delta = _delta(value)
+    norm = update_norm(delta)
+    assert norm == pytest.approx(abs(value) * 4.0, rel=1e-6)  # sqrt(16) entries
+    clipped = clip_to_norm(delta, norm=norm, limit=limit)
+    assert update_norm(clipped) <= limit * (1 + 1e-5)
+    assert torch.equal(clipped["steps"], delta["steps"])
+
+
+def test_norm_limit_takes_the_tighter_of_absolute_and_relative() -> None:
+    assert norm_limit([], factor=10.0, absolute=None) is None
+    assert norm_limit([], factor=10.0, absolute=100.0) == 100.0
+    assert norm_limit([1.0, 2.0, 3.0], factor=10.0, absolute=100.0) == 20.0
+    assert norm_limit([50.0], factor=10.0, absolute=100.0) == 100.0
+    assert norm_limit([1.0, math.nan], factor=3.0, absolute=None) == 3.0
+
+
+def test_claimed_samples_are_capped_by_registration_and_the_job() -> None:
+    assert capped_samples(10**9, registered=120, cap=None) == 120
+    assert capped_samples(50, registered=120, cap=None) == 50
+    assert capped_samples(500, registered=1000, cap=200) == 200
+    assert capped_samples(5, registered=0, cap=None) == 0
+
+
+def test_update_bounds_refuse_or_clip_relative_to_accepted_norms() -> None:
+    bounds = UpdateBounds(AdmissionSpec(max_update_norm=1000.0, norm_bound_factor=10.0))
+    first = bounds.apply("a", _delta(0.5), claimed=10, registered=10)  # norm 2
+    bounds.record(first)
+    with pytest.raises(Rejected) as refused:
+        bounds.apply("b", _delta(6.0), claimed=10, registered=10)  # norm 24 > 10 x 2
+    assert refused.value.reason is RejectReason.NORM_BOUND
+    bounds.next_round()  # a new round compares with its own updates only
+    assert bounds.apply("b", _delta(6.0), claimed=10, registered=10).norm == 24.0
+    with pytest.raises(Rejected) as unregistered:
+        bounds.apply("c", _delta(0.5), claimed=10, registered=0)
+    assert unregistered.value.reason is RejectReason.SAMPLE_CAP
+
+    clipping = UpdateBounds(AdmissionSpec(max_update_norm=8.0, norm_action="clip"))
+    bounded = clipping.apply("d", _delta(100.0), claimed=10**6, registered=40)
+    assert bounded.clipped and bounded.capped and bounded.weight == 40
+    assert update_norm(bounded.delta) == pytest.approx(8.0, rel=1e-5)
+
+
+def test_registration_gate_caps_clients_and_rate() -> None:
+    now = [0.0]
+    gate = RegistrationGate(AdmissionSpec(max_clients=5, registrations_per_second=1.0,
+                                          registration_burst=2), clock=lambda: now[0])
+    gate.admit_new(0)
+    gate.admit_new(1)
+    with pytest.raises(Rejected) as limited:
+        gate.admit_new(2)
+    assert limited.value.reason is RejectReason.RATE_LIMITED
+    now[0] = 1.0  # one token back
+    gate.admit_new(2)
+    with pytest.raises(Rejected) as full:
+        gate.admit_new(5)
+    assert full.value.reason is RejectReason.TOO_MANY_CLIENTS
+    assert "maxClients" in str(full.value)
+
+
+def test_sessions_are_bound_to_their_node_and_rotate() -> None:
+    book = SessionBook()
+    first = book.issue("a")
+    assert book.holds("a", first) and not book.holds("b", first)
+    assert not book.holds("a", "") and not book.holds("nobody", "")
+    second = book.issue("a")
+    assert not book.holds("a", first) and book.holds("a", second)
+    with pytest.raises(Rejected) as refused:
+        book.check("a", first)
+    assert refused.value.reason is RejectReason.UNAUTHENTICATED
+
+
+def test_upload_guard_cuts_off_stalls_and_frees_the_slot() -> None:
+    async def scenario() -> list[RejectReason]:
+        guard = UploadGuard(slots=1, idle_seconds=0.05, total_seconds=30)
+        never = asyncio.Event()
+
+        async def stalled():
+            await never.wait()
+            yield 1
+
+        reasons = []
+        async with guard.slot("a"):
+            with pytest.raises(Rejected) as twice:
+                async with guard.slot("a"):
+                    pass
+            reasons.append(twice.value.reason)
+            with pytest.raises(Rejected) as stall:
+                async for _ in guard.rest(stalled()):
+                    pass
+            reasons.append(stall.value.reason)
+        async with guard.slot("b"):  # the slot came back
+            reasons.append(None)
+        assert not guard.in_flight()
+        return reasons
+
+    assert asyncio.run(scenario()) == [RejectReason.UPLOAD_IN_FLIGHT,
+                                       RejectReason.UPLOAD_STALLED, None]
+
+
+def test_json_logs_are_one_object_per_line_with_job_round_and_node() -> None:
+    import json
+    import logging
+
+    from fedkube.runtime.logs import JsonFormatter
+
+    record = logging.LogRecord("fedkube.coordinator", logging.WARNING, __file__, 1,
+                               "refused %s", ("n1",), None)
+    record.job, record.round, record.node = "j", 3, "n1"
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert (entry["job"], entry["round"], entry["node"]) == ("j", 3, "n1")
+    assert entry["message"] == "refused n1" and entry["level"] == "WARNING"
