@@ -35,4 +35,5 @@ def configure(level: int) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler])
+    # force: a library imported before this (Opacus) may have configured logging already.
+    logging.basicConfig(level=level, handlers=[handler], force=True)

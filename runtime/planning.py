@@ -15,12 +15,16 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .plan import plan_for
-from .privacy.analysis import epsilon_for
-from .privacy.budget import Budget
-from .privacy.planner import PrivacyPlan, format_plan, plan_budget
 from .spec import FederatedJob, FederatedJobSpec, ManifestError, load_job
+
+if TYPE_CHECKING:
+    # Imported where used: the privacy maths loads Opacus' accountants (seconds), and
+    # `register` runs for every fedkube command.
+    from .privacy.budget import Budget
+    from .privacy.planner import PrivacyPlan
 
 PLAN_PLOT = "privacy-plan.png"
 
@@ -49,6 +53,8 @@ def budget_factory(spec: FederatedJobSpec, *, samples: int | None = None
         privacy = plan_for(spec, round=1, model_version=0, now=0.0,
                            client_parameters={}).privacy
         count = samples if samples is not None else smallest_client_samples(spec)
+        from .privacy.budget import Budget
+
         return lambda: Budget.local(
             samples=count, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
             planned_rounds=privacy.planned_rounds, target_epsilon=privacy.target_epsilon,
@@ -59,6 +65,8 @@ def budget_factory(spec: FederatedJobSpec, *, samples: int | None = None
 
 
 def plan_job(spec: FederatedJobSpec, *, samples: int | None = None) -> PrivacyPlan:
+    from .privacy.planner import plan_budget
+
     try:
         return plan_budget(budget_factory(spec, samples=samples),
                            accountant=spec.privacy.accountant)
@@ -100,6 +108,7 @@ def utility_trial(job: FederatedJob, plan: PrivacyPlan, *, rounds: int, sample: 
     """Run the job (`fedkube run`'s coordinator and simulated agents) briefly at a few
     noise levels; each point pairs the accuracy reached with the epsilon it costs."""
     from .local import RunOptions, run_job
+    from .privacy.analysis import epsilon_for
 
     if job.spec.simulation.clients < 1:
         raise ManifestError("spec.simulation.clients: --utility trains simulated clients; "
@@ -184,6 +193,8 @@ def plot_plan(plan: PrivacyPlan, path: Path, *, title: str,
 
 
 def cmd_privacy_plan(args: argparse.Namespace) -> int:
+    from .privacy.planner import format_plan
+
     job = load_job(args.job)
     plan = plan_job(job.spec)
     print(format_plan(plan, mode=job.spec.privacy.mode))

@@ -19,7 +19,6 @@ from .analysis import (
 )
 from .budget import Budget, RoundMechanism
 from .central import add_gaussian_noise, clip_update, update_norm
-from .dpsgd import prepare_model, private_training, require_dp_compatible, unwrap
 from .store import BudgetFileError, BudgetRecord, BudgetStore
 
 __all__ = [
@@ -48,3 +47,15 @@ __all__ = [
     "unwrap",
     "update_norm",
 ]
+
+_OPACUS_BACKED = {"prepare_model", "private_training", "require_dp_compatible", "unwrap"}
+
+
+def __getattr__(name: str) -> object:
+    # DP-SGD needs Opacus, whose import costs seconds (and configures logging): only the
+    # code that trains privately pays for it.
+    if name in _OPACUS_BACKED:
+        from . import dpsgd
+
+        return getattr(dpsgd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,37 +98,57 @@ def test_a_broken_store_warns_once_and_the_job_goes_on(
     assert len(warnings) == 1 and "goes on untracked" in warnings[0].getMessage()
 
 
-def _run(job: Path, output: Path, uri: str) -> dict[str, Any]:
-    options = RunOptions(output=output, quiet=True, agent_processes=1, mlflow_uri=uri)
-    return asyncio.run(run_job(load_job(job), options))
+def _run(job: Path, output: Path, uri: str, *, resume: bool = False,
+         interrupt_after: int | None = None) -> dict[str, Any]:
+    """`fedkube run` in this process; `interrupt_after` rounds, a Ctrl-C (SIGINT) stops it
+    the way a user would, leaving a run that `resume` continues."""
+    options = RunOptions(output=output, quiet=True, agent_processes=1, mlflow_uri=uri,
+                         existing="resume" if resume else "refuse")
+    stop = threading.Event()
+
+    def interrupt() -> None:
+        while not stop.wait(0.05):
+            lines = (output / "metrics.jsonl").read_text().splitlines() \
+                if (output / "metrics.jsonl").exists() else []
+            if len(lines) >= (interrupt_after or 0):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    watcher = threading.Thread(target=interrupt, daemon=True)
+    if interrupt_after is not None:
+        watcher.start()
+    try:
+        return asyncio.run(run_job(load_job(job), options))
+    finally:
+        stop.set()
 
 
 def test_a_job_is_one_run_with_metrics_files_and_a_loadable_model(tmp_path: Path) -> None:
     uri, output = _store(tmp_path), tmp_path / "out"
     spec: dict[str, Any] = {
-        "model": "mlp", "data": {"dataset": "digits"}, "rounds": 2, "clientsPerRound": 2,
+        "model": "mlp", "data": {"dataset": "digits"}, "rounds": 12, "clientsPerRound": 2,
         "minClients": 2, "simulation": {"clients": 2}, "batchSize": 32, "learningRate": 0.1,
         "tracking": {"mlflow": {"trackingUri": "sqlite:///ignored-the-flag-wins.db",
                                 "experiment": "digits"}}}
     # Artifacts under tmp_path too (MLflow's default root is ./mlruns in the working dir).
     MlflowClient(uri).create_experiment("digits", artifact_location=str(tmp_path / "artifacts"))
     job = write_job(tmp_path / "job.yaml", "tracked-run", **spec)
-    assert _run(job, output, uri)["phase"] == "Succeeded"
-    # Resumed with one more round: the same MLflow run continues at step 3.
-    job = write_job(tmp_path / "job.yaml", "tracked-run", **{**spec, "rounds": 3})
-    summary = _run(job, output, uri)
-    assert summary["phase"] == "Succeeded" and summary["rounds"] == 3
+    stopped = _run(job, output, uri, interrupt_after=1)
+    assert stopped["phase"] == "Stopped" and stopped["rounds"] < 12, stopped
+    # Resumed: the same MLflow run continues where the interrupted one stopped.
+    summary = _run(job, output, uri, resume=True)
+    assert summary["phase"] == "Succeeded" and summary["rounds"] == 12
 
     client = MlflowClient(uri)
     [experiment] = [e for e in client.search_experiments() if e.name == "digits"]
     [run] = client.search_runs([experiment.experiment_id])
     assert (output / RUN_ID_FILE).exists() and run.info.status == "FINISHED"
-    assert run.data.params["rounds"] == "2"  # the spec the run started with
+    assert run.data.params["rounds"] == "12"
     assert run.data.params["data.dataset"] == "digits"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")]
-    assert steps == [1, 2, 3]
+    assert steps == list(range(1, 13))
     for name in ("bytes_up", "clients_in", "clients_dropped", "round_seconds", "loss"):
-        assert len(client.get_metric_history(run.info.run_id, name)) == 3, name
+        assert len(client.get_metric_history(run.info.run_id, name)) == 12, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "metrics.png", CLIENTS_TABLE, "model"} <= artifacts
 
