@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from fedkube.runtime.kube.sink import KubernetesStatusSink
 from fedkube.runtime.spec import FederatedJobStatus, Phase, terminal_conditions, upsert_condition
+from k8s import audit
 from support import OperatorProcess as Operator
 
 NS = "default"
@@ -362,8 +363,23 @@ def test_the_coordinators_own_conditions_survive_the_operator(kube_api: Any,
     kube_api.patch("v1/pods", "shared-coordinator-7d9f-x2x", {"status": {
         "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
         namespace=NS, subresource="status")
-    job = _wait(kube_api, "fj", "shared", _has_condition("Ready", "True"), operator)
-    time.sleep(1.5)  # a few more health checks
+    # A few more health checks (each reads the coordinator's Deployment), counted at the
+    # API server rather than waited for by the clock.
+    checks = threading.Semaphore(0)
+
+    def count_health_checks(request: Any) -> None:
+        access = audit.access_of(request)
+        if access is not None and access.verb == "get" and access.resource == "deployments" \
+                and access.name == "shared-coordinator":
+            checks.release()
+
+    kube_api.server.observers.append(count_health_checks)
+    try:
+        job = _wait(kube_api, "fj", "shared", _has_condition("Ready", "True"), operator)
+        for _ in range(3):
+            assert checks.acquire(timeout=60), operator.log()[-4000:]
+    finally:
+        kube_api.server.observers.remove(count_health_checks)
     job = kube_api.get("fj", "shared", NS)
     assert _has_condition("BudgetExhausted", "False", "WithinBudget")(job)
     assert _has_condition("SpecAccepted", "True", "Created")(job)

@@ -94,7 +94,7 @@ def test_coordinator_counters_and_gauges_follow_the_calls(coordinator: Coordinat
 def test_per_client_figures_follow_the_client_status(coordinator: CoordinatorMetrics) -> None:
     coordinator.client("sim-000", ClientNodeStatus(
         last_round_seconds=1.5, local_loss=0.4, local_accuracy=0.9, bytes_up=1200,
-        rejections=2, rounds_participated=3))
+        rejections={"norm_bound": 1, "bad_shape": 1}, rounds_participated=3))
     coordinator.client("sim-001", ClientNodeStatus())  # nothing reported yet
     text = coordinator.render()
     assert value(text, "fedkube_client_round_duration_seconds", client="sim-000") == 1.5
