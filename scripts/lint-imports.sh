@@ -12,4 +12,6 @@ for package in runtime operator; do
   cp -r "$package" "$tree/fedkube/$package"
 done
 find "$tree" -name __pycache__ -prune -exec rm -rf {} +
-PYTHONSAFEPATH=1 PYTHONPATH="$tree" lint-imports --config pyproject.toml
+# The project's own venv when none is active (scripts/setup.sh makes it).
+lint=$(command -v lint-imports || echo .venv/bin/lint-imports)
+PYTHONSAFEPATH=1 PYTHONPATH="$tree" "$lint" --config pyproject.toml
