@@ -85,7 +85,12 @@ class LocalPrivacy:
         of the target over the rounds still to come."""
         if plan.planned_rounds != self.budget.planned_rounds:
             done = self.budget.accountant.total_steps // max(1, self.budget.mechanism.steps)
-            self.budget.replan(plan.planned_rounds, rounds_done=done)
+            try:
+                self.budget.replan(plan.planned_rounds, rounds_done=done)
+            except ValueError as error:  # nothing is left: the next round is refused
+                log.warning("privacy budget for %s cannot stretch to %d rounds: %s",
+                            self.job, plan.planned_rounds, error)
+                self.budget.planned_rounds = plan.planned_rounds
             self.save()
 
     def epsilon(self) -> float:

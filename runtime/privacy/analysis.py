@@ -213,9 +213,11 @@ def calibrate_noise(
     steps: int,
     accountant: Mechanism,
     rel_tol: float = CALIBRATION_REL_TOL,
+    spent: Sequence[Step] = (),
 ) -> float:
     """The smallest noise multiplier (to ``rel_tol``) whose ``steps`` runs at ``sample_rate``
-    stay within ``target_epsilon`` at ``delta``.
+    stay within ``target_epsilon`` at ``delta`` — after the mechanisms already ``spent``
+    (a budget re-planned mid-job composes what it ran with what is still to come).
 
     Guarantee: for the returned ``z``, ``epsilon_for(z, ...) <= target_epsilon`` (checked, not
     assumed), and a noise multiplier of at least ``z * (1 - rel_tol)`` was seen to exceed the
@@ -244,16 +246,8 @@ def calibrate_noise(
         )
 
     def within(noise: float) -> bool:
-        return (
-            epsilon_for(
-                noise_multiplier=noise,
-                sample_rate=sample_rate,
-                steps=steps,
-                delta=delta,
-                accountant=accountant,
-            )
-            <= target_epsilon
-        )
+        planned = [*spent, Step(noise, sample_rate, steps)]
+        return compose_epsilon(planned, delta=delta, accountant=accountant) <= target_epsilon
 
     # PRV evaluations get slow (and memory-hungry) at small noise, where epsilon and hence
     # the discretisation domain are large; start from the RDP answer, which is close above
@@ -267,6 +261,7 @@ def calibrate_noise(
             steps=steps,
             accountant="rdp",
             rel_tol=rel_tol,
+            spent=spent,
         )
 
     high = start

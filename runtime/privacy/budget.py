@@ -22,14 +22,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .accountant import PrivacyAccountant
-from .analysis import (
-    MAX_NOISE_MULTIPLIER,
-    Mechanism,
-    Step,
-    calibrate_noise,
-    compose_epsilon,
-    local_steps,
-)
+from .analysis import Mechanism, calibrate_noise, local_steps
 
 
 @dataclass(frozen=True)
@@ -125,9 +118,10 @@ class Budget:
         if self._fixed_noise or self.target_epsilon is None:
             return
         remaining = max(1, planned_rounds - rounds_done)
-        noise = _noise_for_remaining(
-            self.accountant, target_epsilon=self.target_epsilon, delta=self.delta,
-            sample_rate=self.mechanism.sample_rate, steps=remaining * self.mechanism.steps)
+        noise = calibrate_noise(
+            target_epsilon=self.target_epsilon, delta=self.delta,
+            sample_rate=self.mechanism.sample_rate, steps=remaining * self.mechanism.steps,
+            accountant=self.accountant.mechanism, spent=self.accountant.history)
         self.mechanism = RoundMechanism(noise, self.mechanism.sample_rate, self.mechanism.steps)
 
     def _rate(self, sample_rate: float | None) -> float:
@@ -158,31 +152,3 @@ class Budget:
             int(state.get("steps_per_round", self.mechanism.steps)))
         self.planned_rounds = int(state.get("planned_rounds", self.planned_rounds))
         self._fixed_noise = bool(state.get("fixed_noise", self._fixed_noise))
-
-
-def _noise_for_remaining(accountant: PrivacyAccountant, *, target_epsilon: float,
-                         delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest noise (to 1%) whose `steps` more runs keep the whole history within
-    the target; raises ValueError when no noise can (the budget is already spent)."""
-    history = list(accountant.history)
-
-    def within(noise: float) -> bool:
-        return compose_epsilon([*history, Step(noise, sample_rate, steps)], delta=delta,
-                               accountant=accountant.mechanism) <= target_epsilon
-
-    high = 1.0
-    while not within(high):
-        high *= 2.0
-        if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(f"the privacy budget ({target_epsilon}) is spent: no noise keeps "
-                             f"{steps} more steps within it")
-    low = high / 2.0
-    while within(low) and low > 1e-3:
-        high, low = low, low / 2.0
-    while high - low > 0.01 * high:
-        middle = (low + high) / 2.0
-        if within(middle):
-            high = middle
-        else:
-            low = middle
-    return high
