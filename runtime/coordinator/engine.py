@@ -313,7 +313,10 @@ class RoundEngine:
         client = self._client(header.node_id)
         client.epsilon = max(client.epsilon, header.epsilon_spent)
         client.delta = header.delta
-        self.budget_spent.add(header.node_id)
+        if self.spec.privacy.mode == "local":
+            # Only a device's own DP budget refuses for good; any other refusal (a local
+            # run that diverged) is a missed round, and the node stays eligible.
+            self.budget_spent.add(header.node_id)
         open_round.record_refusal(header, self._live_ids())
         log.info("node %s declined round %d: %s", header.node_id, header.round,
                  header.refusal_reason)
