@@ -249,9 +249,15 @@ def test_failing_coordinator_degrades_the_job_until_it_recovers(kube_api: Any,
     job = _wait(kube_api, "fj", "flaky", _has_condition("Degraded", "False", "CoordinatorReady"),
                 operator)
     assert _has_condition("Ready", "True", "CoordinatorReady")(job)
-    reasons = [e["reason"] for e in kube_api.events(NS)
-               if e["involvedObject"]["name"] == "flaky"]
-    assert "CoordinatorFailed" in reasons and "CoordinatorReady" in reasons
+    # kopf posts the Event after the status patch lands: wait for it, do not race it.
+    deadline = time.monotonic() + 30
+    while True:
+        reasons = [e["reason"] for e in kube_api.events(NS)
+                   if e["involvedObject"]["name"] == "flaky"]
+        if {"CoordinatorFailed", "CoordinatorReady"} <= set(reasons):
+            break
+        assert time.monotonic() < deadline, reasons
+        time.sleep(0.2)  # polling interval
 
 
 def _register_node(kube_api: Any, name: str, heartbeat: str) -> None:
