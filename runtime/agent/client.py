@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,19 +211,30 @@ class Agent:
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
             return
+        index, job = self.config.simulated_index, self.trainer.job
+        if not plan.drills.online(index, now=time.time(), seed=job.seed):
+            log.info("round %d: offline (availability drill), not answering", plan.round)
+            return
         refusal = await asyncio.to_thread(self.trainer.refusal, plan)
         if refusal is not None:
             await self._refuse(stub, plan, refusal)
             return
         self.state = "training"
         try:
-            global_weights = wire.from_chunks(
-                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
-                    node_id=self.node_id, model_version=plan.model_version),
-                    metadata=self._metadata())],
-                self.trainer.schema)
+            chunks = [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+                node_id=self.node_id, model_version=plan.model_version),
+                metadata=self._metadata())]
+            global_weights = wire.from_chunks(chunks, self.trainer.schema)
+            # The version this update is built on: under strategy.mode async the
+            # coordinator serves its newest model, which may be newer than the task's.
+            version = chunks[0].model_version if chunks else plan.model_version
             try:
+                started = time.monotonic()
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
+                slowdown = plan.drills.slowdown_of(
+                    index, clients=job.num_simulated_clients, seed=job.seed)
+                if slowdown > 1:  # the speed drill: this device computes `slowdown`x slower
+                    await asyncio.sleep((time.monotonic() - started) * (slowdown - 1))
             except TrainingDiverged as error:
                 # Nothing useful to send; say so rather than let the round wait for us.
                 await self._refuse(stub, plan, Refusal(
@@ -231,7 +243,7 @@ class Agent:
                 return
             self.state = "uploading"
             header = UpdateHeader(
-                node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+                node_id=self.node_id, round=plan.round, model_version=version,
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
                 epsilon_spent=result.epsilon, delta=result.delta)
             reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights),

@@ -7,6 +7,8 @@
 - `robust`: Krum / Multi-Krum, coordinate-wise median, trimmed mean, Bulyan.
 - `server`: the server step (FedAvg, FedAvgM, FedAdam, FedYogi) with checkpointable state.
 - `round`: `RoundAggregator`, what the coordinator uses for one round.
+- `fednova`: FedNova's normalised sum for unequal local steps.
+- `fedbuff`: FedBuff's staleness-weighted buffer for asynchronous rounds.
 
 No network, cluster, API-model or I/O code lives here (import-linter contracts enforce
 it). The torch-backed names below are imported on first use, not with the package:
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     )
     from .round import AggregateOutcome, BufferFullError, RoundAggregator, UpdateTransform
     from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
+    from .fedbuff import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError, staleness_weight
+    from .fednova import NormalizedSum, fednova_reference
     from .weighted import EmptyAggregationError, WeightedSum, weighted_mean
 
 _LAZY = {
@@ -65,6 +69,13 @@ _LAZY = {
     "ServerOptimizerConfig": "server",
     "ServerOptimizerName": "server",
     "EmptyAggregationError": "weighted",
+    "FedBuffBuffer": "fedbuff",
+    "FedBuffConfig": "fedbuff",
+    "Flush": "fedbuff",
+    "StaleUpdateError": "fedbuff",
+    "staleness_weight": "fedbuff",
+    "NormalizedSum": "fednova",
+    "fednova_reference": "fednova",
     "WeightedSum": "weighted",
     "weighted_mean": "weighted",
 }
@@ -85,8 +96,13 @@ __all__ = [
     "AggregationConfig",
     "BufferFullError",
     "EmptyAggregationError",
+    "FedBuffBuffer",
+    "FedBuffConfig",
     "Feature",
+    "Flush",
+    "NormalizedSum",
     "RobustResult",
+    "StaleUpdateError",
     "RoundAggregator",
     "ServerOptimizer",
     "ServerOptimizerConfig",
@@ -101,12 +117,14 @@ __all__ = [
     "bulyan_minimum",
     "client_parameters",
     "coordinate_median",
+    "fednova_reference",
     "krum",
     "krum_minimum",
     "minimum_updates",
     "rule_for",
     "rule_names",
     "server_optimizer_for",
+    "staleness_weight",
     "trimmed_mean",
     "weighted_mean",
 ]

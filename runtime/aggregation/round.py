@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._tensors import Weights, check_matches, layout_of
 from .catalog import AggregationConfig, rule_for
+from .fednova import NormalizedSum
 from .registry import aggregate_buffered
 from .robust import RobustResult
 from .weighted import EmptyAggregationError, WeightedSum
@@ -82,7 +83,10 @@ class RoundAggregator:
         self._transform = transform
         self._uniform = uniform_weights
         self._robust = robust
-        self._sum: WeightedSum | None = None if self._robust else WeightedSum(template)
+        self._nova = config.rule == "fednova"
+        self._sum: WeightedSum | NormalizedSum | None = (
+            None if self._robust else NormalizedSum(template) if self._nova
+            else WeightedSum(template))
         self._buffer: list[Weights] = []
         self._nodes: list[str] = []
         self._finished = False
@@ -106,8 +110,10 @@ class RoundAggregator:
         """Who contributed, in arrival order."""
         return tuple(self._nodes)
 
-    def add(self, node_id: str, delta: Mapping[str, Tensor], num_samples: int) -> None:
-        """Accept `node_id`'s delta, trained on `num_samples` examples.
+    def add(self, node_id: str, delta: Mapping[str, Tensor], num_samples: int, *,
+            local_steps: int = 1) -> None:
+        """Accept `node_id`'s delta, trained on `num_samples` examples for `local_steps`
+        steps (which only fednova reads: it normalises by them).
 
         Raises ValueError (naming the node and tensor) for a delta that does not match
         the template or holds NaN/Inf, a repeated node, or a bad num_samples;
@@ -136,9 +142,12 @@ class RoundAggregator:
             check_matches(self._layout, delta, what=what)
             delta = self._transform(dict(delta))
             what = f"transformed update from {node_id!r}"
-        if self._sum is not None:
+        weight = 1.0 if self._uniform else float(num_samples)
+        if isinstance(self._sum, NormalizedSum):
+            self._sum.add(delta, weight, local_steps, what=what)
+        elif self._sum is not None:
             # WeightedSum checks names, shapes and finiteness once, before it commits.
-            self._sum.add(delta, 1.0 if self._uniform else float(num_samples), what=what)
+            self._sum.add(delta, weight, what=what)
         else:
             check_matches(self._layout, delta, what=what)
             self._buffer.append(dict(delta))

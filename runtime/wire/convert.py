@@ -17,7 +17,7 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import PrivacyPlan, TrainPlan
+from ..plan import Drills, PrivacyPlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..spec import DataSpec
 
@@ -105,7 +105,11 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
             noise_multiplier=privacy.noise_multiplier or 0.0, accountant=privacy.accountant,
             planned_rounds=privacy.planned_rounds),
         deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
-        dropout=plan.dropout)
+        dropout=plan.dropout, slow_fraction=plan.drills.slow_fraction,
+        slowdown=plan.drills.slowdown,
+        availability_period_seconds=plan.drills.availability_period_seconds,
+        availability_online_fraction=plan.drills.availability_online_fraction,
+        max_local_steps=plan.max_local_steps)
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
@@ -121,7 +125,12 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
             noise_multiplier=privacy.noise_multiplier or None,
             accountant=privacy.accountant or "rdp", planned_rounds=privacy.planned_rounds),
         deadline_unix=message.deadline_unix,
-        client_parameters=dict(message.client_parameters), dropout=message.dropout)
+        client_parameters=dict(message.client_parameters), dropout=message.dropout,
+        drills=Drills(
+            slow_fraction=message.slow_fraction, slowdown=max(1.0, message.slowdown),
+            availability_period_seconds=message.availability_period_seconds,
+            availability_online_fraction=message.availability_online_fraction or 1.0),
+        max_local_steps=max(0, message.max_local_steps))
 
 
 def task_to_pb(task: Task) -> pb.Task:
