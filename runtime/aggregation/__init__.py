@@ -36,6 +36,8 @@ from .catalog import (
 
 if TYPE_CHECKING:
     from ._tensors import Weights
+    from .fedbuff import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError, staleness_weight
+    from .fednova import NormalizedSum, fednova_reference
     from .registry import aggregate_buffered, server_optimizer_for
     from .robust import (
         RobustResult,
@@ -47,8 +49,6 @@ if TYPE_CHECKING:
     )
     from .round import AggregateOutcome, BufferFullError, RoundAggregator, UpdateTransform
     from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
-    from .fedbuff import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError, staleness_weight
-    from .fednova import NormalizedSum, fednova_reference
     from .weighted import EmptyAggregationError, WeightedSum, weighted_mean
 
 _LAZY = {
@@ -96,17 +96,17 @@ __all__ = [
     "AggregationConfig",
     "BufferFullError",
     "EmptyAggregationError",
+    "Feature",
     "FedBuffBuffer",
     "FedBuffConfig",
-    "Feature",
     "Flush",
     "NormalizedSum",
     "RobustResult",
-    "StaleUpdateError",
     "RoundAggregator",
     "ServerOptimizer",
     "ServerOptimizerConfig",
     "ServerOptimizerName",
+    "StaleUpdateError",
     "StrategyRule",
     "TooFewUpdatesError",
     "UpdateTransform",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import time
@@ -68,9 +69,11 @@ from .events import (
     on_round_closed,
 )
 from .job_status import StatusBook
+from .local_work import plan_local_work
 from .policy import JobPolicy, Verdict
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
+from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .uploads import UploadGuard
@@ -156,6 +159,7 @@ class RoundEngine:
         self.history: list[RoundRecord] = []
         self.aggregation = aggregation_config(self.spec.strategy)
         self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.aggregation))
+        self.selection = selection_config(self.spec)
         self.dropout_estimate = self.spec.simulation.dropout
         self.rng = random.Random(self.spec.seed)
         # Central DP noise from a seed no one else knows: every client gets the job's seed
@@ -417,11 +421,12 @@ class RoundEngine:
                 return self.policy.central_budget_spent(self.round, self.central.budget.epsilon())
         # No over-selection under central DP: its accountant counts exactly `wanted`.
         padding = 0.0 if self.central is not None else self.dropout_estimate
-        selected = select_clients(eligible, wanted=wanted, expected_dropout=padding, rng=self.rng)
+        selected = self._select(eligible, wanted=wanted, expected_dropout=padding)
         if len(selected) < self.spec.min_clients:
             return None
         plan = plan_for(self.spec, round=number, model_version=self.version, now=time.time(),
                         client_parameters=client_parameters(self.aggregation))
+        plans, planned_steps = plan_local_work(self.spec, plan, selected)
         buffered = rule_for(self.aggregation.rule).buffered
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
@@ -431,7 +436,23 @@ class RoundEngine:
         self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
                      eligible=len(eligible), floor=self.policy.floor, aggregator=aggregator,
-                     bounds=self.bounds, epsilon_cap=cap)
+                     bounds=self.bounds, epsilon_cap=cap, plans=plans,
+                     planned_steps=planned_steps)
+
+    def _select(self, eligible: list[Client], *, wanted: int, expected_dropout: float
+                ) -> list[Client]:
+        """selection: random draws as always; adaptive scores the eligible clients and
+        records each one's choice on its record (its ClientNode shows it)."""
+        if self.selection.mode == "random":
+            return select_clients(eligible, wanted=wanted, expected_dropout=expected_dropout,
+                                  rng=self.rng)
+        padded = min(len(eligible), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout)))
+        candidates = [candidate_of(c, job=self.name, offline_after=self.registry.offline_after)
+                      for c in eligible]
+        ids, choices = choose(candidates, wanted=padded, config=self.selection, rng=self.rng)
+        record_choices(eligible, choices)
+        by_id = {c.node_id: c for c in eligible}
+        return [by_id[node_id] for node_id in ids]
 
     async def _run_round(self, opened: Round) -> RoundResult:
         self.open_round = opened
@@ -445,6 +466,8 @@ class RoundEngine:
             log.info("round %d deadline: %d of %d updates in", opened.number,
                      len(result.accepted), result.selected)
         self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * result.dropped / result.selected
+        for node_id, client in opened.selected.items():  # adaptive local work halves these
+            client.missed_last = node_id not in result.accepted
         if result.aggregate is None:
             self.status.clients = self.book.counts(active=0, dropped=result.dropped)
         return result

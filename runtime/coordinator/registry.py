@@ -33,12 +33,23 @@ class Client:
     last_round_seconds: float | None = None
     local_loss: float | None = None
     local_accuracy: float | None = None
+    # Adaptive selection and local work: the last choice and why, the steps given, the
+    # measured speed, and whether it missed the last task it was given.
+    selection_score: float | None = None
+    selection: str | None = None
+    local_steps: int | None = None
+    seconds_per_step: float | None = None
+    missed_last: bool = False
 
     def update_arrived(self, *, nbytes: int, seconds: float,
                        metrics: Mapping[str, float]) -> None:
         """An update of this client was accepted `seconds` after its round's dispatch."""
         self.bytes_up += nbytes
         self.last_round_seconds = round(seconds, 4)
+        self.missed_last = False
+        steps = metrics.get("steps")
+        if steps is not None and steps >= 1:
+            self.seconds_per_step = round(seconds / steps, 6)
         self.local_loss = metrics.get("loss", self.local_loss)
         accuracy = metrics.get("accuracy")
         # Only a fraction is a status value; anything else is the agent's business.
@@ -65,6 +76,10 @@ class Client:
             local_loss=self.local_loss,
             local_accuracy=self.local_accuracy,
             bytes_up=self.bytes_up,
+            selection_score=self.selection_score,
+            selection=self.selection,
+            local_steps=self.local_steps,
+            seconds_per_step=self.seconds_per_step,
             rejections=dict(self.rejections),
         )
 
