@@ -104,7 +104,7 @@ async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from .coordinator.engine import RoundEngine
+    from .coordinator.async_rounds import engine_for
     from .coordinator.report import RunReport
     from .coordinator.server import TlsFiles, serve
     from .coordinator.status import FanOut, StatusSink
@@ -138,7 +138,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         if not (args.tls_cert and args.tls_key):
             raise ManifestError("--tls-cert and --tls-key go together")
         tls = TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key))
-    engine = RoundEngine(
+    engine = engine_for(
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
         metrics=metrics, on_round=report.round if report else None,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .coordinator import checkpoint
+from .coordinator.async_rounds import engine_for
 from .coordinator.engine import RoundEngine, RoundRecord
 from .coordinator.report import RunReport
 from .coordinator.server import serve
@@ -242,7 +243,7 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
             progress.round(record)
 
         try:
-            engine = RoundEngine(job, sink=FanOut(report, progress),
+            engine = engine_for(job, sink=FanOut(report, progress),
                                  output_dir=options.output, on_round=on_round)
         except Exception:
             progress.finish(None)

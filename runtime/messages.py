@@ -38,6 +38,7 @@ class RejectReason(enum.Enum):
     UPLOAD_BUSY = ("upload_busy", "RESOURCE_EXHAUSTED")
     UPLOAD_STALLED = ("upload_stalled", "DEADLINE_EXCEEDED")
     UPLOAD_IN_FLIGHT = ("upload_in_flight", "ALREADY_EXISTS")
+    STALE = ("stale", "FAILED_PRECONDITION")  # async: built on too old a model
 
     def __init__(self, label: str, code: str) -> None:
         self.label = label

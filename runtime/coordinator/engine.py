@@ -500,6 +500,10 @@ class RoundEngine:
             seconds=round(time.monotonic() - opened.started, 4),
             epsilon=epsilon, bytes_up=self.status.bytes_up, bytes_down=self.status.bytes_down,
             train_loss=result.train_loss, model_version=self.version)
+        return self._record_round(record)
+
+    def _record_round(self, record: RoundRecord) -> Verdict | None:
+        """A round (or server step) done: judge it, checkpoint, publish."""
         self.history.append(record)
         verdict = self.policy.after_round(record.round, record.accuracy)
         self.book.after_round(record, best_accuracy=self.policy.best_accuracy, spec=self.spec)

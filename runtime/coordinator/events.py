@@ -36,6 +36,8 @@ class RoundRecord:
     bytes_down: int
     train_loss: float | None
     model_version: int
+    # strategy.mode async: the mean staleness of the server step's buffered updates.
+    mean_staleness: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
