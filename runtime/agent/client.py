@@ -87,6 +87,7 @@ class Agent:
         # restarted with the same id proves it is the same node (and keeps its budget).
         self.session = self._saved_session()
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
+        self.heartbeat_seconds = 2.0  # the coordinator's Admission sets it
 
     def _session_file(self) -> Path:
         return self.config.state_dir / "sessions" / f"{self.node_id}.session"
@@ -164,6 +165,8 @@ class Agent:
             log.warning("node id %s is held by another session; joined as %s", self.node_id,
                         admission.node_id)
         self.node_id, self.session = admission.node_id, admission.session
+        if admission.heartbeat_interval_seconds > 0:
+            self.heartbeat_seconds = admission.heartbeat_interval_seconds
         self._save_session()
         if self.trainer is None:
             self.trainer = await asyncio.to_thread(
@@ -204,7 +207,7 @@ class Agent:
                 self._contact()
             except grpc.aio.AioRpcError as error:
                 log.debug("heartbeat failed: %s", error.code().name)
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(self.heartbeat_seconds)
 
     async def _handle(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
         assert self.trainer is not None

@@ -71,6 +71,7 @@ class AsyncEngine(RoundEngine):
         self.dropped = 0  # tasks that timed out since the last server step
         self.losses: list[float] = []
         self.step_started = self.last_accepted = time.monotonic()
+        self.stepping = False
         self.status.server_steps = self.round
 
     # ------------------------------------------------------------ client calls
@@ -168,6 +169,8 @@ class AsyncEngine(RoundEngine):
     async def _next_round(self) -> Verdict | None:
         """Keep the clients busy until the next server step; its verdict, if any."""
         number = self.round + 1
+        if not self.stepping:  # the first step is timed from the first dispatch
+            self.stepping, self.step_started = True, time.monotonic()
         # As long as a synchronous round and its retries may take without enough updates.
         patience = self.spec.round_timeout_seconds * (self.spec.round_retries + 1)
         started = time.monotonic()
