@@ -198,8 +198,13 @@ def coordinator_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[
               f" MiB), {row['seconds_per_update'] * 1e3:.2f} ms/update, selection "
               f"{row['selection_seconds_per_round'] * 1e3:.2f} ms/round", flush=True)
     base = rows[0]["seconds_per_update"]
+    same_round = {row["per_round"]: row["seconds_per_update"] for row in rows[:-1]}
     for row in rows:
         row["update_time_over_smallest"] = round(row["seconds_per_update"] / base, 2)
+        # Against the smaller registry with the same updates per round (1,000 vs 100).
+        if row["per_round"] in same_round:
+            row["update_time_over_same_round_size"] = round(
+                row["seconds_per_update"] / same_round[row["per_round"]], 2)
     return rows
 
 
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {out['time_to_target'][name]['speedup_over_sync_random']}x "
                   "faster than sync-random (target 2x)")
     print("(b) coordinator per round (in-process, no gRPC):")
-    out["coordinator_scale"] = coordinator_scale([10, 100, 1000], per_round=100, rounds=3)
+    out["coordinator_scale"] = coordinator_scale([10, 100, 1000], per_round=100, rounds=5)
     if args.output:
         args.output.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.output}")

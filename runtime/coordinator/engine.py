@@ -453,7 +453,10 @@ class RoundEngine:
         if self.selection.mode == "random":
             return select_clients(eligible, wanted=wanted, expected_dropout=expected_dropout,
                                   rng=self.rng)
-        padded = min(len(eligible), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout)))
+        # Exploration picks come on top, and the round closes at `wanted` updates (Oort's
+        # over-commitment): a slow explorer costs its own update, not everyone's time.
+        padded = min(len(eligible), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout))
+                     + math.ceil(self.selection.exploration * wanted))
         candidates = [candidate_of(c, job=self.name, offline_after=self.registry.offline_after)
                       for c in eligible]
         ids, choices = choose(candidates, wanted=padded, config=self.selection, rng=self.rng)
