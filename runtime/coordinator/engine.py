@@ -475,7 +475,12 @@ class RoundEngine:
         if result.aggregate is None:
             log.info("round %d deadline: %d of %d updates in", opened.number,
                      len(result.accepted), result.selected)
-        self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * result.dropped / result.selected
+        if self.selection.mode == "adaptive":
+            # It over-commits and closes at `wanted`: only a shortfall is dropout.
+            missing = max(0, opened.wanted - len(result.accepted)) / opened.wanted
+        else:
+            missing = result.dropped / result.selected
+        self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * missing
         for node_id, client in opened.selected.items():  # adaptive local work halves these
             client.missed_last = node_id not in result.accepted
         if result.aggregate is None:
