@@ -137,7 +137,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ManifestError("--tls-cert and --tls-key go together")
-        tls = TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key))
+        tls = TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key),
+                       client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None)
+    elif args.tls_client_ca:
+        raise ManifestError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS "
+                            "plus client certificates)")
     engine = RoundEngine(
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
@@ -182,7 +186,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "data_path": args.data,
         "state_dir": Path(args.state_dir).expanduser(),
         "join_token": _secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN"),
-        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
+        **_agent_tls(args),
         "labels": _labels(args.label),
         "give_up_after": args.give_up_after,
     }
@@ -192,6 +196,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
         for index in indexes
     ]
     return run_agents(configs)
+
+
+def _agent_tls(args: argparse.Namespace) -> dict[str, Path | None]:
+    """--tls-ca/--tls-cert/--tls-key, each defaulting to $FEDKUBE_TLS_CA/_CERT/_KEY."""
+    paths = {name: getattr(args, name) or os.environ.get(f"FEDKUBE_{name.upper()}") or None
+             for name in ("tls_ca", "tls_cert", "tls_key")}
+    if bool(paths["tls_cert"]) != bool(paths["tls_key"]):
+        raise ManifestError("--tls-cert and --tls-key (or $FEDKUBE_TLS_CERT and "
+                            "$FEDKUBE_TLS_KEY) go together")
+    return {name: Path(value).expanduser() if value else None for name, value in paths.items()}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -294,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--tls-cert", help="PEM certificate to serve TLS with (needs "
                              "--tls-key)")
     coordinator.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    coordinator.add_argument("--tls-client-ca", help="mutual TLS: require client "
+                             "certificates signed by this CA; a certificate's subject CN is "
+                             "the node id it may act as (needs --tls-cert)")
     coordinator.add_argument("--metrics-port", type=int,
                              help="serve Prometheus metrics on this port")
     coordinator.add_argument("--registration-timeout", type=_seconds, default=120.0,
@@ -318,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the privacy budget is kept between runs")
     agent.add_argument("--join-token-file", help="file with the job's join token "
                        "(default: $FEDKUBE_JOIN_TOKEN)")
-    agent.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
+    agent.add_argument("--tls-ca", help="CA certificate to verify the coordinator "
+                       "(default: $FEDKUBE_TLS_CA)")
+    agent.add_argument("--tls-cert", help="mutual TLS: this node's client certificate, "
+                       "subject CN = the node id (default: $FEDKUBE_TLS_CERT; needs --tls-key)")
+    agent.add_argument("--tls-key", help="private key of --tls-cert (default: $FEDKUBE_TLS_KEY)")
     agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                        help="label this device for spec.clientSelector (repeatable)")
     agent.add_argument("--give-up-after", type=_seconds, metavar="SECONDS",

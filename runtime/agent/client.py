@@ -54,7 +54,10 @@ class AgentConfig:
     simulated_index: int | None = None
     state_dir: Path = Path.home() / ".fedkube"
     join_token: str = ""
-    tls_ca: Path | None = None
+    tls_ca: Path | None = None  # verify the coordinator's certificate against this CA
+    # mTLS: this node's certificate (its subject CN is the node id) and private key
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
     max_backoff: float = 10.0
     give_up_after: float | None = None  # seconds without a coordinator; None: never
@@ -69,8 +72,11 @@ class Disconnected(Exception):
 
 
 def _channel(config: AgentConfig) -> grpc.aio.Channel:
-    if config.tls_ca is not None:
-        credentials = grpc.ssl_channel_credentials(config.tls_ca.read_bytes())
+    if config.tls_ca is not None or config.tls_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=config.tls_ca.read_bytes() if config.tls_ca else None,
+            private_key=config.tls_key.read_bytes() if config.tls_key else None,
+            certificate_chain=config.tls_cert.read_bytes() if config.tls_cert else None)
         return grpc.aio.secure_channel(config.coordinator, credentials, options=GRPC_OPTIONS)
     return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
 

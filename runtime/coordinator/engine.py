@@ -230,8 +230,9 @@ class RoundEngine:
 
     # ------------------------------------------------------------ client calls
 
-    def register(self, registration: Registration) -> Admission:
-        client, session = self.enrolment.enrol(registration)
+    def register(self, registration: Registration, *, certified: bool = False) -> Admission:
+        """`certified`: a client certificate proved the node id (mTLS)."""
+        client, session = self.enrolment.enrol(registration, certified=certified)
         log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
                  client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)
