@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from .logs import bind_process as bind_log_context
 from .logs import configure as configure_logs
 from .spec import ManifestError, load_job
 from .threads import Role, ThreadsError, apply_torch_threads
@@ -77,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _tune_process("local")
     job = with_clients(load_job(args.job), args.clients)
+    bind_log_context(job=job.metadata.name)
     output = Path(args.output or Path("runs") / job.metadata.name)
     existing = "resume" if args.resume else "fresh" if args.fresh else "refuse"
     options = RunOptions(output=output, quiet=args.quiet, existing=existing,
@@ -111,6 +113,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     _tune_process("coordinator")
     job = load_job(args.job)
+    bind_log_context(job=job.metadata.name)  # threads too (the Kubernetes writer's)
     output = Path(args.output) if args.output else None
     sinks: list[StatusSink] = []
     report = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from .. import wire
+from .. import logs, wire
 from ..messages import SESSION_METADATA, Heartbeat, Payload, Registration, TaskKind, UpdateHeader
 from ..plan import TrainPlan
 from ..proto import fedkube_pb2 as pb
@@ -125,6 +125,7 @@ class Agent:
         """Returns the process exit code: 0 when the job ended, 2 when refused for good."""
         backoff = 0.5
         loop = asyncio.get_running_loop()
+        logs.bind(node=self.node_id or None)  # this agent's task: every line names its node
         self._contact()
         while True:
             try:
@@ -169,6 +170,7 @@ class Agent:
             log.warning("node id %s is held by another session; joined as %s", self.node_id,
                         admission.node_id)
         self.node_id, self.session = admission.node_id, admission.session
+        logs.bind(job=admission.job.job_name, node=self.node_id)
         self._save_session()
         if self.trainer is None:
             self.trainer = await asyncio.to_thread(
@@ -192,7 +194,8 @@ class Agent:
                 if task.kind is TaskKind.STOP:
                     raise JobEnded(task.reason or "stopped")
                 assert task.plan is not None
-                await self._handle(stub, task.plan)
+                with logs.bound(round=task.plan.round):
+                    await self._handle(stub, task.plan)
             raise Disconnected("task stream ended")
         finally:
             heartbeat.cancel()

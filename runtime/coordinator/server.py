@@ -14,7 +14,7 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .. import wire
+from .. import logs, wire
 from ..messages import SESSION_METADATA, Payload, Rejected, RejectReason, TaskKind, UpdateHeader
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
@@ -74,6 +74,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.client_certificates = client_certificates
 
     def _authenticate(self, node_id: str, context: grpc.aio.ServicerContext) -> None:
+        # Each RPC runs in a task of its own: its log lines name the job and the node.
+        logs.bind(job=self.engine.name, node=node_id or None)
         if self.client_certificates:
             identity.bind(node_id, identity.certified_id(context.auth_context()))
         self.engine.authenticate(node_id, _session(context))
@@ -82,6 +84,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                        context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         try:
             registration = convert.registration_from_pb(request)
+            logs.bind(job=self.engine.name, node=registration.node_id or None)
             if self.client_certificates:
                 registration = dataclasses.replace(registration, node_id=identity.bind(
                     registration.node_id, identity.certified_id(context.auth_context())))
@@ -140,6 +143,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             header = convert.header_from_pb(first.header)
             node_id = header.node_id
             self._authenticate(node_id, context)
+            logs.bind(round=header.round)
             return await self._submit(header, iterator)
         except Rejected as rejection:
             self.engine.refused(node_id, rejection)
@@ -183,6 +187,7 @@ async def serve(
     grace: float = 1.0,
 ) -> FederatedJobStatus:
     """Owns the server's life: build, bind, start, run the job, stop in `finally`."""
+    logs.bind(job=engine.name)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     mutual = tls is not None and tls.client_ca is not None
     pb_grpc.add_CoordinatorServicer_to_server(
