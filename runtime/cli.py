@@ -26,12 +26,15 @@ import time
 from collections.abc import Coroutine
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .logs import bind_process as bind_log_context
 from .logs import configure as configure_logs
 from .spec import ManifestError, load_job
 from .threads import Role, ThreadsError, apply_torch_threads
+
+if TYPE_CHECKING:  # the coordinator (torch, grpc) loads only for the commands that run it
+    from .coordinator.server import TlsFiles
 
 EXIT_BAD_INPUT = 2
 STARTED = time.monotonic()  # the command's wall time counts from here (before torch loads)
@@ -108,7 +111,7 @@ async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from .coordinator.engine import RoundEngine
     from .coordinator.report import RunReport
-    from .coordinator.server import TlsFiles, serve
+    from .coordinator.server import serve
     from .coordinator.status import FanOut, StatusSink
 
     _tune_process("coordinator")
@@ -136,15 +139,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         metrics = CoordinatorMetrics()
         port = metrics.serve(args.metrics_port)
         logging.getLogger("fedkube.coordinator").info("metrics on :%d/metrics", port)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ManifestError("--tls-cert and --tls-key go together")
-        tls = TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key),
-                       client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None)
-    elif args.tls_client_ca:
-        raise ManifestError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS "
-                            "plus client certificates)")
+    tls = _coordinator_tls(args)
     engine = RoundEngine(
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
@@ -173,6 +168,20 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     print(json.dumps({"phase": status.phase.value, "round": status.round,
                       "accuracy": status.accuracy, "message": status.message}))
     return 0 if status.phase.value == "Succeeded" else 1
+
+
+def _coordinator_tls(args: argparse.Namespace) -> TlsFiles | None:
+    from .coordinator.server import TlsFiles
+
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ManifestError("--tls-cert and --tls-key go together")
+        return TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key),
+                        client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None)
+    if args.tls_client_ca:
+        raise ManifestError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS "
+                            "plus client certificates)")
+    return None
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
