@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = ("job", "round", "node", "reason")
@@ -87,6 +87,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def quiet_grpc_core(environ: MutableMapping[str, str]) -> None:
+    """gRPC's C core writes plain-text lines of its own to stderr (a refused TLS handshake,
+    say), which would break one JSON object per line: silence it unless GRPC_VERBOSITY
+    says otherwise. Takes effect when grpc loads, which the CLI does after this."""
+    environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def configure(level: int) -> None:
     """Set up the root logger from FEDKUBE_LOG_FORMAT (text unless `json`)."""
     handler = logging.StreamHandler()
@@ -95,6 +102,7 @@ def configure(level: int) -> None:
         handler.setFormatter(JsonFormatter())
         # Python's warnings (Opacus, torch) as log lines too, not bare text on stderr.
         logging.captureWarnings(True)
+        quiet_grpc_core(os.environ)
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     # force: a library imported before this (Opacus) may have configured logging already.

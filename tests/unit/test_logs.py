@@ -65,3 +65,12 @@ def test_extra_wins_and_plain_threads_get_the_process_default(lines) -> None:
                                            ("thread", "proc", None, None)]
     with pytest.raises(TypeError, match="nodes"):
         logs.bind(nodes="x")
+
+
+def test_json_mode_silences_grpcs_own_plain_text_lines_unless_asked() -> None:
+    environ: dict[str, str] = {}
+    logs.quiet_grpc_core(environ)
+    assert environ == {"GRPC_VERBOSITY": "NONE"}
+    environ = {"GRPC_VERBOSITY": "debug"}
+    logs.quiet_grpc_core(environ)
+    assert environ == {"GRPC_VERBOSITY": "debug"}
