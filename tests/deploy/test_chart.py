@@ -565,6 +565,19 @@ def test_notes_show_the_join_token_and_no_warning_when_secured(helm: str,
     assert "team-a, team-b" in notes
 
 
+def test_notes_count_mutual_tls_without_a_token_as_secured(helm: str, tmp_path_factory) -> None:
+    folder = tmp_path_factory.mktemp("mtls")
+    mutual, tls_only = folder / "mutual.yaml", folder / "tls-only.yaml"
+    mutual.write_text("coordinator:\n  tlsSecretName: tls\n  clientCaSecretName: client-ca\n")
+    tls_only.write_text("coordinator:\n  tlsSecretName: tls\n")
+    notes = _notes((mutual,), tmp_path_factory.getbasetemp())
+    assert 'Mutual TLS (Secret "client-ca")' in notes
+    assert "insecure" not in notes
+    assert_fedkube_commands_parse(notes)
+    # TLS alone lets anyone join: still a warning.
+    assert "run insecure" in _notes((tls_only,), tmp_path_factory.getbasetemp())
+
+
 # ------------------------------------------------------------------ Grafana dashboard
 
 
