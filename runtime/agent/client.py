@@ -7,17 +7,23 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
+import torch
 
 from .. import wire
 from ..messages import SESSION_METADATA, Heartbeat, Payload, Registration, TaskKind, UpdateHeader
 from ..plan import TrainPlan
+from ..privacy.central import add_gaussian_noise, clip_update
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
+from ..secagg import ProtocolError, SecAggClient
 from ..training import TrainingDiverged, pick_device
 from ..wire import convert
 from .facts import device_facts
@@ -214,6 +220,9 @@ class Agent:
         if refusal is not None:
             await self._refuse(stub, plan, refusal)
             return
+        if plan.secure is not None:
+            await self._secure(stub, plan)
+            return
         self.state = "training"
         try:
             global_weights = wire.from_chunks(
@@ -246,6 +255,64 @@ class Agent:
                                 grpc.StatusCode.ALREADY_EXISTS,
                                 grpc.StatusCode.INVALID_ARGUMENT):
                 log.warning("round %d: update not taken: %s", plan.round, error.details())
+            else:
+                raise
+        finally:
+            self.state = "idle"
+
+    async def _secure(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
+        """A secure round (runtime/secagg): keys and shares first, then train, then the
+        masked input and the shares that unmask the sum. Nothing unmasked leaves."""
+        assert self.trainer is not None and plan.secure is not None
+        meta = self._metadata()
+        wait = max(30.0, plan.deadline_unix - time.time()) + 60.0  # phases close server-side
+        client = SecAggClient(self.node_id, plan.round)
+        try:
+            roster = convert.roster_from_pb(await stub.SecAggAdvertise(
+                convert.advert_to_pb(client.advertise()), metadata=meta, timeout=wait))
+            delivery = convert.delivery_from_pb(await stub.SecAggShare(
+                convert.bundle_to_pb(client.share(roster)), metadata=meta, timeout=wait))
+            self._contact()
+            self.state = "training"
+            global_weights = wire.from_chunks(
+                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+                    node_id=self.node_id, model_version=plan.model_version), metadata=meta)],
+                self.trainer.schema)
+            result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
+            self.state = "uploading"
+            delta = result.delta_weights
+            if plan.secure.clip_norm > 0:  # distributed central DP: clip, then this
+                delta = clip_update(delta, max_norm=plan.secure.clip_norm)  # client's noise
+            if plan.secure.noise_std > 0:
+                delta = add_gaussian_noise(delta, std=plan.secure.noise_std,
+                                           generator=torch.Generator().manual_seed(
+                                               secrets.randbits(62)))
+            flat = torch.cat([delta[name].detach().reshape(-1).to(torch.float64)
+                              for name in self.trainer.schema]).numpy()
+            masked = await asyncio.to_thread(client.mask, delivery, flat)
+            header = UpdateHeader(
+                node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+                payload=Payload.MASKED, num_samples=result.num_samples, metrics=result.metrics,
+                epsilon_spent=result.epsilon, delta=result.delta)
+            request = convert.unmask_request_from_pb(await stub.SecAggMaskedInput(
+                _update_stream(header, {"masked": torch.from_numpy(
+                    masked.vector.view(np.int32))}), metadata=meta, timeout=wait))
+            reply = await stub.SecAggUnmask(convert.unmask_response_to_pb(
+                client.unmask(request)), metadata=meta, timeout=wait)
+            self._contact()
+            log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
+                     result.metrics.get("loss", float("nan")))
+        except TrainingDiverged as error:
+            log.warning("round %d: local training diverged, leaving the secure round: %s",
+                        plan.round, error)
+        except ProtocolError as error:
+            log.warning("round %d: refusing the coordinator's secure-aggregation message: %s",
+                        plan.round, error)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED):
+                log.warning("round %d: secure round left: %s", plan.round, error.details())
             else:
                 raise
         finally:
