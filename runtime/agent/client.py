@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -268,8 +270,10 @@ class Agent:
         wait = max(30.0, plan.deadline_unix - time.time()) + 60.0  # phases close server-side
         client = SecAggClient(self.node_id, plan.round)
         try:
+            _drill("advertise", plan.round)
             roster = convert.roster_from_pb(await stub.SecAggAdvertise(
                 convert.advert_to_pb(client.advertise()), metadata=meta, timeout=wait))
+            _drill("share", plan.round)
             delivery = convert.delivery_from_pb(await stub.SecAggShare(
                 convert.bundle_to_pb(client.share(roster)), metadata=meta, timeout=wait))
             self._contact()
@@ -294,9 +298,11 @@ class Agent:
                 node_id=self.node_id, round=plan.round, model_version=plan.model_version,
                 payload=Payload.MASKED, num_samples=result.num_samples, metrics=result.metrics,
                 epsilon_spent=result.epsilon, delta=result.delta)
+            _drill("masked", plan.round)
             request = convert.unmask_request_from_pb(await stub.SecAggMaskedInput(
                 _update_stream(header, {"masked": torch.from_numpy(
                     masked.vector.view(np.int32))}), metadata=meta, timeout=wait))
+            _drill("unmask", plan.round)
             reply = await stub.SecAggUnmask(convert.unmask_response_to_pb(
                 client.unmask(request)), metadata=meta, timeout=wait)
             self._contact()
@@ -331,6 +337,18 @@ class Agent:
             if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION,
                                     grpc.StatusCode.ALREADY_EXISTS):
                 raise
+
+
+# Fault drill for tests and demos of dropout recovery: FEDKUBE_SECAGG_DIE_BEFORE=PHASE:ROUND
+# (advertise | share | masked | unmask) kills this agent's process with SIGKILL just
+# before it would send that phase's message in that round.
+DRILL_ENV = "FEDKUBE_SECAGG_DIE_BEFORE"
+
+
+def _drill(phase: str, round: int) -> None:
+    if os.environ.get(DRILL_ENV) == f"{phase}:{round}":
+        log.warning("fault drill: dying before the %s phase of round %d", phase, round)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _update_stream(header: UpdateHeader, weights: dict) -> AsyncIterator[pb.UpdateChunk]:

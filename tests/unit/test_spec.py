@@ -44,8 +44,8 @@ def test_defaults_and_camel_case_round_trip() -> None:
      "spec.privacy.delta: Input should be less than 1"),
     ({"coordinator": {"port": 70000}}, "spec.coordinator.port"),
     ({"secureAggregation": {"enabled": True}, "minClients": 2, "strategy": {"name": "median"}},
-     "strategy.name 'median' cannot be combined with secureAggregation.enabled: the server "
-     "sees only the masked sum"),
+     ("strategy.name 'median' cannot be combined with secureAggregation.enabled: the server "
+      "sees only the masked sum")),
     ({"secureAggregation": {"enabled": True}}, "secureAggregation.enabled needs minClients >= 2"),
     ({"secureAggregation": {"threshold": 0.5}},
      "spec.secureAggregation.threshold: Input should be greater than 0.5"),
