@@ -189,7 +189,10 @@ class SecureRound:
     async def _wait_for_phase(self) -> None:
         """Until every live participant of the open phase answered, or its deadline."""
         while not self.server.expired():
-            if not self.server.expected() & self.live():
+            waiting = self.server.expected() & self.live()
+            if self.server.phase is Phase.ADVERTISE:  # who declined the task (its budget)
+                waiting -= self.opened.answered
+            if not waiting:
                 return
             self._progress.clear()
             remaining = self.server.deadline - time.monotonic()
