@@ -218,12 +218,13 @@ class Agent:
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
             return
+        if plan.secure is not None:
+            # Keys first: the advertise phase is short, a DP calibration may not be.
+            await self._secure(stub, plan)
+            return
         refusal = await asyncio.to_thread(self.trainer.refusal, plan)
         if refusal is not None:
             await self._refuse(stub, plan, refusal)
-            return
-        if plan.secure is not None:
-            await self._secure(stub, plan)
             return
         self.state = "training"
         try:
@@ -277,6 +278,10 @@ class Agent:
             delivery = convert.delivery_from_pb(await stub.SecAggShare(
                 convert.bundle_to_pb(client.share(roster)), metadata=meta, timeout=wait))
             self._contact()
+            refusal = await asyncio.to_thread(self.trainer.refusal, plan)
+            if refusal is not None:  # it leaves after sharing: its masks are recovered
+                await self._refuse(stub, plan, refusal)
+                return
             self.state = "training"
             global_weights = wire.from_chunks(
                 [chunk async for chunk in stub.GetModel(pb.GetModelRequest(

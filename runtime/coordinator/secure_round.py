@@ -190,7 +190,7 @@ class SecureRound:
         """Until every live participant of the open phase answered, or its deadline."""
         while not self.server.expired():
             waiting = self.server.expected() & self.live()
-            if self.server.phase is Phase.ADVERTISE:  # who declined the task (its budget)
+            if self.server.phase is not Phase.UNMASK:  # nodes that declined (their budget)
                 waiting -= self.opened.answered
             if not waiting:
                 return
