@@ -162,6 +162,30 @@ class PrivacySpec(_Model):
         return self
 
 
+class SecureAggregationSpec(_Model):
+    """Secure aggregation (Bonawitz et al. 2017 with the SecAgg+ neighbour graph of Bell et
+    al. 2020): the coordinator learns only the sum of a round's updates, never one
+    device's, and recovers from clients that drop out in any phase."""
+
+    enabled: bool = Field(False, description="Mask every update; the coordinator unmasks "
+                          "only the round's sum.")
+    threshold: float = Field(
+        0.67, gt=0.5, le=1,
+        description="Share of a client's neighbours whose shares recover its secrets "
+        "(t of t-of-k): a round survives up to k - t dropouts per neighbourhood.",
+    )
+    neighbours: int | None = Field(
+        None, ge=2,
+        description="Neighbours each client masks with (k, rounded up to even); unset: "
+        "2*ceil(log2 n)+2, so cost grows with log n; n-1 or more: every pair.",
+    )
+    value_range: float = Field(
+        4.0, gt=0,
+        description="Each coordinate of an update is clipped to ±valueRange before its "
+        "fixed-point encoding in a 32-bit ring (resolution valueRange*n/2^31).",
+    )
+
+
 class ResourceRequirements(_Model):
     """Kubernetes container resources, as in a Pod spec."""
 
@@ -386,6 +410,7 @@ class FederatedJobSpec(_Model):
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
+    secure_aggregation: SecureAggregationSpec = Field(default_factory=SecureAggregationSpec)
     seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
 
     @model_validator(mode="after")
@@ -425,9 +450,15 @@ class FederatedJobSpec(_Model):
                 f"localWork.mode adaptive needs strategy.name fednova, not {rule.name!r}: "
                 "clients doing unequal local steps must be normalised (FedNova) or the "
                 "objective drifts towards the clients that trained longest")
+        if self.strategy.mode == "async" and self.secure_aggregation.enabled:
+            raise ValueError(
+                "strategy.mode async cannot be combined with secureAggregation.enabled: "
+                "masks cancel only in the sum of one round's fixed cohort, and FedBuff folds "
+                "each update alone as it arrives")
         if self.local_work.mode == "adaptive" and self.strategy.mode == "async":
             raise ValueError("localWork.mode adaptive applies to strategy.mode sync; "
                              "asynchronous clients already work at their own pace")
+        _check_secure_aggregation(self)
         return self
 
     def clients_to_select(self, live: int) -> int:
@@ -440,13 +471,33 @@ class FederatedJobSpec(_Model):
 
 
 # The spec settings that switch on a feature some aggregation rule cannot work with; the
-# refusals and their reasons are the rules' own, in the aggregation catalog. Secure
-# aggregation joins here when its spec fields land.
+# refusals and their reasons are the rules' own, in the aggregation catalog.
 _FEATURES_IN_USE: tuple[tuple[Feature, str, Callable[[FederatedJobSpec], bool]], ...] = (
     (Feature.central_privacy, "privacy.mode central", lambda spec: spec.privacy.mode == "central"),
+    (Feature.secure_aggregation, "secureAggregation.enabled",
+     lambda spec: spec.secure_aggregation.enabled),
     (Feature.asynchronous_rounds, "strategy.mode async",
      lambda spec: spec.strategy.mode == "async"),
 )
+
+
+def _check_secure_aggregation(spec: FederatedJobSpec) -> None:
+    """Combinations secure aggregation refuses, each naming the fields (robust rules are
+    refused through the catalog above)."""
+    secure = spec.secure_aggregation
+    if not secure.enabled:
+        return
+    if spec.min_clients < 2:
+        raise ValueError("secureAggregation.enabled needs minClients >= 2: the sum of one "
+                         "update is that update")
+    most = spec.simulation.clients or spec.admission.max_clients
+    if secure.value_range * most >= 2**31:
+        raise ValueError(
+            f"secureAggregation.valueRange {secure.value_range} times {most} clients does not "
+            "fit the 32-bit ring: lower valueRange (or admission.maxClients)")
+    # Compression (top-k sparsification) joins here when spec.compression lands: its masks
+    # are dense, so top-k must be refused unless the sparsity pattern is shared by every
+    # client from a round seed; quantization composes (it is the fixed-point step).
 
 
 # The fields a running job takes up when its spec is edited (Python names); every other

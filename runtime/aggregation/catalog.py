@@ -150,6 +150,8 @@ RULES: tuple[StrategyRule, ...] = (
         incompatible_with=MappingProxyType({
             Feature.asynchronous_rounds: "it normalises one round's updates by their local "
             "steps; asynchronous rounds weight each update by its staleness instead",
+            Feature.secure_aggregation: "it divides each update by its own local steps; the "
+            "server sees only the masked sum",
         }),
     ),
     StrategyRule(
