@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -67,7 +68,9 @@ class AsyncEngine(RoundEngine):
         self.flushes: asyncio.Queue[Flush] = asyncio.Queue()
         self.wake = asyncio.Event()
         self.fold_lock = asyncio.Lock()
-        self.tasks_sent = 0
+        # Task numbers start at a random point: after a restart, an update for a task of
+        # the previous coordinator must not match a new task's number.
+        self.tasks_sent = secrets.randbelow(2**30)
         self.dropped = 0  # tasks that timed out since the last server step
         self.losses: list[float] = []
         self.step_started = self.last_accepted = time.monotonic()
