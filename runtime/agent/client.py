@@ -223,11 +223,14 @@ class Agent:
             return
         self.state = "training"
         try:
-            global_weights = wire.from_chunks(
-                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+            # Each chunk is copied into the model's storage as it arrives: the messages
+            # of a whole model are never held at once.
+            assembler = wire.TensorAssembler(self.trainer.schema)
+            async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
-                    metadata=self._metadata())],
-                self.trainer.schema)
+                    metadata=self._metadata()):
+                assembler.add(chunk)
+            global_weights = assembler.finish()
             try:
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
             except TrainingDiverged as error:
