@@ -35,7 +35,7 @@ from .catalog import (
 )
 
 if TYPE_CHECKING:
-    from ._tensors import Weights
+    from ._tensors import UpdateStats, Weights
     from .fedbuff import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError, staleness_weight
     from .fednova import NormalizedSum, fednova_reference
     from .registry import aggregate_buffered, server_optimizer_for
@@ -49,9 +49,10 @@ if TYPE_CHECKING:
     )
     from .round import AggregateOutcome, BufferFullError, RoundAggregator, UpdateTransform
     from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
-    from .weighted import EmptyAggregationError, WeightedSum, weighted_mean
+    from .weighted import Bound, EmptyAggregationError, WeightedSum, weighted_mean
 
 _LAZY = {
+    "UpdateStats": "_tensors",
     "Weights": "_tensors",
     "aggregate_buffered": "registry",
     "server_optimizer_for": "registry",
@@ -68,6 +69,7 @@ _LAZY = {
     "ServerOptimizer": "server",
     "ServerOptimizerConfig": "server",
     "ServerOptimizerName": "server",
+    "Bound": "weighted",
     "EmptyAggregationError": "weighted",
     "FedBuffBuffer": "fedbuff",
     "FedBuffConfig": "fedbuff",
@@ -94,6 +96,7 @@ __all__ = [
     "RULES",
     "AggregateOutcome",
     "AggregationConfig",
+    "Bound",
     "BufferFullError",
     "EmptyAggregationError",
     "Feature",
@@ -109,6 +112,7 @@ __all__ = [
     "StaleUpdateError",
     "StrategyRule",
     "TooFewUpdatesError",
+    "UpdateStats",
     "UpdateTransform",
     "WeightedSum",
     "Weights",

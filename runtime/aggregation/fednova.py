@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ._tensors import Weights
-from .weighted import EmptyAggregationError, WeightedSum
+from ._tensors import UpdateStats, Weights
+from .weighted import Bound, EmptyAggregationError, WeightedSum
 
 
 def _check_steps(steps: int) -> int:
@@ -52,14 +52,16 @@ class NormalizedSum:
         return self._step_weight / self._weight
 
     def add(self, update: Mapping[str, Tensor], weight: float, steps: int, *,
-            what: str = "update") -> None:
+            what: str = "update", bound: Bound | None = None) -> UpdateStats:
         """Fold in `update`, trained for `steps` local steps, with `weight` (its
-        num_samples). ValueError for a bad update, weight or step count; nothing changes
-        then."""
+        num_samples); `bound` as for `WeightedSum.add`. ValueError for a bad update,
+        weight or step count; nothing changes then."""
         tau = _check_steps(steps)
-        self._sum.add(update, float(weight) / tau, what=what)  # validates before it commits
+        # WeightedSum validates (and bounds) before it commits.
+        stats = self._sum.add(update, float(weight) / tau, what=what, bound=bound)
         self._weight += float(weight)
         self._step_weight += float(weight) * tau
+        return stats
 
     def mean(self) -> Weights:
         """tau_eff * sum p_i delta_i / tau_i, as new tensors in the template's dtypes."""

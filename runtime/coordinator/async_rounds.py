@@ -160,9 +160,10 @@ class AsyncEngine(RoundEngine):
 
     def _bound_and_fold(self, header: UpdateHeader, client: Client, delta: Weights,
                         staleness: int) -> None:
-        bounded = self.bounds.apply(header.node_id, delta, claimed=int(header.num_samples),
-                                    registered=client.spec.data_size)
-        if self.buffer.add(header.node_id, bounded.delta, staleness):
+        delta, bounded = self.bounds.apply(header.node_id, delta,
+                                           claimed=int(header.num_samples),
+                                           registered=client.spec.data_size)
+        if self.buffer.add(header.node_id, delta, staleness):
             self.flushes.put_nowait(self.buffer.flush())
             self.buffer = FedBuffBuffer(self.weights, self.fedbuff)
         self.bounds.record(bounded)
