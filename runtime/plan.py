@@ -8,11 +8,12 @@ rounds (say of `rounds`) reaches every agent with its next task.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .spec import FederatedJobSpec
+from .spec import FederatedJobSpec, attacker_count
 
 PrivacyMode = Literal["none", "local", "central"]
 
@@ -33,6 +34,18 @@ class PrivacyPlan:
 
 
 @dataclass(frozen=True)
+class AttackPlan:
+    """The attack drill of spec.simulation.attackers, as simulated clients apply it: the
+    simulated indices in `attackers` send `kind` updates (the colluding kinds, lie and
+    ipm, are computed from all of the attackers' honest updates). strength None: the
+    kind's default (agent/attacks.py)."""
+
+    kind: str
+    strength: float | None
+    attackers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     round: int
     model_version: int
@@ -46,6 +59,8 @@ class TrainPlan:
     client_parameters: Mapping[str, float]
     # The fault drill of spec.simulation.dropout: simulated clients skip a round at this rate.
     dropout: float = 0.0
+    # The attack drill of spec.simulation.attackers (None: no one attacks).
+    attack: AttackPlan | None = None
 
     @property
     def proximal_mu(self) -> float:
@@ -71,4 +86,17 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
         deadline_unix=now + spec.round_timeout_seconds,
         client_parameters=dict(client_parameters),
         dropout=spec.simulation.dropout,
+        attack=attack_plan(spec),
     )
+
+
+def attack_plan(spec: FederatedJobSpec) -> AttackPlan | None:
+    """Which simulated clients attack: `attacker_count` of them, drawn by the job's seed
+    (the same in every round, so quarantine can be measured against them)."""
+    attack = spec.simulation.attackers
+    if attack is None:
+        return None
+    clients = spec.simulation.clients
+    chosen = random.Random(spec.seed * 7919 + 14).sample(
+        range(clients), attacker_count(clients, attack.fraction))
+    return AttackPlan(kind=attack.kind, strength=attack.strength, attackers=tuple(sorted(chosen)))

@@ -7,6 +7,9 @@
 - `robust`: Krum / Multi-Krum, coordinate-wise median, trimmed mean, Bulyan.
 - `server`: the server step (FedAvg, FedAvgM, FedAdam, FedYogi) with checkpointable state.
 - `round`: `RoundAggregator`, what the coordinator uses for one round.
+- `clipping`: centered clipping (a streaming robust rule) and the `RoundHistory` a round
+  leaves to the next.
+- `anomaly`: per-update anomaly scores (norm, cosine, distance to the median).
 
 No network, cluster, API-model or I/O code lives here (import-linter contracts enforce
 it). The torch-backed names below are imported on first use, not with the package:
@@ -34,6 +37,7 @@ from .catalog import (
 
 if TYPE_CHECKING:
     from ._tensors import Weights
+    from .clipping import CenteredClipSum, RoundHistory
     from .registry import aggregate_buffered, server_optimizer_for
     from .robust import (
         RobustResult,
@@ -57,6 +61,8 @@ _LAZY = {
     "coordinate_median": "robust",
     "krum": "robust",
     "trimmed_mean": "robust",
+    "CenteredClipSum": "clipping",
+    "RoundHistory": "clipping",
     "AggregateOutcome": "round",
     "BufferFullError": "round",
     "RoundAggregator": "round",
@@ -84,10 +90,12 @@ __all__ = [
     "AggregateOutcome",
     "AggregationConfig",
     "BufferFullError",
+    "CenteredClipSum",
     "EmptyAggregationError",
     "Feature",
     "RobustResult",
     "RoundAggregator",
+    "RoundHistory",
     "ServerOptimizer",
     "ServerOptimizerConfig",
     "ServerOptimizerName",

@@ -10,15 +10,18 @@ a rule needs (buffered or not, its floor) comes from the strategy catalog.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from . import anomaly
 from ._tensors import Weights, check_matches, layout_of
 from .catalog import AggregationConfig, rule_for
+from .clipping import CenteredClipSum, RoundHistory
 from .registry import aggregate_buffered
-from .robust import RobustResult
+from .robust import RobustResult, coordinate_median
 from .weighted import EmptyAggregationError, WeightedSum
 
 UpdateTransform = Callable[[Weights], Weights]
@@ -36,12 +39,19 @@ class AggregateOutcome:
 
     mean_delta: the aggregate delta to hand to the server optimizer.
     used: node ids whose updates went into it, in arrival order.
-    set_aside: node ids a robust rule rejected (suspicion material), in arrival order.
+    set_aside: node ids a robust rule rejected, in arrival order.
+    scores: each accepted node's anomaly score in [0, 1] (aggregation/anomaly.py), and
+    `reasons` the signal behind each score that was not 0.
+    distances: the updates' distances to the centered-clipping centre (centeredclip
+    only), for the next round's adaptive radius.
     """
 
     mean_delta: Weights
     used: tuple[str, ...]
     set_aside: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)
+    reasons: Mapping[str, str] = field(default_factory=dict)
+    distances: tuple[float, ...] = ()
 
 
 class RoundAggregator:
@@ -66,6 +76,7 @@ class RoundAggregator:
         max_buffered: int,
         transform: UpdateTransform | None = None,
         uniform_weights: bool = False,
+        history: RoundHistory | None = None,
     ) -> None:
         robust = rule_for(config.rule).buffered
         # Averaging strategies buffer nothing, so 0 is fine for them; a robust round
@@ -82,7 +93,19 @@ class RoundAggregator:
         self._transform = transform
         self._uniform = uniform_weights
         self._robust = robust
-        self._sum: WeightedSum | None = None if self._robust else WeightedSum(template)
+        history = history or RoundHistory()
+        self._reference = history.centre
+        self._reference_norm = anomaly.l2_norm(history.centre) if history.centre else 0.0
+        self._clip: CenteredClipSum | None = None
+        self._sum: WeightedSum | None = None
+        if not robust and rule_for(config.rule).fold == "centered_clip":
+            self._clip = CenteredClipSum(template, centre=history.centre,
+                                         radius=config.clip_radius,
+                                         previous_radius=history.radius)
+            self._uniform = True  # every update counts the same
+        elif not robust:
+            self._sum = WeightedSum(template)
+        self._stats: list[anomaly.UpdateStats] = []
         self._buffer: list[Weights] = []
         self._nodes: list[str] = []
         self._finished = False
@@ -130,19 +153,24 @@ class RoundAggregator:
                 f"already holds max_buffered={self._max_buffered} updates"
             )
         what = f"update from {node_id!r}"
+        # Scored as received (before any transform): norm and cosine to the last aggregate.
+        stats = anomaly.measure(delta, self._reference, self._reference_norm)
         if self._transform is not None:
             # Checked before the transform too: a transform may hide a NaN (a clip by a
             # NaN norm), and its own output is checked below like any update.
             check_matches(self._layout, delta, what=what)
             delta = self._transform(dict(delta))
             what = f"transformed update from {node_id!r}"
-        if self._sum is not None:
+        if self._clip is not None:
+            self._clip.add(delta, what=what)
+        elif self._sum is not None:
             # WeightedSum checks names, shapes and finiteness once, before it commits.
             self._sum.add(delta, 1.0 if self._uniform else float(num_samples), what=what)
         else:
             check_matches(self._layout, delta, what=what)
             self._buffer.append(dict(delta))
         self._nodes.append(node_id)
+        self._stats.append(stats)
 
     def finish(self) -> AggregateOutcome:
         """Aggregate what arrived. Once only; frees the buffer.
@@ -155,8 +183,15 @@ class RoundAggregator:
             raise RuntimeError("finish() was already called for this round")
         if not self._nodes:
             raise EmptyAggregationError("no client updates arrived this round")
-        if self._sum is not None:
+        norms = [s.norm for s in self._stats]
+        cosines: list[float | None] = [s.cosine for s in self._stats]
+        if self._clip is not None:
+            outcome = AggregateOutcome(self._clip.mean(), tuple(self._nodes), (),
+                                       distances=tuple(self._clip.distances))
+            scores = anomaly.anomaly_scores(norms, cosines)
+        elif self._sum is not None:
             outcome = AggregateOutcome(self._sum.mean(), tuple(self._nodes), ())
+            scores = anomaly.anomaly_scores(norms, cosines)
         else:
             result = self._robust_aggregate()
             outcome = AggregateOutcome(
@@ -164,9 +199,19 @@ class RoundAggregator:
                 used=tuple(self._nodes[i] for i in result.selected),
                 set_aside=tuple(self._nodes[i] for i in result.set_aside),
             )
+            # The buffer is here anyway: score against this round's own robust centre.
+            median = (result.aggregate if self._config.rule == "median"
+                      else coordinate_median(self._buffer).aggregate)
+            scores = anomaly.anomaly_scores(
+                norms, anomaly.cosines_to(self._buffer, result.aggregate),
+                anomaly.distances_to(self._buffer, median))
+        outcome = dataclasses.replace(
+            outcome, scores=dict(zip(self._nodes, scores.scores, strict=True)),
+            reasons={n: r for n, r in zip(self._nodes, scores.reasons, strict=True) if r})
         self._finished = True
         self._buffer = []
         self._sum = None
+        self._clip = None
         return outcome
 
     def _robust_aggregate(self) -> RobustResult:

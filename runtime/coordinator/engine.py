@@ -22,6 +22,7 @@ import torch
 from .. import wire
 from ..aggregation import (
     RoundAggregator,
+    RoundHistory,
     client_parameters,
     minimum_updates,
     rule_for,
@@ -55,6 +56,7 @@ from ..spec import (
 from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
 from .admission import UpdateBounds
+from .anomaly import fold_scores
 from .enrolment import Enrolment
 from .events import (
     EventBus,
@@ -69,6 +71,7 @@ from .events import (
 )
 from .job_status import StatusBook
 from .policy import JobPolicy, Verdict
+from .quarantine import Change, Quarantine, ReleaseSource
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .status import StatusSink
@@ -103,6 +106,7 @@ class RoundEngine:
         offline_after: float = 20.0,
         registration_timeout: float = 120.0,
         job_file: Path | None = None,
+        releases: ReleaseSource | None = None,
     ) -> None:
         self.job = job
         self.spec: FederatedJobSpec = job.spec
@@ -172,6 +176,11 @@ class RoundEngine:
         # Nodes that declined a task because it would exceed their local DP budget. A
         # budget only grows, so they are not asked again in this job.
         self.budget_spent: set[str] = set()
+        # Anomaly scores, suspicion and quarantine (issue 14): the last round's aggregate
+        # is the next one's reference (and centered clipping's centre).
+        self.round_history = RoundHistory()
+        self.quarantine = Quarantine(self.spec.robustness, self.registry)
+        self.releases = releases
         self.open_round: Round | None = None
         self.done = asyncio.Event()
         self._resume_from_checkpoint()
@@ -383,6 +392,7 @@ class RoundEngine:
         """One round with its retries; the Verdict that ends the job, if one does."""
         number = self.round + 1
         for attempt in range(self.spec.round_retries + 1):
+            await self._release_quarantined()
             verdict = self._local_budgets_verdict()
             if verdict is not None:
                 return verdict
@@ -406,7 +416,7 @@ class RoundEngine:
         """Select and build the round; a Verdict when the central budget cannot pay for
         it, None when too few clients are eligible."""
         eligible = [c for c in self.registry.live(self.spec.client_selector)
-                    if c.node_id not in self.budget_spent]
+                    if c.node_id not in self.budget_spent and not self.quarantine.holds(c)]
         wanted = self.spec.clients_to_select(len(eligible))
         if wanted < 1:
             return None
@@ -426,7 +436,7 @@ class RoundEngine:
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
             transform=self.central.transform if self.central else None,
-            uniform_weights=self.central is not None)
+            uniform_weights=self.central is not None, history=self.round_history)
         cap = self.spec.privacy.target_epsilon if self.spec.privacy.mode == "local" else None
         self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
@@ -469,6 +479,10 @@ class RoundEngine:
             client = self.registry.get(node_id)
             if client is not None:
                 client.set_aside += 1
+        self.round_history.advance(result.aggregate.mean_delta, list(result.aggregate.distances))
+        fold_scores(self.registry, result.aggregate.scores,
+                    decay=self.spec.robustness.suspicion_decay)
+        self._announce(self.quarantine.judge(result.number, dict(result.aggregate.reasons)))
         evaluation = await asyncio.to_thread(self._evaluate)
         record = RoundRecord(
             round=result.number, accuracy=evaluation.accuracy, loss=evaluation.loss,
@@ -489,6 +503,30 @@ class RoundEngine:
                         f"round {record.round}: accuracy {record.accuracy:.4f}, "
                         f"{record.clients_in}/{record.clients_selected} clients")
         return verdict
+
+    async def _release_quarantined(self) -> None:
+        """Before each round: release who served its quarantine or was cleared by a user."""
+        held = self.quarantine.held_ids()
+        if not held:
+            return
+        cleared: set[str] = set()
+        if self.releases is not None:
+            cleared = await asyncio.to_thread(self.releases.quarantine_cleared, held)
+        changes = self.quarantine.release(self.round, cleared)
+        self._announce(changes)
+        if changes:
+            self.book.publish()
+
+    def _announce(self, changes: list[Change]) -> None:
+        for change in changes:
+            client = self.registry.get(change.node_id)
+            if client is not None:
+                self.book.publish_client(client)
+            if change.quarantined:
+                self.book.milestone(Reason.QUARANTINED, f"{change.node_id}: {change.reason}",
+                                    warning=True)
+            else:
+                self.book.milestone(Reason.RELEASED, f"{change.node_id}: {change.reason}")
 
     def _evaluate(self):
         load_weights(self.model, self.weights)

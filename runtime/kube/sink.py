@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -37,9 +37,11 @@ from kubernetes.client.exceptions import ApiException
 
 from ..spec import (
     API_GROUP_VERSION,
+    QUARANTINE_LABEL,
     TERMINAL_PHASES,
     ClientNodeSpec,
     ClientNodeStatus,
+    ClientPhase,
     FederatedJobStatus,
     Writer,
     owned_status,
@@ -260,19 +262,24 @@ class KubernetesStatusSink:
                                ) from error
             raise
 
-    def _client_node(self, spec: ClientNodeSpec, name: str) -> Obj:
+    def _client_node(self, spec: ClientNodeSpec, name: str, *, quarantined: bool = False) -> Obj:
+        labels = {
+            "app.kubernetes.io/name": "fedkube",
+            "app.kubernetes.io/component": "client",
+            "app.kubernetes.io/managed-by": "fedkube-coordinator",
+            "fedkube.io/job": self.job_name,
+        }
+        if quarantined:
+            # Ours while the node is Quarantined; a user who removes it releases the node
+            # (quarantine_cleared), and our next apply without it keeps it removed.
+            labels[QUARANTINE_LABEL] = "true"
         return {
             "apiVersion": API_GROUP_VERSION,
             "kind": "ClientNode",
             "metadata": {
                 "name": name,
                 "namespace": self.namespace,
-                "labels": {
-                    "app.kubernetes.io/name": "fedkube",
-                    "app.kubernetes.io/component": "client",
-                    "app.kubernetes.io/managed-by": "fedkube-coordinator",
-                    "fedkube.io/job": self.job_name,
-                },
+                "labels": labels,
                 # Deleting the job deletes its ClientNodes. No blockOwnerDeletion: that
                 # would need update rights on the job's finalizers.
                 "ownerReferences": [{
@@ -287,6 +294,9 @@ class KubernetesStatusSink:
         name = client_node_name(self.job_name, spec.node_id)
         spec_wire = spec.model_copy(update={"job": self.job_name}).to_wire()
         status_wire = status.to_wire()
+        quarantined = status.phase == ClientPhase.quarantined
+        # The quarantine label is part of the object we apply: a change of it re-applies.
+        spec_wire = {**spec_wire, "_quarantined": quarantined}
         without_heartbeat = {k: v for k, v in status_wire.items() if k != "lastHeartbeat"}
         sent = self._sent.get(name)
         if sent is not None and sent[:2] == (spec_wire, without_heartbeat) and (
@@ -295,8 +305,8 @@ class KubernetesStatusSink:
         try:
             if name not in self._created or sent is None or sent[0] != spec_wire:
                 # Creates it, or updates an agent that came back with other facts.
-                self._client.apply(self._client_node(spec, name), field_manager=FIELD_MANAGER,
-                                   force=True)
+                self._client.apply(self._client_node(spec, name, quarantined=quarantined),
+                                   field_manager=FIELD_MANAGER, force=True)
                 self._created.add(name)
             self._client.apply(
                 {"apiVersion": API_GROUP_VERSION, "kind": "ClientNode",
@@ -311,6 +321,27 @@ class KubernetesStatusSink:
             self._sent.pop(name, None)
             raise _Vanished(f"ClientNode {name} disappeared") from error
         self._sent[name] = (spec_wire, without_heartbeat, time.monotonic())
+
+    def quarantine_cleared(self, node_ids: Collection[str]) -> set[str]:
+        """Those of `node_ids` (Quarantined, labelled by us) whose ClientNode no longer
+        carries the quarantine label: a user removed it to release them. Read directly,
+        from the engine's worker thread; a node not yet written, or that cannot be read
+        now, counts as not cleared."""
+        cleared = set()
+        for node_id in node_ids:
+            name = client_node_name(self.job_name, node_id)
+            sent = self._sent.get(name)
+            if sent is None or not sent[0].get("_quarantined"):
+                continue  # our label is not on it yet
+            try:
+                node = self._client.get(API_GROUP_VERSION, "ClientNode", self.namespace, name)
+            except Exception as error:  # noqa: BLE001 - unreachable: its rounds release it
+                log.warning("cannot read ClientNode %s for a quarantine release: %s", name, error)
+                continue
+            labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+            if node is not None and labels.get(QUARANTINE_LABEL) != "true":
+                cleared.add(node_id)
+        return cleared
 
     def _post_event(self, reason: str, message: str, warning: bool, at: str) -> None:
         involved: Obj = {"apiVersion": API_GROUP_VERSION, "kind": "FederatedJob",

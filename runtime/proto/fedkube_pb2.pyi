@@ -124,7 +124,7 @@ class PrivacyPlan(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
-    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout")
+    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "attack")
     class ClientParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class TrainPlan(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     CLIENT_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     local_epochs: int
@@ -152,7 +153,18 @@ class TrainPlan(_message.Message):
     deadline_unix: float
     client_parameters: _containers.ScalarMap[str, float]
     dropout: float
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ...) -> None: ...
+    attack: AttackDrill
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., attack: _Optional[_Union[AttackDrill, _Mapping]] = ...) -> None: ...
+
+class AttackDrill(_message.Message):
+    __slots__ = ("kind", "strength", "attackers")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    ATTACKERS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    strength: float
+    attackers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[str] = ..., strength: _Optional[float] = ..., attackers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "plan", "reason")

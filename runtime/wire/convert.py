@@ -17,7 +17,7 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import PrivacyPlan, TrainPlan
+from ..plan import AttackPlan, PrivacyPlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..spec import DataSpec
 
@@ -105,7 +105,22 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
             noise_multiplier=privacy.noise_multiplier or 0.0, accountant=privacy.accountant,
             planned_rounds=privacy.planned_rounds),
         deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
-        dropout=plan.dropout)
+        dropout=plan.dropout, attack=_attack_to_pb(plan.attack))
+
+
+def _attack_to_pb(attack: AttackPlan | None) -> pb.AttackDrill | None:
+    if attack is None:
+        return None
+    return pb.AttackDrill(kind=attack.kind, strength=attack.strength or 0.0,
+                          attackers=list(attack.attackers))
+
+
+def _attack_from_pb(message: pb.TrainPlan) -> AttackPlan | None:
+    if not message.HasField("attack"):
+        return None
+    drill = message.attack
+    return AttackPlan(kind=drill.kind, strength=drill.strength or None,
+                      attackers=tuple(drill.attackers))
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
@@ -121,7 +136,8 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
             noise_multiplier=privacy.noise_multiplier or None,
             accountant=privacy.accountant or "rdp", planned_rounds=privacy.planned_rounds),
         deadline_unix=message.deadline_unix,
-        client_parameters=dict(message.client_parameters), dropout=message.dropout)
+        client_parameters=dict(message.client_parameters), dropout=message.dropout,
+        attack=_attack_from_pb(message))
 
 
 def task_to_pb(task: Task) -> pb.Task:
