@@ -13,7 +13,7 @@ Computed on the decoded update, from what the coordinator holds anyway, so that 
 Each signal becomes a robust z-score within the round (median and 1.4826 x MAD, with a
 floor so a round of near-identical honest updates does not turn tiny differences into
 large scores): the norm two-sided, the cosine from below, the distance from above. An
-update's score is its largest z mapped to [0, 1]: 0 up to z = 3, 1 from z = 6. The
+update's score is its largest z mapped to [0, 1]: 0 up to z = 4, 1 from z = 8. The
 coordinator folds the scores into each client's exponentially weighted suspicion.
 """
 
@@ -29,13 +29,13 @@ from torch import Tensor
 
 from ._tensors import Weights
 
-Z_FLOOR = 3.0
+Z_FLOOR = 4.0
 """Robust z-scores up to this count as ordinary (score 0)."""
-Z_FULL = 6.0
+Z_FULL = 8.0
 """From this z on an update scores 1."""
-RELATIVE_SCALE_FLOOR = 0.1
+RELATIVE_SCALE_FLOOR = 0.25
 """Norm and distance z-scores use at least this share of the median as their scale."""
-COSINE_SCALE_FLOOR = 0.1
+COSINE_SCALE_FLOOR = 0.15
 """Cosine z-scores use at least this as their scale."""
 
 
