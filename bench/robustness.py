@@ -186,7 +186,8 @@ def main() -> None:
 
     clean = simulation.run(job_spec(args, rule="fedavg", attack=None, quarantine=False))
     print(f"baseline: clean FedAvg, {args.clients} clients, {args.rounds} rounds: "
-          f"accuracy {clean.accuracy:.4f}, highest honest suspicion {clean.honest_suspicion:.3f}")
+          f"accuracy {clean.accuracy:.4f}, highest honest suspicion {clean.honest_suspicion:.3f}",
+          flush=True)
     table: dict[str, dict[str, Any]] = {}
     header = f"{'attack':<10}" + "".join(f"{r:>13}" for r in rules)
     print("\nfinal accuracy (quarantine off); in brackets the highest honest suspicion")
@@ -194,15 +195,16 @@ def main() -> None:
     for attack in ["none", *attacks]:
         row: dict[str, Any] = {}
         for rule in rules:
-            out = simulation.run(job_spec(args, rule=rule, attack=None if attack == "none"
-                                          else attack, quarantine=False))
+            out = clean if (attack, rule) == ("none", "fedavg") else simulation.run(job_spec(
+                args, rule=rule, attack=None if attack == "none" else attack, quarantine=False))
             row[rule] = {"accuracy": round(out.accuracy, 4),
                          "honestSuspicionMax": round(out.honest_suspicion, 4),
                          "attackerSuspicionMin": round(out.attacker_suspicion, 4),
                          "failed": out.failed}
         table[attack] = row
         print(f"{attack:<10}" + "".join(
-            f"{row[r]['accuracy']:>7.3f} ({row[r]['honestSuspicionMax']:.2f})" for r in rules))
+            f"{row[r]['accuracy']:>7.3f} ({row[r]['honestSuspicionMax']:.2f})" for r in rules),
+            flush=True)
 
     print(f"\nquarantine (threshold {args.threshold}, {args.quarantine_rounds} rounds out)")
     print(f"{'attack':<10}{'rule':<14}{'precision':>10}{'recall':>8}{'accuracy':>10}"
@@ -230,7 +232,7 @@ def main() -> None:
             tail = (f"{best + ' ' + format(candidates[best], '.3f'):>26}"
                     f"{candidates[best] - clean.accuracy:>+10.3f}") if i == 0 else ""
             print(f"{attack:<10}{rule:<14}{figures['precision']:>10.2f}{figures['recall']:>8.2f}"
-                  f"{figures['accuracy']:>10.3f}{tail}")
+                  f"{figures['accuracy']:>10.3f}{tail}", flush=True)
         quarantine_rows[attack]["bestDefence"] = {"name": best, "accuracy": candidates[best],
                                                   "vsClean": round(candidates[best]
                                                                    - clean.accuracy, 4)}

@@ -114,6 +114,7 @@ class KubernetesStatusSink:
             maxlen=_EVENT_BACKLOG)
         self._busy = False
         self._job_went_last = False
+        self._client_went_last = False
         self._closing_deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="kube-status", daemon=True)
         self._thread.start()
@@ -198,7 +199,8 @@ class KubernetesStatusSink:
         """The next thing to send. The job's status goes every other send at least: it is
         what `kubectl get fj` shows and what must land at shutdown, so behind a slow API
         server it waits for one ClientNode or Event at most, and they in turn are not
-        starved by a stream of job statuses. Called with the lock held."""
+        starved by a stream of job statuses, nor Events by ClientNodes. Called with the
+        lock held."""
         others = bool(self._clients or self._events)
         # A final status goes after everything else of the same moment: once it reads
         # Succeeded the operator removes this pod, and what is still queued is lost.
@@ -208,11 +210,15 @@ class KubernetesStatusSink:
             self._job_went_last = True
             return _Item("job status", lambda: self._patch_job(job), job=job)
         self._job_went_last = False
-        if self._clients:
+        # Nor do ClientNodes (a heartbeat or round change of some node is nearly always
+        # queued on a busy job) starve the Events: with both queued, they take turns.
+        if self._clients and not (self._events and self._client_went_last):
+            self._client_went_last = True
             node_id = next(iter(self._clients))
             spec, status = self._clients.pop(node_id)
             return _Item(f"ClientNode {node_id}", lambda: self._upsert_client(spec, status),
                          client=(node_id, spec, status))
+        self._client_went_last = False
         event = self._events.popleft()
         return _Item(f"event {event[0]}", lambda: self._post_event(*event), event=event)
 
