@@ -197,6 +197,8 @@ def test_delete_running_job_removes_its_children_and_agents_go_offline(
           nothing_left, timeout=60)
 
 
+@pytest.mark.slow  # a job of 3 agent pods run until an attacker was caught, left out, released
+@pytest.mark.timeout(600)
 def test_an_attacker_is_quarantined_left_out_and_released_by_removing_its_label(
         tmp_path: Path, kube_api: Any, kubectl: Any, operator: OperatorProcess,
         local_kubelet: Any) -> None:
