@@ -13,10 +13,10 @@ from fedkube.runtime.aggregation import (
     CenteredClipSum,
     RoundAggregator,
     RoundHistory,
+    anomaly,
     rule_for,
     rule_names,
 )
-from fedkube.runtime.aggregation import anomaly
 from fedkube.runtime.aggregation.catalog import cost_table
 
 Weights = dict[str, torch.Tensor]

@@ -147,3 +147,17 @@ def test_colluding_attackers_send_the_same_ipm_update(tmp_path: Path) -> None:
     b = second.train(plan, start).delta_weights
     assert torch.allclose(_flat(a), _flat(b), atol=1e-5)  # they colluded
     assert float(_flat(a).norm()) > 0
+
+
+def test_the_attack_drill_travels_whole_in_the_task() -> None:
+    from fedkube.runtime.wire import convert
+
+    spec = parse_job_spec({"model": "mlp", "simulation": {
+        "clients": 10, "attackers": {"fraction": 0.3, "kind": "scaling", "strength": 7.0}}})
+    plan = plan_for(spec, round=2, model_version=1, now=0.0, client_parameters={})
+    back = convert.plan_from_pb(convert.plan_to_pb(plan))
+    assert back.attack == plan.attack and back.attack is not None
+    assert back.attack.strength == 7.0 and len(back.attack.attackers) == 3
+    honest = plan_for(parse_job_spec({"model": "mlp"}), round=1, model_version=0, now=0.0,
+                      client_parameters={})
+    assert convert.plan_from_pb(convert.plan_to_pb(honest)).attack is None
