@@ -116,7 +116,7 @@ def test_job_status_lands_next_to_the_operators_share(
     status = job["status"]
     assert (status["phase"], status["round"], status["accuracy"]) == ("Running", 2, 0.52)
     assert (status["epsilon"], status["clientsSummary"]) == (1.5, "2/3")
-    assert status["clients"] == {"registered": 3, "active": 2, "dropped": 0}
+    assert status["clients"] == {"registered": 3, "active": 2, "dropped": 0, "quarantined": 0}
     # What the operator owns is untouched, and each writer owns its own share.
     assert status["endpoint"] == "digits-coordinator.default.svc:50051"
     assert [c["type"] for c in status["conditions"]] == ["SpecAccepted", "Ready"]
