@@ -19,7 +19,8 @@ the real engine, real agents and real gRPC. Admission's relative norm bound is o
 noise updates are refused before any rule sees them.
 
     python -P bench/robustness.py --output robustness.json
-    python -P bench/robustness.py --rounds 5 --attacks signflip --rules fedavg,median  # quick
+    python -P bench/robustness.py --quick    # 5 rounds, two attacks, three rules
+    python -P bench/robustness.py --rounds 10 --rules fedavg,median,multikrum,centeredclip
 """
 
 from __future__ import annotations
@@ -175,7 +176,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--state-dir", default="/tmp/fedkube-bench-robustness")
     parser.add_argument("--output", help="write the figures as JSON here")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 rounds, signflip and lie, fedavg median and centeredclip")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.attacks, args.rules = 5, "signflip,lie", "fedavg,median,centeredclip"
     torch.set_num_threads(args.threads)
     logging.getLogger("fedkube").setLevel(logging.ERROR)  # quarantine warnings: in the table
     args.state_dir = Path(args.state_dir)
