@@ -6,7 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..messages import RejectReason
 from .registry import ClientRegistry
+
+SCORED_REFUSALS: frozenset[RejectReason] = frozenset({RejectReason.NORM_BOUND})
+"""Refusals that count as an outlying update (score 1): admission's norm bound refuses
+an update many times the round's median norm before any rule or score sees it, so
+without this a scaling attacker under the default admission would never be suspected."""
+
+
+def refusal_score(reason: RejectReason) -> float | None:
+    """The anomaly score a refusal of `reason` stands for, if it stands for one."""
+    return 1.0 if reason in SCORED_REFUSALS else None
 
 
 def fold_scores(registry: ClientRegistry, scores: Mapping[str, float], *, decay: float

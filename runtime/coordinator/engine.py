@@ -56,7 +56,7 @@ from ..spec import (
 from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
 from .admission import UpdateBounds
-from .anomaly import fold_scores
+from .anomaly import fold_scores, refusal_score
 from .enrolment import Enrolment
 from .events import (
     EventBus,
@@ -181,6 +181,7 @@ class RoundEngine:
         self.round_history = RoundHistory()
         self.quarantine = Quarantine(self.spec.robustness, self.registry)
         self.releases = releases
+        self.refusal_scores: dict[str, float] = {}  # this round's, e.g. norm-bound refusals
         self.open_round: Round | None = None
         self.done = asyncio.Event()
         self._resume_from_checkpoint()
@@ -311,6 +312,9 @@ class RoundEngine:
             "job": self.name, "round": self.round + 1, "node": node_id or None,
             "reason": rejection.reason.label})
         client = self.registry.get(node_id)
+        score = refusal_score(rejection.reason)
+        if score is not None and self.open_round and node_id in self.open_round.selected:
+            self.refusal_scores[node_id] = score
         if client is not None:
             label = rejection.reason.label
             client.rejections[label] = client.rejections.get(label, 0) + 1
@@ -445,6 +449,7 @@ class RoundEngine:
 
     async def _run_round(self, opened: Round) -> RoundResult:
         self.open_round = opened
+        self.refusal_scores = {}
         opened.dispatch()
         self.status.clients = self.book.counts(active=len(opened.selected))
         self.book.publish()
@@ -480,9 +485,11 @@ class RoundEngine:
             if client is not None:
                 client.set_aside += 1
         self.round_history.advance(result.aggregate.mean_delta, list(result.aggregate.distances))
-        fold_scores(self.registry, result.aggregate.scores,
+        fold_scores(self.registry, {**result.aggregate.scores, **self.refusal_scores},
                     decay=self.spec.robustness.suspicion_decay)
-        self._announce(self.quarantine.judge(result.number, dict(result.aggregate.reasons)))
+        self._announce(self.quarantine.judge(result.number, {
+            **result.aggregate.reasons,
+            **{node: "refused by the norm bound" for node in self.refusal_scores}}))
         evaluation = await asyncio.to_thread(self._evaluate)
         record = RoundRecord(
             round=result.number, accuracy=evaluation.accuracy, loss=evaluation.loss,

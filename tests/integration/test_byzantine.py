@@ -54,3 +54,29 @@ def test_signflip_attackers_are_quarantined_left_out_and_released(tmp_path: Path
         else:
             assert status["suspicion"] < 0.1, (node, status)
             assert status["roundsParticipated"] == 4
+
+
+def test_updates_the_norm_bound_refuses_count_as_outliers(tmp_path: Path) -> None:
+    # Default admission: scaled updates are refused (norm_bound) before any rule or score
+    # sees them; the refusals raise the attackers' suspicion all the same.
+    job = write_job(
+        tmp_path / "job.yaml", "scaling", model="mlp", data={"dataset": "digits"},
+        rounds=2, clientsPerRound=6, minClients=3, localEpochs=1, batchSize=32,
+        learningRate=0.1, roundTimeoutSeconds=60,
+        robustness={"quarantineThreshold": 0.5, "quarantineRounds": 5},
+        simulation={"clients": 6, "attackers": {"fraction": 0.34, "kind": "scaling"}})
+    plan = attack_plan(load_job(job).spec)
+    assert plan is not None
+    attackers = {f"sim-{i:03d}" for i in plan.attackers}
+    output = tmp_path / "out"
+    result = subprocess.run(fedkube_command("run", str(job), "--output", str(output)),
+                            capture_output=True, text=True, env=child_env(), timeout=280,
+                            cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rounds = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["clients_selected"], r["clients_in"]) for r in rounds] == [(6, 4), (4, 4)]
+    clients = json.loads((output / "summary.json").read_text())["clients"]
+    for node in attackers:
+        status = clients[node]["status"]
+        assert status["phase"] == "Quarantined" and status["rejections"]["norm_bound"] == 1
+        assert "refused by the norm bound" in status["quarantineReason"]
