@@ -21,6 +21,7 @@ class RejectReason(enum.Enum):
 
     UNKNOWN_NODE = ("unknown_node", "NOT_FOUND")
     UNAUTHENTICATED = ("unauthenticated", "UNAUTHENTICATED")
+    WRONG_IDENTITY = ("wrong_identity", "PERMISSION_DENIED")  # mTLS: cert of another node
     INVALID_REGISTRATION = ("invalid_registration", "INVALID_ARGUMENT")
     WRONG_ROUND = ("wrong_round", "FAILED_PRECONDITION")
     WRONG_VERSION = ("wrong_version", "FAILED_PRECONDITION")

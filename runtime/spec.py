@@ -238,6 +238,12 @@ class CoordinatorSpec(_Model):
     join_token_secret: str | None = Field(
         None, description="Secret with key `token`; agents must present it to register."
     )
+    client_ca_secret: str | None = Field(
+        None, description="Secret with key `ca.crt`: mutual TLS. The coordinator requires "
+        "a client certificate signed by this CA, and a certificate's subject CN is the node "
+        "id it may register and act as. Needs tlsSecret; agents need their own certificates, "
+        "so in-cluster simulated agents (simulation.clients) cannot join.",
+    )
     checkpoint_volume_claim: str | None = Field(
         None, description="PersistentVolumeClaim for checkpoints (emptyDir if unset)."
     )
@@ -454,7 +460,9 @@ class ConditionType:
     BUDGET_EXHAUSTED = "BudgetExhausted"  # another round would exceed targetEpsilon
     COMPLETE = "Complete"  # terminal: the job succeeded (kubectl wait --for=condition=Complete)
     FAILED = "Failed"  # terminal: the job failed or was stopped before it finished
-    INSECURE = "Insecure"  # in-cluster without TLS or a join token
+    # True while the network can read the traffic or anyone can join (no TLS, or TLS with
+    # neither a join token nor a client CA); its message says what is and is not protected
+    INSECURE = "Insecure"
     SPEC_ACCEPTED = "SpecAccepted"  # the spec validated; False names the field and reason
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"  # an edit touched an immutable field
 
@@ -475,7 +483,11 @@ class Reason:
     BUDGET_EXHAUSTED = "BudgetExhausted"
     TOO_FEW_CLIENTS = "TooFewClients"  # a round closed below minClients, retries spent
     DEADLINE_EXCEEDED = "DeadlineExceeded"
-    NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"
+    NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"  # Insecure: plaintext, and anyone may join
+    NO_TLS = "NoTLS"  # Insecure: a join token, but it (and everything else) is plaintext
+    NO_CLIENT_AUTHENTICATION = "NoClientAuthentication"  # Insecure: TLS, anyone may join
+    TLS_AND_JOIN_TOKEN = "TLSAndJoinToken"  # not Insecure: TLS, joining needs the token
+    MUTUAL_TLS = "MutualTLS"  # not Insecure: node ids bound to client certificates
     IMMUTABLE_FIELD = "ImmutableField"
     SPEC_CHANGE_APPLIED = "SpecChangeApplied"  # rounds/clientsPerRound edited while running
     STOPPED = "Stopped"  # the coordinator was shut down before the job finished

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from .. import wire
+from .. import logs, wire
 from ..messages import SESSION_METADATA, Heartbeat, Payload, Registration, TaskKind, UpdateHeader
 from ..plan import TrainPlan
 from ..proto import fedkube_pb2 as pb
@@ -54,7 +54,10 @@ class AgentConfig:
     simulated_index: int | None = None
     state_dir: Path = Path.home() / ".fedkube"
     join_token: str = ""
-    tls_ca: Path | None = None
+    tls_ca: Path | None = None  # verify the coordinator's certificate against this CA
+    # mTLS: this node's certificate (its subject CN is the node id) and private key
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
     max_backoff: float = 10.0
     give_up_after: float | None = None  # seconds without a coordinator; None: never
@@ -69,8 +72,11 @@ class Disconnected(Exception):
 
 
 def _channel(config: AgentConfig) -> grpc.aio.Channel:
-    if config.tls_ca is not None:
-        credentials = grpc.ssl_channel_credentials(config.tls_ca.read_bytes())
+    if config.tls_ca is not None or config.tls_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=config.tls_ca.read_bytes() if config.tls_ca else None,
+            private_key=config.tls_key.read_bytes() if config.tls_key else None,
+            certificate_chain=config.tls_cert.read_bytes() if config.tls_cert else None)
         return grpc.aio.secure_channel(config.coordinator, credentials, options=GRPC_OPTIONS)
     return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
 
@@ -119,6 +125,7 @@ class Agent:
         """Returns the process exit code: 0 when the job ended, 2 when refused for good."""
         backoff = 0.5
         loop = asyncio.get_running_loop()
+        logs.bind(node=self.node_id or None)  # this agent's task: every line names its node
         self._contact()
         while True:
             try:
@@ -163,6 +170,7 @@ class Agent:
             log.warning("node id %s is held by another session; joined as %s", self.node_id,
                         admission.node_id)
         self.node_id, self.session = admission.node_id, admission.session
+        logs.bind(job=admission.job.job_name, node=self.node_id)
         self._save_session()
         if self.trainer is None:
             self.trainer = await asyncio.to_thread(
@@ -186,7 +194,8 @@ class Agent:
                 if task.kind is TaskKind.STOP:
                     raise JobEnded(task.reason or "stopped")
                 assert task.plan is not None
-                await self._handle(stub, task.plan)
+                with logs.bound(round=task.plan.round):
+                    await self._handle(stub, task.plan)
             raise Disconnected("task stream ended")
         finally:
             heartbeat.cancel()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import wire
+from .. import logs, wire
 from ..aggregation import (
     RoundAggregator,
     RoundHistory,
@@ -240,8 +240,9 @@ class RoundEngine:
 
     # ------------------------------------------------------------ client calls
 
-    def register(self, registration: Registration) -> Admission:
-        client, session = self.enrolment.enrol(registration)
+    def register(self, registration: Registration, *, certified: bool = False) -> Admission:
+        """`certified`: a client certificate proved the node id (mTLS)."""
+        client, session = self.enrolment.enrol(registration, certified=certified)
         log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
                  client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)
@@ -377,7 +378,8 @@ class RoundEngine:
                 if self.round >= self.spec.rounds:
                     verdict = self.policy.rounds_done(self.round)
                     break
-                verdict = await self._next_round()
+                with logs.bound(round=self.round + 1):  # on every line of the round
+                    verdict = await self._next_round()
             self._finish(verdict)
         except asyncio.CancelledError:
             self._finish(Verdict(Phase.stopped, Reason.STOPPED, "coordinator stopped"))
@@ -506,9 +508,10 @@ class RoundEngine:
         for client in self.registry.all():
             self.book.publish_client(client)
         self.book.publish()
-        self.book.milestone(Reason.ROUND_COMPLETED,
-                        f"round {record.round}: accuracy {record.accuracy:.4f}, "
-                        f"{record.clients_in}/{record.clients_selected} clients")
+        closed = (f"round {record.round}: accuracy {record.accuracy:.4f}, "
+                  f"{record.clients_in}/{record.clients_selected} clients")
+        log.info(closed)
+        self.book.milestone(Reason.ROUND_COMPLETED, closed)
         return verdict
 
     async def _release_quarantined(self) -> None:
