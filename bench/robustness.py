@@ -153,9 +153,10 @@ class Simulation:
                        attacker_suspicion=attacker_final, quarantined=ever, failed=failed)
 
 
-def precision_recall(quarantined: set[int], attackers: set[int]) -> tuple[float, float]:
+def precision_recall(quarantined: set[int], attackers: set[int]) -> tuple[float | None, float]:
+    """None for precision when no one was quarantined (nothing to be precise about)."""
     hit = len(quarantined & attackers)
-    precision = hit / len(quarantined) if quarantined else 1.0
+    precision = hit / len(quarantined) if quarantined else None
     recall = hit / len(attackers) if attackers else 1.0
     return precision, recall
 
@@ -213,7 +214,7 @@ def main() -> None:
 
     print(f"\nquarantine (threshold {args.threshold}, {args.quarantine_rounds} rounds out)")
     print(f"{'attack':<10}{'rule':<14}{'precision':>10}{'recall':>8}{'accuracy':>10}"
-          f"{'best defence':>26}{'vs clean':>10}")
+          f"{'best defence':>30}{'vs clean':>10}")
     quarantine_rows: dict[str, dict[str, Any]] = {}
     for attack in attacks:
         quarantine_rows[attack] = {}
@@ -226,7 +227,8 @@ def main() -> None:
             out = simulation.run(job_spec(args, rule=rule, attack=attack, quarantine=True))
             precision, recall = precision_recall(out.quarantined, attackers)
             quarantine_rows[attack][rule] = {
-                "precision": round(precision, 3), "recall": round(recall, 3),
+                "precision": None if precision is None else round(precision, 3),
+                "recall": round(recall, 3),
                 "accuracy": round(out.accuracy, 4),
                 "honestSuspicionMax": round(out.honest_suspicion, 4)}
         candidates = {f"{r}": v["accuracy"] for r, v in table[attack].items()}
@@ -234,9 +236,10 @@ def main() -> None:
                        for r, v in quarantine_rows[attack].items()}
         best = max(candidates, key=candidates.__getitem__)
         for i, (rule, figures) in enumerate(quarantine_rows[attack].items()):
-            tail = (f"{best + ' ' + format(candidates[best], '.3f'):>26}"
+            tail = (f"{best + ' ' + format(candidates[best], '.3f'):>30}"
                     f"{candidates[best] - clean.accuracy:>+10.3f}") if i == 0 else ""
-            print(f"{attack:<10}{rule:<14}{figures['precision']:>10.2f}{figures['recall']:>8.2f}"
+            shown = "-" if figures["precision"] is None else f"{figures['precision']:.2f}"
+            print(f"{attack:<10}{rule:<14}{shown:>10}{figures['recall']:>8.2f}"
                   f"{figures['accuracy']:>10.3f}{tail}", flush=True)
         quarantine_rows[attack]["bestDefence"] = {"name": best, "accuracy": candidates[best],
                                                   "vsClean": round(candidates[best]
