@@ -251,6 +251,7 @@ def test_an_attacker_is_quarantined_left_out_and_released_by_removing_its_label(
     assert released.returncode == 0, released.stderr
     _wait(kube_api, operator, local_kubelet, job, "it to train again",
           lambda: nodes()[name]["status"]["roundsParticipated"] > before[name], timeout=120)
-    assert any(e["reason"] == "QuarantineReleased" and "label" in e["message"]
-               for e in kube_api.events(NS))
+    _wait(kube_api, operator, local_kubelet, job, "a QuarantineReleased event",
+          lambda: any(e["reason"] == "QuarantineReleased" and "label" in e["message"]
+                      for e in kube_api.events(NS)), timeout=120)
     assert kubectl("delete", "fj", job, "--wait=false").returncode == 0
