@@ -149,6 +149,30 @@ class PrivacySpec(_Model):
         return self
 
 
+class SecureAggregationSpec(_Model):
+    """Secure aggregation (Bonawitz et al. 2017 with the SecAgg+ neighbour graph of Bell et
+    al. 2020): the coordinator learns only the sum of a round's updates, never one
+    device's, and recovers from clients that drop out in any phase."""
+
+    enabled: bool = Field(False, description="Mask every update; the coordinator unmasks "
+                          "only the round's sum.")
+    threshold: float = Field(
+        0.67, gt=0.5, le=1,
+        description="Share of a client's neighbours whose shares recover its secrets "
+        "(t of t-of-k): a round survives up to k - t dropouts per neighbourhood.",
+    )
+    neighbours: int | None = Field(
+        None, ge=2,
+        description="Neighbours each client masks with (k, rounded up to even); unset: "
+        "2*ceil(log2 n)+2, so cost grows with log n; n-1 or more: every pair.",
+    )
+    value_range: float = Field(
+        4.0, gt=0,
+        description="Each coordinate of an update is clipped to ±valueRange before its "
+        "fixed-point encoding in a 32-bit ring (resolution valueRange*n/2^31).",
+    )
+
+
 class ResourceRequirements(_Model):
     """Kubernetes container resources, as in a Pod spec."""
 
@@ -349,6 +373,7 @@ class FederatedJobSpec(_Model):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
     robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
+    secure_aggregation: SecureAggregationSpec = Field(default_factory=SecureAggregationSpec)
     seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
 
     @model_validator(mode="after")
@@ -380,6 +405,7 @@ class FederatedJobSpec(_Model):
                 raise ValueError(
                     f"strategy.name {rule.name!r} cannot be combined with {setting}: {reason}"
                 )
+        _check_secure_aggregation(self)
         return self
 
     def clients_to_select(self, live: int) -> int:
@@ -398,11 +424,32 @@ def attacker_count(clients: int, fraction: float) -> int:
 
 
 # The spec settings that switch on a feature some aggregation rule cannot work with; the
-# refusals and their reasons are the rules' own, in the aggregation catalog. Secure
-# aggregation and asynchronous rounds join here when their spec fields land.
+# refusals and their reasons are the rules' own, in the aggregation catalog. Asynchronous
+# rounds join here when their spec field lands.
 _FEATURES_IN_USE: tuple[tuple[Feature, str, Callable[[FederatedJobSpec], bool]], ...] = (
     (Feature.central_privacy, "privacy.mode central", lambda spec: spec.privacy.mode == "central"),
+    (Feature.secure_aggregation, "secureAggregation.enabled",
+     lambda spec: spec.secure_aggregation.enabled),
 )
+
+
+def _check_secure_aggregation(spec: FederatedJobSpec) -> None:
+    """Combinations secure aggregation refuses, each naming the fields (robust rules are
+    refused through the catalog above)."""
+    secure = spec.secure_aggregation
+    if not secure.enabled:
+        return
+    if spec.min_clients < 2:
+        raise ValueError("secureAggregation.enabled needs minClients >= 2: the sum of one "
+                         "update is that update")
+    most = spec.simulation.clients or spec.admission.max_clients
+    if secure.value_range * most >= 2**31:
+        raise ValueError(
+            f"secureAggregation.valueRange {secure.value_range} times {most} clients does not "
+            "fit the 32-bit ring: lower valueRange (or admission.maxClients)")
+    # Compression (top-k sparsification) joins here when spec.compression lands: its masks
+    # are dense, so top-k must be refused unless the sparsity pattern is shared by every
+    # client from a round seed; quantization composes (it is the fixed-point step).
 
 
 # The fields a running job takes up when its spec is edited (Python names); every other

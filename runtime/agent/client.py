@@ -6,18 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import secrets
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
+import torch
 
 from .. import logs, wire
 from ..messages import SESSION_METADATA, Heartbeat, Payload, Registration, TaskKind, UpdateHeader
 from ..plan import TrainPlan
+from ..privacy.central import add_gaussian_noise, clip_update
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
+from ..secagg import ProtocolError, SecAggClient
 from ..training import TrainingDiverged, pick_device
 from ..wire import convert
 from .facts import device_facts
@@ -219,6 +227,10 @@ class Agent:
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
             return
+        if plan.secure is not None:
+            # Keys first: the advertise phase is short, a DP calibration may not be.
+            await self._secure(stub, plan)
+            return
         refusal = await asyncio.to_thread(self.trainer.refusal, plan)
         if refusal is not None:
             await self._refuse(stub, plan, refusal)
@@ -260,6 +272,72 @@ class Agent:
         finally:
             self.state = "idle"
 
+    async def _secure(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
+        """A secure round (runtime/secagg): keys and shares first, then train, then the
+        masked input and the shares that unmask the sum. Nothing unmasked leaves."""
+        assert self.trainer is not None and plan.secure is not None
+        meta = self._metadata()
+        wait = max(30.0, plan.deadline_unix - time.time()) + 60.0  # phases close server-side
+        client = SecAggClient(self.node_id, plan.round)
+        try:
+            _drill("advertise", plan.round)
+            roster = convert.roster_from_pb(await stub.SecAggAdvertise(
+                convert.advert_to_pb(client.advertise()), metadata=meta, timeout=wait))
+            _drill("share", plan.round)
+            delivery = convert.delivery_from_pb(await stub.SecAggShare(
+                convert.bundle_to_pb(client.share(roster)), metadata=meta, timeout=wait))
+            self._contact()
+            refusal = await asyncio.to_thread(self.trainer.refusal, plan)
+            if refusal is not None:  # it leaves after sharing: its masks are recovered
+                await self._refuse(stub, plan, refusal)
+                return
+            self.state = "training"
+            global_weights = wire.from_chunks(
+                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+                    node_id=self.node_id, model_version=plan.model_version), metadata=meta)],
+                self.trainer.schema)
+            result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
+            self.state = "uploading"
+            delta = result.delta_weights
+            if plan.secure.clip_norm > 0:  # distributed central DP: clip, then this
+                delta = clip_update(delta, max_norm=plan.secure.clip_norm)  # client's noise
+            if plan.secure.noise_std > 0:
+                delta = add_gaussian_noise(delta, std=plan.secure.noise_std,
+                                           generator=torch.Generator().manual_seed(
+                                               secrets.randbits(62)))
+            flat = torch.cat([delta[name].detach().reshape(-1).to(torch.float64)
+                              for name in self.trainer.schema]).numpy()
+            masked = await asyncio.to_thread(client.mask, delivery, flat)
+            header = UpdateHeader(
+                node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+                payload=Payload.MASKED, num_samples=result.num_samples, metrics=result.metrics,
+                epsilon_spent=result.epsilon, delta=result.delta)
+            _drill("masked", plan.round)
+            request = convert.unmask_request_from_pb(await stub.SecAggMaskedInput(
+                _update_stream(header, {"masked": torch.from_numpy(
+                    masked.vector.view(np.int32))}), metadata=meta, timeout=wait))
+            _drill("unmask", plan.round)
+            reply = await stub.SecAggUnmask(convert.unmask_response_to_pb(
+                client.unmask(request)), metadata=meta, timeout=wait)
+            self._contact()
+            log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
+                     result.metrics.get("loss", float("nan")))
+        except TrainingDiverged as error:
+            log.warning("round %d: local training diverged, leaving the secure round: %s",
+                        plan.round, error)
+        except ProtocolError as error:
+            log.warning("round %d: refusing the coordinator's secure-aggregation message: %s",
+                        plan.round, error)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED):
+                log.warning("round %d: secure round left: %s", plan.round, error.details())
+            else:
+                raise
+        finally:
+            self.state = "idle"
+
     async def _refuse(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan,
                       refusal: Refusal) -> None:
         log.warning("round %d: declining: %s", plan.round, refusal.reason)
@@ -273,6 +351,18 @@ class Agent:
             if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION,
                                     grpc.StatusCode.ALREADY_EXISTS):
                 raise
+
+
+# Fault drill for tests and demos of dropout recovery: FEDKUBE_SECAGG_DIE_BEFORE=PHASE:ROUND
+# (advertise | share | masked | unmask) kills this agent's process with SIGKILL just
+# before it would send that phase's message in that round.
+DRILL_ENV = "FEDKUBE_SECAGG_DIE_BEFORE"
+
+
+def _drill(phase: str, round: int) -> None:
+    if os.environ.get(DRILL_ENV) == f"{phase}:{round}":
+        log.warning("fault drill: dying before the %s phase of round %d", phase, round)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _update_stream(header: UpdateHeader, weights: dict) -> AsyncIterator[pb.UpdateChunk]:

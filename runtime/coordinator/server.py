@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import logs, wire
@@ -168,6 +169,75 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise Rejected(error.reason, str(error)) from None
             await self.engine.accept_update(header, delta, assembler.bytes_received)
         return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted")
+
+    # ------------------------------------------------------ secure aggregation
+
+    async def SecAggAdvertise(self, request: pb.SecAggAdvert,
+                              context: grpc.aio.ServicerContext) -> pb.SecAggRoster:
+        try:
+            self.engine.authenticate(request.node_id, _session(context))
+            stage = self.engine.secure_stage(request.node_id)
+            roster = await stage.advertise(convert.advert_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return convert.roster_to_pb(roster)
+
+    async def SecAggShare(self, request: pb.SecAggShareBundle,
+                          context: grpc.aio.ServicerContext) -> pb.SecAggDelivery:
+        try:
+            self.engine.authenticate(request.node_id, _session(context))
+            stage = self.engine.secure_stage(request.node_id)
+            delivery = await stage.share(convert.bundle_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return convert.delivery_to_pb(delivery)
+
+    async def SecAggMaskedInput(self, request_iterator: AsyncIterator[pb.UpdateChunk],
+                                context: grpc.aio.ServicerContext) -> pb.SecAggUnmaskRequest:
+        node_id = ""
+        try:
+            iterator = aiter(request_iterator)
+            first = await self.engine.uploads.first(iterator)
+            if first is None or not first.HasField("header"):
+                raise Rejected(RejectReason.MALFORMED,
+                               "a masked input must start with an UpdateHeader")
+            header = convert.header_from_pb(first.header)
+            node_id = header.node_id
+            self.engine.authenticate(node_id, _session(context))
+            if header.payload is not Payload.MASKED:
+                raise Rejected(RejectReason.MALFORMED, "SecAggMaskedInput takes payload 'masked'")
+            self.engine.admit(header)
+            stage = self.engine.secure_stage(node_id)
+            schema = {"masked": wire.TensorSpec((stage.length,), "int32")}
+            async with self.engine.uploads.slot(node_id):
+                assembler = wire.TensorAssembler(schema)
+                try:
+                    async for part in self.engine.uploads.rest(iterator):
+                        if not part.HasField("tensor"):
+                            raise Rejected(RejectReason.MALFORMED,
+                                           "a second UpdateHeader in one masked input")
+                        assembler.add(part.tensor)
+                    vector = assembler.finish()["masked"].numpy().view(np.uint32)
+                except wire.WireError as error:
+                    raise Rejected(error.reason, str(error)) from None
+            request = await self.engine.accept_masked(header, vector, assembler.bytes_received)
+        except Rejected as rejection:
+            self.engine.refused(node_id, rejection)
+            await _abort(context, rejection)
+        return convert.unmask_request_to_pb(request)
+
+    async def SecAggUnmask(self, request: pb.SecAggUnmaskResponse,
+                           context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        try:
+            self.engine.authenticate(request.node_id, _session(context))
+            stage = self.engine.secure_stage(request.node_id)
+            await stage.unmask(convert.unmask_response_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return pb.SubmitReply(accepted=True, message=f"round {request.round} sum released")
 
 
 @dataclass(frozen=True)
