@@ -99,6 +99,7 @@ class Agent:
         # The credential Register returned for node_id, kept in the state folder: an agent
         # restarted with the same id proves it is the same node (and keeps its budget).
         self.session = self._saved_session()
+        self.registered_once = False
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
 
     def _session_file(self) -> Path:
@@ -161,7 +162,12 @@ class Agent:
                 log.error("no coordinator for %.0fs; giving up", gone_for)
                 return 1
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(self.config.max_backoff, backoff * 2)
+            # Until it first registers, an agent is most likely waiting for a coordinator
+            # that is still starting (`fedkube run` starts agents and coordinator together):
+            # it keeps knocking every second or so instead of backing off to max_backoff.
+            ceiling = (self.config.max_backoff if self.registered_once
+                       else min(1.0, self.config.max_backoff))
+            backoff = min(ceiling, backoff * 2)
 
     def _registration(self, samples: int) -> pb.RegisterRequest:
         return convert.registration_to_pb(Registration(
@@ -190,6 +196,7 @@ class Agent:
                 await stub.Register(self._registration(self.trainer.num_samples), timeout=30))
             self.session = again.session
             self._save_session()
+        self.registered_once = True
         log.info("registered as %s for job %s", self.node_id, admission.job.job_name)
 
     async def _serve(self, stub: pb_grpc.CoordinatorStub) -> None:
@@ -237,11 +244,14 @@ class Agent:
             return
         self.state = "training"
         try:
-            global_weights = wire.from_chunks(
-                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+            # Each chunk is copied into the model's storage as it arrives: the messages
+            # of a whole model are never held at once.
+            assembler = wire.TensorAssembler(self.trainer.schema)
+            async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
-                    metadata=self._metadata())],
-                self.trainer.schema)
+                    metadata=self._metadata()):
+                assembler.add(chunk)
+            global_weights = assembler.finish()
             try:
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
             except TrainingDiverged as error:

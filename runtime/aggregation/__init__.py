@@ -36,7 +36,7 @@ from .catalog import (
 )
 
 if TYPE_CHECKING:
-    from ._tensors import Weights
+    from ._tensors import UpdateStats, Weights
     from .clipping import CenteredClipSum, RoundHistory
     from .registry import aggregate_buffered, server_optimizer_for
     from .robust import (
@@ -49,9 +49,10 @@ if TYPE_CHECKING:
     )
     from .round import AggregateOutcome, BufferFullError, RoundAggregator, UpdateTransform
     from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
-    from .weighted import EmptyAggregationError, WeightedSum, weighted_mean
+    from .weighted import Bound, EmptyAggregationError, WeightedSum, weighted_mean
 
 _LAZY = {
+    "UpdateStats": "_tensors",
     "Weights": "_tensors",
     "aggregate_buffered": "registry",
     "server_optimizer_for": "registry",
@@ -70,6 +71,7 @@ _LAZY = {
     "ServerOptimizer": "server",
     "ServerOptimizerConfig": "server",
     "ServerOptimizerName": "server",
+    "Bound": "weighted",
     "EmptyAggregationError": "weighted",
     "WeightedSum": "weighted",
     "weighted_mean": "weighted",
@@ -89,6 +91,7 @@ __all__ = [
     "RULES",
     "AggregateOutcome",
     "AggregationConfig",
+    "Bound",
     "BufferFullError",
     "CenteredClipSum",
     "EmptyAggregationError",
@@ -101,6 +104,7 @@ __all__ = [
     "ServerOptimizerName",
     "StrategyRule",
     "TooFewUpdatesError",
+    "UpdateStats",
     "UpdateTransform",
     "WeightedSum",
     "Weights",

@@ -87,6 +87,18 @@ def measure(update: Mapping[str, Tensor], reference: Mapping[str, Tensor] | None
     return fold.stats()
 
 
+def with_norm(update: Mapping[str, Tensor], norm: float,
+              reference: Mapping[str, Tensor] | None, reference_norm: float) -> UpdateStats:
+    """`update`'s stats when its norm is known already (the fold's read gave it): only
+    the inner product with `reference` is computed, and only when there is one."""
+    if reference is None or norm <= 0 or reference_norm <= 0:
+        return UpdateStats(norm=norm, cosine=None)
+    dot = sum(float(tensor.detach().reshape(-1).to(torch.float64).dot(
+        reference[name].reshape(-1).to(torch.float64)))
+        for name, tensor in update.items() if name in reference and tensor.is_floating_point())
+    return UpdateStats(norm=norm, cosine=max(-1.0, min(1.0, dot / (norm * reference_norm))))
+
+
 def cosines_to(updates: Sequence[Mapping[str, Tensor]], centre: Mapping[str, Tensor]
                ) -> list[float | None]:
     """Each update's cosine to `centre` (None where either is zero)."""
