@@ -165,6 +165,8 @@ _PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
         _column("Phase", ".status.phase", "string", "Ready, Training, Offline, Quarantined."),
         _column("Last-Seen", ".status.lastHeartbeat", "date", "Last heartbeat."),
         _column("Rounds", ".status.roundsParticipated", "integer", "Rounds taken part in."),
+        _column("Suspicion", ".status.suspicion", "number",
+                "How unlike the others its updates have been (0-1)."),
         _AGE,
     ],
 }

@@ -268,7 +268,9 @@ def _seconds_since(timestamp: str) -> float:
 
 
 def _online(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") != ClientPhase.offline.value
+    """Offline nodes need no check, and Quarantined is the coordinator's alone to change
+    (spec.CLIENT_STATUS_FIELD_OWNERS): the operator writes only OPERATOR_CLIENT_PHASES."""
+    return status.get("phase") not in (ClientPhase.offline.value, ClientPhase.quarantined.value)
 
 
 @kopf.timer(API_GROUP, NODES, interval=NODE_CHECK_INTERVAL, when=_online)

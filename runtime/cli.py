@@ -144,7 +144,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
         metrics=metrics, on_round=report.round if report else None,
-        registration_timeout=args.registration_timeout, job_file=Path(args.job))
+        registration_timeout=args.registration_timeout, job_file=Path(args.job),
+        releases=kube_sink)
     if report is not None and engine.history:  # restarted: continue the checkpoint's log
         report.restart_from(engine.history)
     from .coordinator.tracking import tracker_for

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .spec import FederatedJobSpec
+from .spec import FederatedJobSpec, attacker_count
 
 PrivacyMode = Literal["none", "local", "central"]
 
@@ -64,6 +64,18 @@ class Drills:
 
 
 @dataclass(frozen=True)
+class AttackPlan:
+    """The attack drill of spec.simulation.attackers, as simulated clients apply it: the
+    simulated indices in `attackers` send `kind` updates (the colluding kinds, lie and
+    ipm, are computed from all of the attackers' honest updates). strength None: the
+    kind's default (agent/attacks.py)."""
+
+    kind: str
+    strength: float | None
+    attackers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SecurePlan:
     """Secure aggregation of this round: the update goes through the four SecAgg phases
     instead of SubmitUpdate. Under central DP it becomes distributed noise: the client
@@ -92,6 +104,8 @@ class TrainPlan:
     # The most local steps this client takes (0: localEpochs in full); set per client by
     # localWork: adaptive.
     max_local_steps: int = 0
+    # The attack drill of spec.simulation.attackers (None: no one attacks).
+    attack: AttackPlan | None = None
     secure: SecurePlan | None = None
 
     @property
@@ -127,6 +141,7 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
         client_parameters=dict(client_parameters),
         dropout=spec.simulation.dropout,
         drills=drills_of(spec),
+        attack=attack_plan(spec),
         secure=secure,
     )
 
@@ -138,3 +153,15 @@ def drills_of(spec: FederatedJobSpec) -> Drills:
         slowdown=speed.slowdown if speed else 1.0,
         availability_period_seconds=availability.period_seconds if availability else 0.0,
         availability_online_fraction=availability.online_fraction if availability else 1.0)
+
+
+def attack_plan(spec: FederatedJobSpec) -> AttackPlan | None:
+    """Which simulated clients attack: `attacker_count` of them, drawn by the job's seed
+    (the same in every round, so quarantine can be measured against them)."""
+    attack = spec.simulation.attackers
+    if attack is None:
+        return None
+    clients = spec.simulation.clients
+    chosen = random.Random(spec.seed * 7919 + 14).sample(
+        range(clients), attacker_count(clients, attack.fraction))
+    return AttackPlan(kind=attack.kind, strength=attack.strength, attackers=tuple(sorted(chosen)))

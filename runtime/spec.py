@@ -101,6 +101,11 @@ class StrategySpec(_Model):
     byzantine: int = Field(
         1, ge=0, description="Byzantine clients tolerated (krum, multikrum, bulyan)."
     )
+    clip_radius: float | None = Field(
+        None, gt=0,
+        description="Centered clipping radius (centeredclip); unset: the median distance "
+        "to the centre in the previous round (in round 1, of the updates so far).",
+    )
     server_momentum: float = Field(
         0.0, ge=0, lt=1,
         description="Server momentum (FedAvgM, Hsu et al. 2019) of the fedavg server step; "
@@ -214,6 +219,30 @@ class AvailabilitySpec(_Model):
     )
 
 
+AttackKind = Literal["signflip", "scaling", "noise", "labelflip", "lie", "ipm"]
+
+
+class AttackSpec(_Model):
+    """An attack drill: a share of the simulated clients sends poisoned updates, so a
+    job's defences (robust rules, anomaly scores, quarantine) can be watched at work.
+    Never active unless the manifest sets it; real agents ignore it."""
+
+    fraction: float = Field(
+        gt=0, lt=1, description="Share of the simulated clients that attack (at least one)."
+    )
+    kind: AttackKind = Field(
+        description="signflip: -strength x the honest update; scaling: strength x it; "
+        "noise: Gaussian noise of std strength instead of it; labelflip: train on flipped "
+        "labels (a share `strength` of them); lie: 'a little is enough' (Baruch et al. "
+        "2019), mean - strength x std of the colluders' honest updates; ipm: inner-product "
+        "manipulation (Xie et al. 2020), -strength x their mean.",
+    )
+    strength: float | None = Field(
+        None, gt=0, description="The attack's size (see kind); unset: signflip 5, scaling "
+        "50, noise 1, labelflip 1, ipm 0.5, lie the z of Baruch et al. for the population.",
+    )
+
+
 class SimulationSpec(_Model):
     """Simulated clients: local processes under `fedkube run`, agent pods in a cluster."""
 
@@ -231,6 +260,26 @@ class SimulationSpec(_Model):
     resources: ResourceRequirements | None = Field(
         None, description="Container resources of each agent pod; the operator's default "
         "if unset. Ignored by `fedkube run`.",
+    )
+    attackers: AttackSpec | None = Field(
+        None, description="Attack drill: a share of the simulated clients attacks."
+    )
+
+
+class RobustnessSpec(_Model):
+    """Anomaly scores and quarantine: every accepted update is scored against the others
+    of its round; a client's suspicion is the exponentially weighted mean of its scores."""
+
+    suspicion_decay: float = Field(
+        0.5, gt=0, le=1,
+        description="Weight of the newest score in a client's suspicion (1: last round only).",
+    )
+    quarantine_threshold: float | None = Field(
+        None, gt=0, le=1,
+        description="A client whose suspicion reaches this is quarantined (null: never).",
+    )
+    quarantine_rounds: int = Field(
+        5, ge=1, description="Rounds a quarantined client sits out before it is released.",
     )
 
 
@@ -410,6 +459,7 @@ class FederatedJobSpec(_Model):
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
+    robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
     secure_aggregation: SecureAggregationSpec = Field(default_factory=SecureAggregationSpec)
     seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
 
@@ -429,6 +479,12 @@ class FederatedJobSpec(_Model):
             )
         if sim and self.min_clients > sim:
             raise ValueError(f"minClients ({self.min_clients}) exceeds simulation.clients ({sim})")
+        if self.simulation.attackers is not None and not sim:
+            raise ValueError("simulation.attackers needs simulated clients (simulation.clients)")
+        if self.simulation.attackers is not None and sim and attacker_count(
+                sim, self.simulation.attackers.fraction) >= sim:
+            raise ValueError(f"simulation.attackers.fraction {self.simulation.attackers.fraction}"
+                             f" leaves no honest client among {sim}")
         rule = rule_for(self.strategy.name.value)
         for feature, setting, in_use in _FEATURES_IN_USE:
             reason = rule.incompatible_with.get(feature)
@@ -468,6 +524,12 @@ class FederatedJobSpec(_Model):
         if self.fraction is not None:
             return max(self.min_clients, min(live, round(self.fraction * live)))
         return live
+
+
+def attacker_count(clients: int, fraction: float) -> int:
+    """How many of `clients` simulated clients an attack drill of `fraction` turns (at
+    least one)."""
+    return max(1, round(fraction * clients))
 
 
 # The spec settings that switch on a feature some aggregation rule cannot work with; the
@@ -586,6 +648,8 @@ class Reason:
     IMMUTABLE_FIELD = "ImmutableField"
     SPEC_CHANGE_APPLIED = "SpecChangeApplied"  # rounds/clientsPerRound edited while running
     STOPPED = "Stopped"  # the coordinator was shut down before the job finished
+    QUARANTINED = "Quarantined"  # a client's suspicion reached robustness.quarantineThreshold
+    RELEASED = "QuarantineReleased"  # its rounds are served, or a user cleared it
 
 
 def upsert_condition(
@@ -633,6 +697,7 @@ class ClientCounts(_Model):
     registered: int = 0
     active: int = 0
     dropped: int = 0
+    quarantined: int = Field(0, description="Clients in phase Quarantined now.")
 
 
 class FederatedJobStatus(_Model):
@@ -825,7 +890,15 @@ class ClientNodeStatus(_Model):
         None, ge=0, le=1, description="Share of dispatched tasks answered in time."
     )
     suspicion: float | None = Field(
-        None, ge=0, description="How often robust aggregation set this client's update aside."
+        None, ge=0, le=1,
+        description="How unlike the others this client's updates have been: the "
+        "exponentially weighted mean of its per-round anomaly scores (0 alike, 1 outlier).",
+    )
+    quarantine_reason: str | None = Field(
+        None, description="Why it is Quarantined (phase Quarantined only)."
+    )
+    quarantined_until_round: int | None = Field(
+        None, ge=0, description="The round after which a Quarantined client is released."
     )
     privacy: dict[str, PrivacySpent] = Field(
         default_factory=dict, description="DP budget spent on this device, per job."
@@ -856,6 +929,28 @@ class ClientNodeStatus(_Model):
         description="Requests of this node the coordinator refused, by reason label "
         "(norm_bound, sample_cap, unauthenticated ...).",
     )
+
+
+# Who writes each ClientNode status field (by its wire name). The coordinator owns them
+# all, phase included: Ready, Training and Quarantined follow from what it sees of the
+# node (Quarantined from robustness.quarantineThreshold, released after quarantineRounds
+# or when a user removes the QUARANTINE_LABEL). One exception, for a node whose
+# coordinator no longer hears it (or no longer runs): the operator sets `phase: Offline`
+# once its lastHeartbeat is older than the threshold, and never over Quarantined, whose
+# one writer is the coordinator; the coordinator's next write of a live node sets its
+# phase again.
+CLIENT_STATUS_FIELD_OWNERS: dict[str, Writer] = {
+    name: Writer.coordinator for name in (
+        "phase", "lastHeartbeat", "roundsParticipated", "reliability", "suspicion",
+        "quarantineReason", "quarantinedUntilRound", "privacy", "lastRoundSeconds",
+        "localLoss", "localAccuracy", "bytesUp", "rejections")
+}
+OPERATOR_CLIENT_PHASES: frozenset[str] = frozenset({"Offline"})
+"""The phases the operator may write (the exception above)."""
+
+QUARANTINE_LABEL = "fedkube.io/quarantined"
+"""Set ("true") by the coordinator on a Quarantined ClientNode; a user who removes it
+(`kubectl label cn NAME fedkube.io/quarantined-`) releases the client at its next round."""
 
 
 class ClientNode(_Model):

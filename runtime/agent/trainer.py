@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from .. import wire
-from ..data import client_data, load_dataset
+from ..data import Dataset, client_data, load_dataset
 from ..messages import JobIdentity
 from ..models import build_model
-from ..plan import PrivacyPlan, TrainPlan
+from ..plan import AttackPlan, PrivacyPlan, TrainPlan
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
+from . import attacks
 from .device import TrainingDevice
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ class LocalPrivacy:
 class LocalTrainer:
     def __init__(self, *, job: JobIdentity, node_id: str, device: torch.device,
                  model: torch.nn.Module, x: np.ndarray, y: np.ndarray, seed: int,
-                 state_dir: Path) -> None:
+                 state_dir: Path, simulated_index: int | None = None,
+                 dataset: Dataset | None = None) -> None:
         self.job = job
         self.node_id = node_id
         self.device = TrainingDevice(device)
@@ -118,6 +120,10 @@ class LocalTrainer:
         self.rng = random.Random(seed)
         self.rounds_trained = 0
         self.privacy: LocalPrivacy | None = None
+        # Attack drills only: a simulated client's index, and the whole dataset, from which
+        # colluding attackers rebuild each other's partitions.
+        self.simulated_index = simulated_index
+        self.dataset = dataset
 
     @property
     def num_samples(self) -> int:
@@ -145,7 +151,8 @@ class LocalTrainer:
         # pay that now rather than inside round 1, where agents sharing a process queue on it.
         make_optimizer("sgd", model.parameters(), 0.1)
         return cls(job=job, node_id=node_id, device=device, model=model, x=x, y=y, seed=seed,
-                   state_dir=state_dir)
+                   state_dir=state_dir, simulated_index=simulated_index,
+                   dataset=dataset if simulated_index is not None else None)
 
     def _privacy_for(self, plan: TrainPlan) -> LocalPrivacy | None:
         if plan.privacy.mode != "local":
@@ -170,6 +177,13 @@ class LocalTrainer:
         """The fault drill of spec.simulation.dropout: skip this round silently."""
         return plan.dropout > 0 and self.rng.random() < plan.dropout
 
+    def attack_of(self, plan: TrainPlan) -> AttackPlan | None:
+        """The attack drill this client runs in `plan`'s round, if it is an attacker."""
+        attack = plan.attack
+        if attack is None or self.simulated_index is None:
+            return None
+        return attack if self.simulated_index in attack.attackers else None
+
     def refusal(self, plan: TrainPlan) -> Refusal | None:
         privacy = self._privacy_for(plan)
         if privacy is not None and not privacy.budget.fits_next_round():
@@ -187,8 +201,14 @@ class LocalTrainer:
 
     def _train_on(self, device: torch.device, plan: TrainPlan,
                   global_weights: Weights) -> TrainOutcome:
+        attack = self.attack_of(plan)
+        y = self.y
+        if attack is not None and attack.kind == "labelflip":
+            share = attacks.strength_of(attack.kind, attack.strength, clients=1, attackers=0)
+            y = attacks.flip_labels(self.y, self.job.num_classes or int(self.y.max()) + 1, share,
+                                    np.random.default_rng(self.seed))
         torch.manual_seed(self.seed + plan.round)
-        loader = make_loader(self.x, self.y, batch_size=plan.batch_size,
+        loader = make_loader(self.x, y, batch_size=plan.batch_size,
                              seed=self.seed + plan.round)
         privacy = self._privacy_for(plan)
         proximal = global_weights if plan.proximal_mu else None
@@ -225,9 +245,47 @@ class LocalTrainer:
             privacy.save()
         self.rounds_trained += 1
         delta = {name: trained[name] - global_weights[name] for name in global_weights}
+        if attack is not None:
+            delta = self._poison(attack, plan, delta, global_weights, device)
         metrics = {"loss": float(result.loss), "accuracy": float(result.accuracy),
                    "steps": float(result.steps)}
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         return TrainOutcome(delta_weights=delta, num_samples=self.num_samples, metrics=metrics,
                             epsilon=self.epsilon_spent(),
                             delta=privacy.budget.delta if privacy else 0.0)
+
+    # ------------------------------------------------------------ attack drills
+
+    def _poison(self, attack: AttackPlan, plan: TrainPlan, honest: Weights,
+                global_weights: Weights, device: torch.device) -> Weights:
+        clients = max(1, self.job.num_simulated_clients)
+        strength = attacks.strength_of(attack.kind, attack.strength, clients=clients,
+                                       attackers=len(attack.attackers))
+        colluders: list[Weights] = []
+        if attack.kind in attacks.COLLUDING:
+            colluders = [honest if index == self.simulated_index else
+                         self._honest_delta_of(index, plan, global_weights, device)
+                         for index in attack.attackers]
+        generator = torch.Generator().manual_seed(self.seed * 31 + plan.round)
+        log.debug("round %d: attack drill %s (strength %.3g)", plan.round, attack.kind, strength)
+        return attacks.poisoned(attack.kind, strength, own=honest, colluders=colluders,
+                                generator=generator)
+
+    def _honest_delta_of(self, index: int, plan: TrainPlan, global_weights: Weights,
+                         device: torch.device) -> Weights:
+        """The honest delta colluder `index` trains this round (its partition and seed),
+        recomputed here as colluding simulated attackers share theirs."""
+        assert self.dataset is not None
+        x, y = client_data(self.dataset, self.job.data, index=index,
+                           num_clients=max(1, self.job.num_simulated_clients), seed=self.job.seed)
+        seed = self.job.seed * 1_000_003 + index
+        torch.manual_seed(seed + plan.round)
+        loader = make_loader(x, y, batch_size=plan.batch_size, seed=seed + plan.round)
+        load_weights(self.model, global_weights)
+        optimizer = make_optimizer(plan.optimizer, self.model.parameters(),  # type: ignore[arg-type]
+                                   plan.learning_rate)
+        train_local(self.model, loader, optimizer, epochs=plan.local_epochs, device=device,
+                    proximal_mu=plan.proximal_mu,
+                    global_weights=global_weights if plan.proximal_mu else None)
+        trained = weights_of(self.model)
+        return {name: trained[name] - global_weights[name] for name in global_weights}

@@ -9,6 +9,9 @@
 - `round`: `RoundAggregator`, what the coordinator uses for one round.
 - `fednova`: FedNova's normalised sum for unequal local steps.
 - `fedbuff`: FedBuff's staleness-weighted buffer for asynchronous rounds.
+- `clipping`: centered clipping (a streaming robust rule) and the `RoundHistory` a round
+  leaves to the next.
+- `anomaly`: per-update anomaly scores (norm, cosine, distance to the median).
 
 No network, cluster, API-model or I/O code lives here (import-linter contracts enforce
 it). The torch-backed names below are imported on first use, not with the package:
@@ -36,6 +39,7 @@ from .catalog import (
 
 if TYPE_CHECKING:
     from ._tensors import UpdateStats, Weights
+    from .clipping import CenteredClipSum, RoundHistory
     from .fedbuff import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError, staleness_weight
     from .fednova import NormalizedSum, fednova_reference
     from .registry import aggregate_buffered, server_optimizer_for
@@ -62,6 +66,8 @@ _LAZY = {
     "coordinate_median": "robust",
     "krum": "robust",
     "trimmed_mean": "robust",
+    "CenteredClipSum": "clipping",
+    "RoundHistory": "clipping",
     "AggregateOutcome": "round",
     "BufferFullError": "round",
     "RoundAggregator": "round",
@@ -98,6 +104,7 @@ __all__ = [
     "AggregationConfig",
     "Bound",
     "BufferFullError",
+    "CenteredClipSum",
     "EmptyAggregationError",
     "Feature",
     "FedBuffBuffer",
@@ -106,6 +113,7 @@ __all__ = [
     "NormalizedSum",
     "RobustResult",
     "RoundAggregator",
+    "RoundHistory",
     "ServerOptimizer",
     "ServerOptimizerConfig",
     "ServerOptimizerName",

@@ -23,6 +23,10 @@ from typing import Literal, get_args
 ServerStep = Literal["fedavg", "fedadam", "fedyogi"]
 """The server step that applies a round's aggregate (Reddi et al., 2021)."""
 
+Fold = Literal["weighted", "centered_clip"]
+"""How a streaming rule folds each update: into a weighted sum, or clipped around the
+previous aggregate first (centered clipping)."""
+
 
 class Feature(str, enum.Enum):
     """Job features a rule may be unable to work with (the value is how messages name it)."""
@@ -44,6 +48,7 @@ class AggregationConfig:
 
     rule: str = "fedavg"
     byzantine: int = 1
+    clip_radius: float | None = None
     trim_beta: float = 0.1
     mu: float = 0.01
     server_learning_rate: float = 1.0
@@ -56,6 +61,9 @@ class AggregationConfig:
         rule = rule_for(self.rule)
         if isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int) or self.byzantine < 0:
             raise ValueError(f"byzantine must be an integer >= 0, got {self.byzantine!r}")
+        if self.clip_radius is not None and not (
+                math.isfinite(self.clip_radius) and self.clip_radius > 0):
+            raise ValueError(f"clip_radius must be a finite number > 0, got {self.clip_radius!r}")
         if not 0 <= self.trim_beta < 0.5:
             raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta!r}")
         if not (math.isfinite(self.mu) and self.mu >= 0):
@@ -113,7 +121,8 @@ class StrategyRule:
     server_step: which server step applies the aggregate. minimum_updates: the fewest
     updates with which a round may close. client_parameters: extra hyper-parameters sent
     to clients in each task. incompatible_with: features the rule cannot run with, and
-    why. cost: memory and time per round, for the docs.
+    why. cost: memory and time per round, for the docs (`cost_table`). fold: how a
+    streaming rule folds each update (ignored for buffered rules).
     """
 
     name: str
@@ -124,6 +133,7 @@ class StrategyRule:
     minimum_updates: Callable[[AggregationConfig], int] = _one_update
     client_parameters: Callable[[AggregationConfig], Mapping[str, float]] = _no_client_parameters
     incompatible_with: Mapping[Feature, str] = field(default_factory=lambda: MappingProxyType({}))
+    fold: Fold = "weighted"
 
     def __post_init__(self) -> None:
         if self.server_step not in get_args(ServerStep):
@@ -165,6 +175,22 @@ RULES: tuple[StrategyRule, ...] = (
         summary="FedYogi (Reddi et al., 2021): the weighted mean, applied by a Yogi step.",
         buffered=False, server_step="fedyogi",
         cost=_STREAMING_COST + "; the server step keeps two more moments (2 models)",
+    ),
+    StrategyRule(
+        name="centeredclip",
+        summary="Centered clipping (Karimireddy et al., 2021): each update clipped to a radius "
+        "around the previous aggregate as it arrives, then averaged; robust and streaming.",
+        buffered=False, server_step="fedavg", fold="centered_clip",
+        cost="memory: one float64 running sum plus the previous aggregate (3x a float32 "
+        "model); time: two passes per update",
+        incompatible_with=MappingProxyType({
+            Feature.central_privacy: "DP-FedAvg clips around zero and calibrates its noise to "
+            "that clip; centered clipping clips around the previous aggregate",
+            Feature.secure_aggregation: "it clips each update, which the server never sees "
+            "under secure aggregation",
+            Feature.asynchronous_rounds: "it clips around the previous round's aggregate; "
+            "asynchronous rounds have no rounds to clip around",
+        }),
     ),
     StrategyRule(
         name="krum",
@@ -227,6 +253,21 @@ def rule_for(name: str) -> StrategyRule:
         raise ValueError(
             f"unknown aggregation rule {name!r}; expected one of {', '.join(_BY_NAME)}"
         ) from None
+
+
+ANOMALY_COST = ("anomaly scores (every rule): two floats per update and the previous "
+                "aggregate (1 model), one more pass per update; buffered rules add, at close, "
+                "a coordinate-wise median of the buffer (as the median rule) and two passes "
+                "over it")
+"""What the per-update anomaly scores cost on top of each rule (aggregation/anomaly.py)."""
+
+
+def cost_table() -> str:
+    """Every rule's memory and time per round, as a Markdown table (README's)."""
+    lines = ["| rule | buffers updates | memory and time per round |", "|---|---|---|"]
+    lines += [f"| {rule.name} | {'yes' if rule.buffered else 'no'} | {rule.cost} |"
+              for rule in RULES]
+    return "\n".join(lines)
 
 
 def minimum_updates(config: AggregationConfig) -> int:

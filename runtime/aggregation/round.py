@@ -10,16 +10,19 @@ a rule needs (buffered or not, its floor) comes from the strategy catalog.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from . import anomaly
 from ._tensors import UpdateStats, Weights, check_matches, layout_of
 from .catalog import AggregationConfig, rule_for
+from .clipping import CenteredClipSum, RoundHistory
 from .fednova import NormalizedSum
 from .registry import aggregate_buffered
-from .robust import RobustResult
+from .robust import RobustResult, coordinate_median
 from .weighted import Bound, EmptyAggregationError, WeightedSum
 
 UpdateTransform = Callable[[Weights], Weights]
@@ -37,12 +40,19 @@ class AggregateOutcome:
 
     mean_delta: the aggregate delta to hand to the server optimizer.
     used: node ids whose updates went into it, in arrival order.
-    set_aside: node ids a robust rule rejected (suspicion material), in arrival order.
+    set_aside: node ids a robust rule rejected, in arrival order.
+    scores: each accepted node's anomaly score in [0, 1] (aggregation/anomaly.py), and
+    `reasons` the signal behind each score that was not 0.
+    distances: the updates' distances to the centered-clipping centre (centeredclip
+    only), for the next round's adaptive radius.
     """
 
     mean_delta: Weights
     used: tuple[str, ...]
     set_aside: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)
+    reasons: Mapping[str, str] = field(default_factory=dict)
+    distances: tuple[float, ...] = ()
 
 
 class RoundAggregator:
@@ -67,6 +77,7 @@ class RoundAggregator:
         max_buffered: int,
         transform: UpdateTransform | None = None,
         uniform_weights: bool = False,
+        history: RoundHistory | None = None,
     ) -> None:
         robust = rule_for(config.rule).buffered
         # Averaging strategies buffer nothing, so 0 is fine for them; a robust round
@@ -83,10 +94,21 @@ class RoundAggregator:
         self._transform = transform
         self._uniform = uniform_weights
         self._robust = robust
-        self._nova = config.rule == "fednova"
-        self._sum: WeightedSum | NormalizedSum | None = (
-            None if self._robust else NormalizedSum(template) if self._nova
-            else WeightedSum(template))
+        history = history or RoundHistory()
+        self._reference = history.centre
+        self._reference_norm = anomaly.l2_norm(history.centre) if history.centre else 0.0
+        self._clip: CenteredClipSum | None = None
+        self._sum: WeightedSum | NormalizedSum | None = None
+        if not robust and rule_for(config.rule).fold == "centered_clip":
+            self._clip = CenteredClipSum(template, centre=history.centre,
+                                         radius=config.clip_radius,
+                                         previous_radius=history.radius)
+            self._uniform = True  # every update counts the same
+        elif not robust and config.rule == "fednova":
+            self._sum = NormalizedSum(template)
+        elif not robust:
+            self._sum = WeightedSum(template)
+        self._stats: list[anomaly.UpdateStats] = []
         self._buffer: list[Weights] = []
         self._nodes: list[str] = []
         self._finished = False
@@ -147,7 +169,12 @@ class RoundAggregator:
             else:
                 stats = self._sum.add(delta, weight, what=what, bound=bound)
             self._nodes.append(node_id)
+            # Scored as received: its norm from the fold's read, its cosine to the last
+            # aggregate from one more pass where there is one.
+            self._stats.append(anomaly.with_norm(delta, stats.norm, self._reference,
+                                                 self._reference_norm))
             return stats
+        sent = delta
         # Checked before the transform too: a transform may hide a NaN (a clip by a NaN
         # norm), and its own output is checked below like any update.
         stats = check_matches(self._layout, delta, what=what)
@@ -159,7 +186,9 @@ class RoundAggregator:
         if self._transform is not None:
             delta = self._transform(dict(delta))
             what = f"transformed update from {node_id!r}"
-        if isinstance(self._sum, NormalizedSum):
+        if self._clip is not None:
+            self._clip.add(delta, what=what)
+        elif isinstance(self._sum, NormalizedSum):
             self._sum.add(delta, weight, local_steps, what=what)
         elif self._sum is not None:
             self._sum.add(delta, weight, what=what)
@@ -168,6 +197,8 @@ class RoundAggregator:
                 check_matches(self._layout, delta, what=what)
             self._buffer.append(dict(delta))
         self._nodes.append(node_id)
+        self._stats.append(anomaly.with_norm(sent, stats.norm, self._reference,
+                                             self._reference_norm))
         return stats
 
     def finish(self) -> AggregateOutcome:
@@ -181,8 +212,15 @@ class RoundAggregator:
             raise RuntimeError("finish() was already called for this round")
         if not self._nodes:
             raise EmptyAggregationError("no client updates arrived this round")
-        if self._sum is not None:
+        norms = [s.norm for s in self._stats]
+        cosines: list[float | None] = [s.cosine for s in self._stats]
+        if self._clip is not None:
+            outcome = AggregateOutcome(self._clip.mean(), tuple(self._nodes), (),
+                                       distances=tuple(self._clip.distances))
+            scores = anomaly.anomaly_scores(norms, cosines)
+        elif self._sum is not None:
             outcome = AggregateOutcome(self._sum.mean(), tuple(self._nodes), ())
+            scores = anomaly.anomaly_scores(norms, cosines)
         else:
             result = self._robust_aggregate()
             outcome = AggregateOutcome(
@@ -190,9 +228,19 @@ class RoundAggregator:
                 used=tuple(self._nodes[i] for i in result.selected),
                 set_aside=tuple(self._nodes[i] for i in result.set_aside),
             )
+            # The buffer is here anyway: score against this round's own robust centre.
+            median = (result.aggregate if self._config.rule == "median"
+                      else coordinate_median(self._buffer).aggregate)
+            scores = anomaly.anomaly_scores(
+                norms, anomaly.cosines_to(self._buffer, result.aggregate),
+                anomaly.distances_to(self._buffer, median))
+        outcome = dataclasses.replace(
+            outcome, scores=dict(zip(self._nodes, scores.scores, strict=True)),
+            reasons={n: r for n, r in zip(self._nodes, scores.reasons, strict=True) if r})
         self._finished = True
         self._buffer = []
         self._sum = None
+        self._clip = None
         return outcome
 
     def _robust_aggregate(self) -> RobustResult:

@@ -23,6 +23,7 @@ import torch
 from .. import logs, wire
 from ..aggregation import (
     RoundAggregator,
+    RoundHistory,
     client_parameters,
     minimum_updates,
     rule_for,
@@ -57,6 +58,7 @@ from ..spec import (
 from ..training import evaluate, load_weights, pick_device, weights_of
 from . import checkpoint
 from .admission import UpdateBounds
+from .anomaly import fold_scores, refusal_score
 from .enrolment import Enrolment
 from .events import (
     EventBus,
@@ -72,6 +74,7 @@ from .events import (
 from .job_status import StatusBook
 from .local_work import plan_local_work
 from .policy import JobPolicy, Verdict
+from .quarantine import Change, Quarantine, ReleaseSource
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .secure_round import SecureRound, distributed_noise_std, secure_config
@@ -108,6 +111,7 @@ class RoundEngine:
         offline_after: float = 20.0,
         registration_timeout: float = 120.0,
         job_file: Path | None = None,
+        releases: ReleaseSource | None = None,
     ) -> None:
         self.job = job
         self.spec: FederatedJobSpec = job.spec
@@ -178,6 +182,12 @@ class RoundEngine:
         # Nodes that declined a task because it would exceed their local DP budget. A
         # budget only grows, so they are not asked again in this job.
         self.budget_spent: set[str] = set()
+        # Anomaly scores, suspicion and quarantine (issue 14): the last round's aggregate
+        # is the next one's reference (and centered clipping's centre).
+        self.round_history = RoundHistory()
+        self.quarantine = Quarantine(self.spec.robustness, self.registry)
+        self.releases = releases
+        self.refusal_scores: dict[str, float] = {}  # this round's, e.g. norm-bound refusals
         self.open_round: Round | None = None
         # Secure aggregation: the coordinator sees only each round's masked sum.
         self.secure_config = (secure_config(self.spec) if self.spec.secure_aggregation.enabled
@@ -332,6 +342,9 @@ class RoundEngine:
             "job": self.name, "round": self.round + 1, "node": node_id or None,
             "reason": rejection.reason.label})
         client = self.registry.get(node_id)
+        score = refusal_score(rejection.reason)
+        if score is not None and self.open_round and node_id in self.open_round.selected:
+            self.refusal_scores[node_id] = score
         if client is not None:
             label = rejection.reason.label
             client.rejections[label] = client.rejections.get(label, 0) + 1
@@ -429,6 +442,7 @@ class RoundEngine:
         """One round with its retries; the Verdict that ends the job, if one does."""
         number = self.round + 1
         for attempt in range(self.spec.round_retries + 1):
+            await self._release_quarantined()
             verdict = self._local_budgets_verdict()
             if verdict is not None:
                 return verdict
@@ -452,7 +466,7 @@ class RoundEngine:
         """Select and build the round; a Verdict when the central budget cannot pay for
         it, None when too few clients are eligible."""
         eligible = [c for c in self.registry.live(self.spec.client_selector)
-                    if c.node_id not in self.budget_spent]
+                    if c.node_id not in self.budget_spent and not self.quarantine.holds(c)]
         wanted = self.spec.clients_to_select(len(eligible))
         if wanted < 1:
             return None
@@ -481,7 +495,7 @@ class RoundEngine:
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
             transform=self.central.transform if self.central else None,
-            uniform_weights=self.central is not None)
+            uniform_weights=self.central is not None, history=self.round_history)
         cap = self.spec.privacy.target_epsilon if self.spec.privacy.mode == "local" else None
         self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
@@ -509,6 +523,7 @@ class RoundEngine:
 
     async def _run_round(self, opened: Round) -> RoundResult:
         self.open_round = opened
+        self.refusal_scores = {}
         opened.dispatch()
         self.status.clients = self.book.counts(active=len(opened.selected))
         self.book.publish()
@@ -560,6 +575,12 @@ class RoundEngine:
             client = self.registry.get(node_id)
             if client is not None:
                 client.set_aside += 1
+        self.round_history.advance(result.aggregate.mean_delta, list(result.aggregate.distances))
+        fold_scores(self.registry, {**result.aggregate.scores, **self.refusal_scores},
+                    decay=self.spec.robustness.suspicion_decay)
+        self._announce(self.quarantine.judge(result.number, {
+            **result.aggregate.reasons,
+            **{node: "refused by the norm bound" for node in self.refusal_scores}}))
         evaluation = await asyncio.to_thread(self._evaluate)
         record = RoundRecord(
             round=result.number, accuracy=evaluation.accuracy, loss=evaluation.loss,
@@ -585,6 +606,30 @@ class RoundEngine:
         log.info(closed)
         self.book.milestone(Reason.ROUND_COMPLETED, closed)
         return verdict
+
+    async def _release_quarantined(self) -> None:
+        """Before each round: release who served its quarantine or was cleared by a user."""
+        held = self.quarantine.held_ids()
+        if not held:
+            return
+        cleared: set[str] = set()
+        if self.releases is not None:
+            cleared = await asyncio.to_thread(self.releases.quarantine_cleared, held)
+        changes = self.quarantine.release(self.round, cleared)
+        self._announce(changes)
+        if changes:
+            self.book.publish()
+
+    def _announce(self, changes: list[Change]) -> None:
+        for change in changes:
+            client = self.registry.get(change.node_id)
+            if client is not None:
+                self.book.publish_client(client)
+            if change.quarantined:
+                self.book.milestone(Reason.QUARANTINED, f"{change.node_id}: {change.reason}",
+                                    warning=True)
+            else:
+                self.book.milestone(Reason.RELEASED, f"{change.node_id}: {change.reason}")
 
     def _evaluate(self):
         load_weights(self.model, self.weights)

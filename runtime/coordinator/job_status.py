@@ -41,7 +41,8 @@ class StatusBook:
                                          target_epsilon=spec.privacy.target_epsilon)
 
     def counts(self, *, active: int, dropped: int = 0) -> ClientCounts:
-        return ClientCounts(registered=len(self.registry), active=active, dropped=dropped)
+        return ClientCounts(registered=len(self.registry), active=active, dropped=dropped,
+                            quarantined=sum(1 for c in self.registry.all() if c.quarantined))
 
     def running(self, rounds: int) -> None:
         # Ready (the pod serves) is the operator's condition: see spec.CONDITION_OWNERS.
@@ -96,6 +97,7 @@ class StatusBook:
     def publish(self) -> None:
         registered = len(self.registry)
         self.status.clients.registered = registered
+        self.status.clients.quarantined = sum(1 for c in self.registry.all() if c.quarantined)
         self.status.clients_summary = f"{self.status.clients.active}/{registered}"
         self.events.publish(ClientsCounted(registered, len(self.registry.live())))
         self.events.publish(JobStatusChanged(self.status.model_copy(deep=True)))

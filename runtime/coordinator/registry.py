@@ -25,6 +25,15 @@ class Client:
     dispatched: int = 0
     answered: int = 0
     set_aside: int = 0
+    # How unlike the others this client's updates have been: the exponentially weighted
+    # mean of its anomaly scores, in [0, 1] (coordinator/anomaly.py). A plain number for
+    # anything that ranks clients (selection); `scored` counts the rounds behind it.
+    suspicion: float = 0.0
+    scored: int = 0
+    # Quarantine (coordinator/quarantine.py): excluded from selection until this round
+    # has closed, or until a user clears it; None when not quarantined.
+    quarantined_until: int | None = None
+    quarantine_reason: str | None = None
     epsilon: float = 0.0
     delta: float = 0.0
     rejections: dict[str, int] = field(default_factory=dict)  # by RejectReason label
@@ -56,7 +65,13 @@ class Client:
         if accuracy is not None and 0.0 <= accuracy <= 1.0:
             self.local_accuracy = accuracy
 
+    @property
+    def quarantined(self) -> bool:
+        return self.quarantined_until is not None
+
     def phase(self, *, now: float, offline_after: float) -> ClientPhase:
+        if self.quarantined and not self.departed:
+            return ClientPhase.quarantined
         if self.departed or now - self.last_seen > offline_after:
             return ClientPhase.offline
         return ClientPhase.training if self.state in ("training", "uploading") else ClientPhase.ready
@@ -70,7 +85,9 @@ class Client:
             last_heartbeat=_iso(heartbeat),
             rounds_participated=self.rounds_participated,
             reliability=round(self.answered / self.dispatched, 4) if self.dispatched else None,
-            suspicion=round(self.set_aside / self.answered, 4) if self.answered else None,
+            suspicion=round(self.suspicion, 4) if self.scored else None,
+            quarantine_reason=self.quarantine_reason if self.quarantined else None,
+            quarantined_until_round=self.quarantined_until,
             privacy=privacy,
             last_round_seconds=self.last_round_seconds,
             local_loss=self.local_loss,

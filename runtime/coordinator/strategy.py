@@ -15,6 +15,7 @@ def aggregation_config(spec: StrategySpec) -> AggregationConfig:
     return AggregationConfig(
         rule=spec.name.value,
         byzantine=spec.byzantine,
+        clip_radius=spec.clip_radius,
         trim_beta=spec.trim_beta,
         mu=spec.mu,
         server_learning_rate=spec.server_learning_rate,

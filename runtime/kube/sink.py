@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -37,9 +37,11 @@ from kubernetes.client.exceptions import ApiException
 
 from ..spec import (
     API_GROUP_VERSION,
+    QUARANTINE_LABEL,
     TERMINAL_PHASES,
     ClientNodeSpec,
     ClientNodeStatus,
+    ClientPhase,
     FederatedJobStatus,
     Writer,
     owned_status,
@@ -112,6 +114,7 @@ class KubernetesStatusSink:
             maxlen=_EVENT_BACKLOG)
         self._busy = False
         self._job_went_last = False
+        self._client_went_last = False
         self._closing_deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="kube-status", daemon=True)
         self._thread.start()
@@ -196,7 +199,8 @@ class KubernetesStatusSink:
         """The next thing to send. The job's status goes every other send at least: it is
         what `kubectl get fj` shows and what must land at shutdown, so behind a slow API
         server it waits for one ClientNode or Event at most, and they in turn are not
-        starved by a stream of job statuses. Called with the lock held."""
+        starved by a stream of job statuses, nor Events by ClientNodes. Called with the
+        lock held."""
         others = bool(self._clients or self._events)
         # A final status goes after everything else of the same moment: once it reads
         # Succeeded the operator removes this pod, and what is still queued is lost.
@@ -206,11 +210,15 @@ class KubernetesStatusSink:
             self._job_went_last = True
             return _Item("job status", lambda: self._patch_job(job), job=job)
         self._job_went_last = False
-        if self._clients:
+        # Nor do ClientNodes (a heartbeat or round change of some node is nearly always
+        # queued on a busy job) starve the Events: with both queued, they take turns.
+        if self._clients and not (self._events and self._client_went_last):
+            self._client_went_last = True
             node_id = next(iter(self._clients))
             spec, status = self._clients.pop(node_id)
             return _Item(f"ClientNode {node_id}", lambda: self._upsert_client(spec, status),
                          client=(node_id, spec, status))
+        self._client_went_last = False
         event = self._events.popleft()
         return _Item(f"event {event[0]}", lambda: self._post_event(*event), event=event)
 
@@ -260,19 +268,24 @@ class KubernetesStatusSink:
                                ) from error
             raise
 
-    def _client_node(self, spec: ClientNodeSpec, name: str) -> Obj:
+    def _client_node(self, spec: ClientNodeSpec, name: str, *, quarantined: bool = False) -> Obj:
+        labels = {
+            "app.kubernetes.io/name": "fedkube",
+            "app.kubernetes.io/component": "client",
+            "app.kubernetes.io/managed-by": "fedkube-coordinator",
+            "fedkube.io/job": self.job_name,
+        }
+        if quarantined:
+            # Ours while the node is Quarantined; a user who removes it releases the node
+            # (quarantine_cleared), and our next apply without it keeps it removed.
+            labels[QUARANTINE_LABEL] = "true"
         return {
             "apiVersion": API_GROUP_VERSION,
             "kind": "ClientNode",
             "metadata": {
                 "name": name,
                 "namespace": self.namespace,
-                "labels": {
-                    "app.kubernetes.io/name": "fedkube",
-                    "app.kubernetes.io/component": "client",
-                    "app.kubernetes.io/managed-by": "fedkube-coordinator",
-                    "fedkube.io/job": self.job_name,
-                },
+                "labels": labels,
                 # Deleting the job deletes its ClientNodes. No blockOwnerDeletion: that
                 # would need update rights on the job's finalizers.
                 "ownerReferences": [{
@@ -287,6 +300,9 @@ class KubernetesStatusSink:
         name = client_node_name(self.job_name, spec.node_id)
         spec_wire = spec.model_copy(update={"job": self.job_name}).to_wire()
         status_wire = status.to_wire()
+        quarantined = status.phase == ClientPhase.quarantined
+        # The quarantine label is part of the object we apply: a change of it re-applies.
+        spec_wire = {**spec_wire, "_quarantined": quarantined}
         without_heartbeat = {k: v for k, v in status_wire.items() if k != "lastHeartbeat"}
         sent = self._sent.get(name)
         if sent is not None and sent[:2] == (spec_wire, without_heartbeat) and (
@@ -295,8 +311,8 @@ class KubernetesStatusSink:
         try:
             if name not in self._created or sent is None or sent[0] != spec_wire:
                 # Creates it, or updates an agent that came back with other facts.
-                self._client.apply(self._client_node(spec, name), field_manager=FIELD_MANAGER,
-                                   force=True)
+                self._client.apply(self._client_node(spec, name, quarantined=quarantined),
+                                   field_manager=FIELD_MANAGER, force=True)
                 self._created.add(name)
             self._client.apply(
                 {"apiVersion": API_GROUP_VERSION, "kind": "ClientNode",
@@ -311,6 +327,27 @@ class KubernetesStatusSink:
             self._sent.pop(name, None)
             raise _Vanished(f"ClientNode {name} disappeared") from error
         self._sent[name] = (spec_wire, without_heartbeat, time.monotonic())
+
+    def quarantine_cleared(self, node_ids: Collection[str]) -> set[str]:
+        """Those of `node_ids` (Quarantined, labelled by us) whose ClientNode no longer
+        carries the quarantine label: a user removed it to release them. Read directly,
+        from the engine's worker thread; a node not yet written, or that cannot be read
+        now, counts as not cleared."""
+        cleared = set()
+        for node_id in node_ids:
+            name = client_node_name(self.job_name, node_id)
+            sent = self._sent.get(name)
+            if sent is None or not sent[0].get("_quarantined"):
+                continue  # our label is not on it yet
+            try:
+                node = self._client.get(API_GROUP_VERSION, "ClientNode", self.namespace, name)
+            except Exception as error:  # noqa: BLE001 - unreachable: its rounds release it
+                log.warning("cannot read ClientNode %s for a quarantine release: %s", name, error)
+                continue
+            labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+            if node is not None and labels.get(QUARANTINE_LABEL) != "true":
+                cleared.add(node_id)
+        return cleared
 
     def _post_event(self, reason: str, message: str, warning: bool, at: str) -> None:
         involved: Obj = {"apiVersion": API_GROUP_VERSION, "kind": "FederatedJob",

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedkube.proto\x12\nfedkube.v1\"\x84\x02\n\x0b\x44\x65viceFacts\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07machine\x18\x03 \x01(\t\x12\x0c\n\x04\x63pus\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x06 \x01(\t\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.fedkube.v1.DeviceFacts.LabelsEntry\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x03\x12\x10\n\x08hostname\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x01\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12&\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.DeviceFacts\x12\x17\n\x0fsimulated_index\x18\x04 \x01(\x05\x12\x11\n\tsimulated\x18\x05 \x01(\x08\x12\x0f\n\x07session\x18\x06 \x01(\t\"{\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12$\n\x03job\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.JobIdentity\x12\x0f\n\x07session\x18\x04 \x01(\t\"\x9d\x01\n\x0bJobIdentity\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61ta_spec_json\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1d\n\x15num_simulated_clients\x18\x05 \x01(\x05\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\"I\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\"4\n\x0eHeartbeatReply\x12\x13\n\x0bjob_running\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x05\"%\n\x12StreamTasksRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x9f\x01\n\x0bPrivacyPlan\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0etarget_epsilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x16\n\x0eplanned_rounds\x18\x07 \x01(\x05\"\x99\x04\n\tTrainPlan\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12(\n\x07privacy\x18\x07 \x01(\x0b\x32\x17.fedkube.v1.PrivacyPlan\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x46\n\x11\x63lient_parameters\x18\t \x03(\x0b\x32+.fedkube.v1.TrainPlan.ClientParametersEntry\x12\x0f\n\x07\x64ropout\x18\n \x01(\x01\x12\x32\n\x12secure_aggregation\x18\x0b \x01(\x0b\x32\x16.fedkube.v1.SecAggPlan\x12\x15\n\rslow_fraction\x18\x1e \x01(\x01\x12\x10\n\x08slowdown\x18\x1f \x01(\x01\x12#\n\x1b\x61vailability_period_seconds\x18  \x01(\x01\x12$\n\x1c\x61vailability_online_fraction\x18! \x01(\x01\x12\x17\n\x0fmax_local_steps\x18\" \x01(\x05\x1a\x37\n\x15\x43lientParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\nSecAggPlan\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\"}\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.fedkube.v1.Task.Kind\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.TrainPlan\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1b\n\x04Kind\x12\t\n\x05TRAIN\x10\x00\x12\x08\n\x04STOP\x10\x01\"9\n\x0fGetModelRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"n\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"\x91\x02\n\x0cUpdateHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedkube.v1.UpdateHeader.MetricsEntry\x12\x15\n\repsilon_spent\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x0f\n\x07payload\x18\x08 \x01(\t\x12\x16\n\x0erefusal_reason\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkube.v1.UpdateHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedkube.v1.TensorChunkH\x00\x42\x06\n\x04part\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"Z\n\x0cSecAggAdvert\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rcipher_public\x18\x03 \x01(\x0c\x12\x13\n\x0bmask_public\x18\x04 \x01(\x0c\"I\n\nSecAggPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rcipher_public\x18\x02 \x01(\x0c\x12\x13\n\x0bmask_public\x18\x03 \x01(\x0c\"\x82\x01\n\x0cSecAggRoster\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07\x63lients\x18\x02 \x01(\x05\x12\x11\n\tthreshold\x18\x03 \x01(\x05\x12\x13\n\x0bvalue_range\x18\x04 \x01(\x01\x12*\n\nneighbours\x18\x05 \x03(\x0b\x32\x16.fedkube.v1.SecAggPeer\"S\n\x0bSecAggShare\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"u\n\x11SecAggShareBundle\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x17\n\x0fseed_commitment\x18\x03 \x01(\x0c\x12\'\n\x06shares\x18\x04 \x03(\x0b\x32\x17.fedkube.v1.SecAggShare\"H\n\x0eSecAggDelivery\x12\r\n\x05round\x18\x01 \x01(\x05\x12\'\n\x06shares\x18\x02 \x03(\x0b\x32\x17.fedkube.v1.SecAggShare\"H\n\x13SecAggUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\x12\x11\n\tsurvivors\x18\x03 \x03(\t\"=\n\x0eSecAggRevealed\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05share\x18\x03 \x01(\x0c\"\x97\x01\n\x14SecAggUnmaskResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12.\n\nkey_shares\x18\x03 \x03(\x0b\x32\x1a.fedkube.v1.SecAggRevealed\x12/\n\x0bseed_shares\x18\x04 \x03(\x0b\x32\x1a.fedkube.v1.SecAggRevealed2\x90\x05\n\x0b\x43oordinator\x12\x42\n\x08Register\x12\x1b.fedkube.v1.RegisterRequest\x1a\x19.fedkube.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedkube.v1.HeartbeatRequest\x1a\x1a.fedkube.v1.HeartbeatReply\x12\x41\n\x0bStreamTasks\x12\x1e.fedkube.v1.StreamTasksRequest\x1a\x10.fedkube.v1.Task0\x01\x12\x42\n\x08GetModel\x12\x1b.fedkube.v1.GetModelRequest\x1a\x17.fedkube.v1.TensorChunk0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedkube.v1.UpdateChunk\x1a\x17.fedkube.v1.SubmitReply(\x01\x12\x45\n\x0fSecAggAdvertise\x12\x18.fedkube.v1.SecAggAdvert\x1a\x18.fedkube.v1.SecAggRoster\x12H\n\x0bSecAggShare\x12\x1d.fedkube.v1.SecAggShareBundle\x1a\x1a.fedkube.v1.SecAggDelivery\x12O\n\x11SecAggMaskedInput\x12\x17.fedkube.v1.UpdateChunk\x1a\x1f.fedkube.v1.SecAggUnmaskRequest(\x01\x12I\n\x0cSecAggUnmask\x12 .fedkube.v1.SecAggUnmaskResponse\x1a\x17.fedkube.v1.SubmitReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedkube.proto\x12\nfedkube.v1\"\x84\x02\n\x0b\x44\x65viceFacts\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07machine\x18\x03 \x01(\t\x12\x0c\n\x04\x63pus\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x06 \x01(\t\x12\x33\n\x06labels\x18\x07 \x03(\x0b\x32#.fedkube.v1.DeviceFacts.LabelsEntry\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x03\x12\x10\n\x08hostname\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x01\n\x0fRegisterRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12&\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.DeviceFacts\x12\x17\n\x0fsimulated_index\x18\x04 \x01(\x05\x12\x11\n\tsimulated\x18\x05 \x01(\x08\x12\x0f\n\x07session\x18\x06 \x01(\t\"{\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12$\n\x03job\x18\x03 \x01(\x0b\x32\x17.fedkube.v1.JobIdentity\x12\x0f\n\x07session\x18\x04 \x01(\t\"\x9d\x01\n\x0bJobIdentity\x12\x10\n\x08job_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61ta_spec_json\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x1d\n\x15num_simulated_clients\x18\x05 \x01(\x05\x12\x13\n\x0binput_shape\x18\x06 \x03(\x05\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\"I\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\"4\n\x0eHeartbeatReply\x12\x13\n\x0bjob_running\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x05\"%\n\x12StreamTasksRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x9f\x01\n\x0bPrivacyPlan\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0etarget_epsilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x16\n\x0eplanned_rounds\x18\x07 \x01(\x05\"\xc2\x04\n\tTrainPlan\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12(\n\x07privacy\x18\x07 \x01(\x0b\x32\x17.fedkube.v1.PrivacyPlan\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x46\n\x11\x63lient_parameters\x18\t \x03(\x0b\x32+.fedkube.v1.TrainPlan.ClientParametersEntry\x12\x0f\n\x07\x64ropout\x18\n \x01(\x01\x12\x32\n\x12secure_aggregation\x18\x0b \x01(\x0b\x32\x16.fedkube.v1.SecAggPlan\x12\x15\n\rslow_fraction\x18\x1e \x01(\x01\x12\x10\n\x08slowdown\x18\x1f \x01(\x01\x12#\n\x1b\x61vailability_period_seconds\x18  \x01(\x01\x12$\n\x1c\x61vailability_online_fraction\x18! \x01(\x01\x12\x17\n\x0fmax_local_steps\x18\" \x01(\x05\x12\'\n\x06\x61ttack\x18\x14 \x01(\x0b\x32\x17.fedkube.v1.AttackDrill\x1a\x37\n\x15\x43lientParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\nSecAggPlan\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\"@\n\x0b\x41ttackDrill\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08strength\x18\x02 \x01(\x01\x12\x11\n\tattackers\x18\x03 \x03(\x05\"}\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.fedkube.v1.Task.Kind\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.fedkube.v1.TrainPlan\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1b\n\x04Kind\x12\t\n\x05TRAIN\x10\x00\x12\x08\n\x04STOP\x10\x01\"9\n\x0fGetModelRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"n\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\"\x91\x02\n\x0cUpdateHeader\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedkube.v1.UpdateHeader.MetricsEntry\x12\x15\n\repsilon_spent\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x0f\n\x07payload\x18\x08 \x01(\t\x12\x16\n\x0erefusal_reason\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkube.v1.UpdateHeaderH\x00\x12)\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedkube.v1.TensorChunkH\x00\x42\x06\n\x04part\"0\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"Z\n\x0cSecAggAdvert\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\rcipher_public\x18\x03 \x01(\x0c\x12\x13\n\x0bmask_public\x18\x04 \x01(\x0c\"I\n\nSecAggPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rcipher_public\x18\x02 \x01(\x0c\x12\x13\n\x0bmask_public\x18\x03 \x01(\x0c\"\x82\x01\n\x0cSecAggRoster\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07\x63lients\x18\x02 \x01(\x05\x12\x11\n\tthreshold\x18\x03 \x01(\x05\x12\x13\n\x0bvalue_range\x18\x04 \x01(\x01\x12*\n\nneighbours\x18\x05 \x03(\x0b\x32\x16.fedkube.v1.SecAggPeer\"S\n\x0bSecAggShare\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"u\n\x11SecAggShareBundle\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x17\n\x0fseed_commitment\x18\x03 \x01(\x0c\x12\'\n\x06shares\x18\x04 \x03(\x0b\x32\x17.fedkube.v1.SecAggShare\"H\n\x0eSecAggDelivery\x12\r\n\x05round\x18\x01 \x01(\x05\x12\'\n\x06shares\x18\x02 \x03(\x0b\x32\x17.fedkube.v1.SecAggShare\"H\n\x13SecAggUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\x12\x11\n\tsurvivors\x18\x03 \x03(\t\"=\n\x0eSecAggRevealed\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05share\x18\x03 \x01(\x0c\"\x97\x01\n\x14SecAggUnmaskResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12.\n\nkey_shares\x18\x03 \x03(\x0b\x32\x1a.fedkube.v1.SecAggRevealed\x12/\n\x0bseed_shares\x18\x04 \x03(\x0b\x32\x1a.fedkube.v1.SecAggRevealed2\x90\x05\n\x0b\x43oordinator\x12\x42\n\x08Register\x12\x1b.fedkube.v1.RegisterRequest\x1a\x19.fedkube.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedkube.v1.HeartbeatRequest\x1a\x1a.fedkube.v1.HeartbeatReply\x12\x41\n\x0bStreamTasks\x12\x1e.fedkube.v1.StreamTasksRequest\x1a\x10.fedkube.v1.Task0\x01\x12\x42\n\x08GetModel\x12\x1b.fedkube.v1.GetModelRequest\x1a\x17.fedkube.v1.TensorChunk0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedkube.v1.UpdateChunk\x1a\x17.fedkube.v1.SubmitReply(\x01\x12\x45\n\x0fSecAggAdvertise\x12\x18.fedkube.v1.SecAggAdvert\x1a\x18.fedkube.v1.SecAggRoster\x12H\n\x0bSecAggShare\x12\x1d.fedkube.v1.SecAggShareBundle\x1a\x1a.fedkube.v1.SecAggDelivery\x12O\n\x11SecAggMaskedInput\x12\x17.fedkube.v1.UpdateChunk\x1a\x1f.fedkube.v1.SecAggUnmaskRequest(\x01\x12I\n\x0cSecAggUnmask\x12 .fedkube.v1.SecAggUnmaskResponse\x1a\x17.fedkube.v1.SubmitReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,45 +46,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACYPLAN']._serialized_start=904
   _globals['_PRIVACYPLAN']._serialized_end=1063
   _globals['_TRAINPLAN']._serialized_start=1066
-  _globals['_TRAINPLAN']._serialized_end=1603
-  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_start=1548
-  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_end=1603
-  _globals['_SECAGGPLAN']._serialized_start=1605
-  _globals['_SECAGGPLAN']._serialized_end=1672
-  _globals['_TASK']._serialized_start=1674
-  _globals['_TASK']._serialized_end=1799
-  _globals['_TASK_KIND']._serialized_start=1772
-  _globals['_TASK_KIND']._serialized_end=1799
-  _globals['_GETMODELREQUEST']._serialized_start=1801
-  _globals['_GETMODELREQUEST']._serialized_end=1858
-  _globals['_TENSORCHUNK']._serialized_start=1860
-  _globals['_TENSORCHUNK']._serialized_end=1970
-  _globals['_UPDATEHEADER']._serialized_start=1973
-  _globals['_UPDATEHEADER']._serialized_end=2246
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2200
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2246
-  _globals['_UPDATECHUNK']._serialized_start=2248
-  _globals['_UPDATECHUNK']._serialized_end=2356
-  _globals['_SUBMITREPLY']._serialized_start=2358
-  _globals['_SUBMITREPLY']._serialized_end=2406
-  _globals['_SECAGGADVERT']._serialized_start=2408
-  _globals['_SECAGGADVERT']._serialized_end=2498
-  _globals['_SECAGGPEER']._serialized_start=2500
-  _globals['_SECAGGPEER']._serialized_end=2573
-  _globals['_SECAGGROSTER']._serialized_start=2576
-  _globals['_SECAGGROSTER']._serialized_end=2706
-  _globals['_SECAGGSHARE']._serialized_start=2708
-  _globals['_SECAGGSHARE']._serialized_end=2791
-  _globals['_SECAGGSHAREBUNDLE']._serialized_start=2793
-  _globals['_SECAGGSHAREBUNDLE']._serialized_end=2910
-  _globals['_SECAGGDELIVERY']._serialized_start=2912
-  _globals['_SECAGGDELIVERY']._serialized_end=2984
-  _globals['_SECAGGUNMASKREQUEST']._serialized_start=2986
-  _globals['_SECAGGUNMASKREQUEST']._serialized_end=3058
-  _globals['_SECAGGREVEALED']._serialized_start=3060
-  _globals['_SECAGGREVEALED']._serialized_end=3121
-  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=3124
-  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=3275
-  _globals['_COORDINATOR']._serialized_start=3278
-  _globals['_COORDINATOR']._serialized_end=3934
+  _globals['_TRAINPLAN']._serialized_end=1644
+  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_start=1589
+  _globals['_TRAINPLAN_CLIENTPARAMETERSENTRY']._serialized_end=1644
+  _globals['_SECAGGPLAN']._serialized_start=1646
+  _globals['_SECAGGPLAN']._serialized_end=1713
+  _globals['_ATTACKDRILL']._serialized_start=1715
+  _globals['_ATTACKDRILL']._serialized_end=1779
+  _globals['_TASK']._serialized_start=1781
+  _globals['_TASK']._serialized_end=1906
+  _globals['_TASK_KIND']._serialized_start=1879
+  _globals['_TASK_KIND']._serialized_end=1906
+  _globals['_GETMODELREQUEST']._serialized_start=1908
+  _globals['_GETMODELREQUEST']._serialized_end=1965
+  _globals['_TENSORCHUNK']._serialized_start=1967
+  _globals['_TENSORCHUNK']._serialized_end=2077
+  _globals['_UPDATEHEADER']._serialized_start=2080
+  _globals['_UPDATEHEADER']._serialized_end=2353
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2307
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2353
+  _globals['_UPDATECHUNK']._serialized_start=2355
+  _globals['_UPDATECHUNK']._serialized_end=2463
+  _globals['_SUBMITREPLY']._serialized_start=2465
+  _globals['_SUBMITREPLY']._serialized_end=2513
+  _globals['_SECAGGADVERT']._serialized_start=2515
+  _globals['_SECAGGADVERT']._serialized_end=2605
+  _globals['_SECAGGPEER']._serialized_start=2607
+  _globals['_SECAGGPEER']._serialized_end=2680
+  _globals['_SECAGGROSTER']._serialized_start=2683
+  _globals['_SECAGGROSTER']._serialized_end=2813
+  _globals['_SECAGGSHARE']._serialized_start=2815
+  _globals['_SECAGGSHARE']._serialized_end=2898
+  _globals['_SECAGGSHAREBUNDLE']._serialized_start=2900
+  _globals['_SECAGGSHAREBUNDLE']._serialized_end=3017
+  _globals['_SECAGGDELIVERY']._serialized_start=3019
+  _globals['_SECAGGDELIVERY']._serialized_end=3091
+  _globals['_SECAGGUNMASKREQUEST']._serialized_start=3093
+  _globals['_SECAGGUNMASKREQUEST']._serialized_end=3165
+  _globals['_SECAGGREVEALED']._serialized_start=3167
+  _globals['_SECAGGREVEALED']._serialized_end=3228
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_start=3231
+  _globals['_SECAGGUNMASKRESPONSE']._serialized_end=3382
+  _globals['_COORDINATOR']._serialized_start=3385
+  _globals['_COORDINATOR']._serialized_end=4041
 # @@protoc_insertion_point(module_scope)

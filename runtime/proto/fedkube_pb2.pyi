@@ -124,7 +124,7 @@ class PrivacyPlan(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
-    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "slow_fraction", "slowdown", "availability_period_seconds", "availability_online_fraction", "max_local_steps")
+    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "slow_fraction", "slowdown", "availability_period_seconds", "availability_online_fraction", "max_local_steps", "attack")
     class ClientParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class TrainPlan(_message.Message):
     AVAILABILITY_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_ONLINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     MAX_LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTACK_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     local_epochs: int
@@ -164,7 +165,8 @@ class TrainPlan(_message.Message):
     availability_period_seconds: float
     availability_online_fraction: float
     max_local_steps: int
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., slow_fraction: _Optional[float] = ..., slowdown: _Optional[float] = ..., availability_period_seconds: _Optional[float] = ..., availability_online_fraction: _Optional[float] = ..., max_local_steps: _Optional[int] = ...) -> None: ...
+    attack: AttackDrill
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., slow_fraction: _Optional[float] = ..., slowdown: _Optional[float] = ..., availability_period_seconds: _Optional[float] = ..., availability_online_fraction: _Optional[float] = ..., max_local_steps: _Optional[int] = ..., attack: _Optional[_Union[AttackDrill, _Mapping]] = ...) -> None: ...
 
 class SecAggPlan(_message.Message):
     __slots__ = ("enabled", "clip_norm", "noise_std")
@@ -175,6 +177,16 @@ class SecAggPlan(_message.Message):
     clip_norm: float
     noise_std: float
     def __init__(self, enabled: bool = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
+
+class AttackDrill(_message.Message):
+    __slots__ = ("kind", "strength", "attackers")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    ATTACKERS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    strength: float
+    attackers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[str] = ..., strength: _Optional[float] = ..., attackers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "plan", "reason")

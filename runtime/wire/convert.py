@@ -17,7 +17,7 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import Drills, PrivacyPlan, SecurePlan, TrainPlan
+from ..plan import AttackPlan, Drills, PrivacyPlan, SecurePlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..secagg import messages as sa
 from ..spec import DataSpec
@@ -110,9 +110,24 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         slowdown=plan.drills.slowdown,
         availability_period_seconds=plan.drills.availability_period_seconds,
         availability_online_fraction=plan.drills.availability_online_fraction,
-        max_local_steps=plan.max_local_steps,
+        max_local_steps=plan.max_local_steps, attack=_attack_to_pb(plan.attack),
         secure_aggregation=None if plan.secure is None else pb.SecAggPlan(
             enabled=True, clip_norm=plan.secure.clip_norm, noise_std=plan.secure.noise_std))
+
+
+def _attack_to_pb(attack: AttackPlan | None) -> pb.AttackDrill | None:
+    if attack is None:
+        return None
+    return pb.AttackDrill(kind=attack.kind, strength=attack.strength or 0.0,
+                          attackers=list(attack.attackers))
+
+
+def _attack_from_pb(message: pb.TrainPlan) -> AttackPlan | None:
+    if not message.HasField("attack"):
+        return None
+    drill = message.attack
+    return AttackPlan(kind=drill.kind, strength=drill.strength or None,
+                      attackers=tuple(drill.attackers))
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
@@ -134,6 +149,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
             availability_period_seconds=message.availability_period_seconds,
             availability_online_fraction=message.availability_online_fraction or 1.0),
         max_local_steps=max(0, message.max_local_steps),
+        attack=_attack_from_pb(message),
         secure=SecurePlan(clip_norm=message.secure_aggregation.clip_norm,
                           noise_std=message.secure_aggregation.noise_std)
         if message.secure_aggregation.enabled else None)

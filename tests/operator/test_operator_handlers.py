@@ -278,6 +278,11 @@ def _iso(seconds_ago: float) -> str:
 
 
 def test_silent_client_nodes_go_offline(kube_api: Any, operator: Operator) -> None:
+    # Quarantined is the coordinator's alone (spec.CLIENT_STATUS_FIELD_OWNERS): a silent
+    # quarantined node is left as it is.
+    _register_node(kube_api, "held", heartbeat=_iso(120))
+    kube_api.patch("cn", "held", {"status": {"phase": "Quarantined"}}, namespace=NS,
+                   subresource="status")
     _register_node(kube_api, "stale", heartbeat=_iso(120))
     node = _wait(kube_api, "cn", "stale", _phase("Offline"), operator)
     assert node["status"]["lastHeartbeat"]  # the last sighting stays for `kubectl get cn`
@@ -295,6 +300,7 @@ def test_silent_client_nodes_go_offline(kube_api: Any, operator: Operator) -> No
     _wait(kube_api, "cn", "alive", _phase("Offline"), operator)
     offline_events = [e for e in kube_api.events(NS) if e["reason"] == "Offline"]
     assert {e["involvedObject"]["name"] for e in offline_events} == {"stale", "alive"}
+    assert kube_api.get("cn", "held", NS)["status"]["phase"] == "Quarantined"
 
 
 def test_a_node_back_from_offline_is_watched_again(kube_api: Any, operator: Operator) -> None:

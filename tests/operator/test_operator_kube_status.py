@@ -116,7 +116,7 @@ def test_job_status_lands_next_to_the_operators_share(
     status = job["status"]
     assert (status["phase"], status["round"], status["accuracy"]) == ("Running", 2, 0.52)
     assert (status["epsilon"], status["clientsSummary"]) == (1.5, "2/3")
-    assert status["clients"] == {"registered": 3, "active": 2, "dropped": 0}
+    assert status["clients"] == {"registered": 3, "active": 2, "dropped": 0, "quarantined": 0}
     # What the operator owns is untouched, and each writer owns its own share.
     assert status["endpoint"] == "digits-coordinator.default.svc:50051"
     assert [c["type"] for c in status["conditions"]] == ["SpecAccepted", "Ready"]
@@ -279,3 +279,25 @@ def test_close_sends_what_is_pending(kube_api: Any, coordinator_client: ApiClien
     sink.close(timeout=10)
     status = kube_api.get("fj", JOB, NS)["status"]
     assert (status["phase"], status["modelRef"]) == ("Succeeded", "/var/lib/fedkube/model.pt")
+
+
+def test_a_quarantined_node_carries_the_label_and_a_user_removing_it_releases_it(
+        kube_api: Any, kubectl: Any, sink: KubernetesStatusSink) -> None:
+    from fedkube.runtime.spec import QUARANTINE_LABEL
+
+    node_id = "digits-agent-0"
+    sink.publish_client(_node(node_id), _node_status(phase=ClientPhase.quarantined))
+    assert sink.flush(timeout=10)
+    name = f"{JOB}-{node_id}"
+    assert kube_api.get("cn", name, NS)["metadata"]["labels"][QUARANTINE_LABEL] == "true"
+    assert sink.quarantine_cleared([node_id]) == set()  # not cleared yet
+    removed = kubectl("label", "cn", name, f"{QUARANTINE_LABEL}-")
+    assert removed.returncode == 0, removed.stderr
+    assert QUARANTINE_LABEL not in kube_api.get("cn", name, NS)["metadata"]["labels"]
+    assert sink.quarantine_cleared([node_id, "never-written"]) == {node_id}
+    # Released: the coordinator's next write leaves the label off.
+    sink.publish_client(_node(node_id), _node_status(phase=ClientPhase.ready))
+    assert sink.flush(timeout=10)
+    node = kube_api.get("cn", name, NS)
+    assert QUARANTINE_LABEL not in node["metadata"]["labels"]
+    assert node["status"]["phase"] == "Ready"

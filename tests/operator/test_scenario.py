@@ -149,8 +149,8 @@ def test_apply_train_watch_succeed(tmp_path: Path, kube_api: Any, kubectl: Any,
         assert spent["delta"] == pytest.approx(1e-5)
         assert node["status"]["roundsParticipated"] >= 2
     cn_table = kubectl("get", "cn")
-    assert cn_table.stdout.split()[:6] == ["NAME", "DEVICE", "PHASE", "LAST-SEEN", "ROUNDS",
-                                           "AGE"], cn_table.stdout
+    assert cn_table.stdout.split()[:7] == ["NAME", "DEVICE", "PHASE", "LAST-SEEN", "ROUNDS",
+                                           "SUSPICION", "AGE"], cn_table.stdout
 
     # The finished job keeps its manifest and results, not its pods.
     _wait(kube_api, operator, local_kubelet, job, "pods cleaned up",
@@ -195,3 +195,63 @@ def test_delete_running_job_removes_its_children_and_agents_go_offline(
 
     _wait(kube_api, operator, local_kubelet, job, "everything the job owned to go",
           nothing_left, timeout=60)
+
+
+@pytest.mark.slow  # a job of 3 agent pods run until an attacker was caught, left out, released
+@pytest.mark.timeout(600)
+def test_an_attacker_is_quarantined_left_out_and_released_by_removing_its_label(
+        tmp_path: Path, kube_api: Any, kubectl: Any, operator: OperatorProcess,
+        local_kubelet: Any) -> None:
+    job = "byzantine"
+    manifest = _manifest(
+        tmp_path / "job.yaml", job, rounds=500, clientsPerRound=3, minClients=2,
+        localEpochs=1, batchSize=64, roundTimeoutSeconds=60,
+        admission={"normBoundFactor": None},
+        robustness={"quarantineThreshold": 0.5, "quarantineRounds": 1000},
+        simulation={"clients": 3, "attackers": {"fraction": 0.34, "kind": "signflip"}})
+    assert kubectl("apply", "-f", str(manifest)).returncode == 0
+
+    def nodes() -> dict[str, dict[str, Any]]:
+        return {n["metadata"]["name"]: n for n in kube_api.list(
+            "cn", NS, label_selector=f"fedkube.io/job={job}")}
+
+    def job_status() -> dict[str, Any]:
+        return (kube_api.get("fj", job, namespace=NS) or {}).get("status") or {}
+
+    def quarantined() -> list[str]:
+        return [name for name, n in nodes().items()
+                if (n.get("status") or {}).get("phase") == "Quarantined"]
+
+    held = _wait(kube_api, operator, local_kubelet, job, "a Quarantined ClientNode",
+                 quarantined, timeout=180)
+    assert len(held) == 1
+    name = held[0]
+    node = nodes()[name]
+    assert node["metadata"]["labels"]["fedkube.io/quarantined"] == "true"
+    assert "quarantineThreshold 0.5" in node["status"]["quarantineReason"]
+    assert node["status"]["suspicion"] >= 0.5
+    _wait(kube_api, operator, local_kubelet, job, "the job to count it",
+          lambda: job_status().get("clients", {}).get("quarantined") == 1, timeout=60)
+    node_id = node["spec"]["nodeId"]
+    _wait(kube_api, operator, local_kubelet, job, "a Quarantined event",
+          lambda: any(e["reason"] == "Quarantined" and e["message"].startswith(node_id)
+                      for e in kube_api.events(NS)), timeout=120)
+
+    # Left out of selection: the others keep training, its rounds stand still.
+    before = {n: (o.get("status") or {}).get("roundsParticipated", 0)
+              for n, o in nodes().items()}
+    _wait(kube_api, operator, local_kubelet, job, "two more rounds without it",
+          lambda: all((o.get("status") or {}).get("roundsParticipated", 0) >= before[n] + 2
+                      for n, o in nodes().items() if n != name), timeout=120)
+    assert nodes()[name]["status"]["roundsParticipated"] == before[name]
+    assert quarantined() == [name]
+
+    # A user releases it: it is selected again (and, attacking still, caught again).
+    released = kubectl("label", "cn", name, "fedkube.io/quarantined-")
+    assert released.returncode == 0, released.stderr
+    _wait(kube_api, operator, local_kubelet, job, "it to train again",
+          lambda: nodes()[name]["status"]["roundsParticipated"] > before[name], timeout=120)
+    _wait(kube_api, operator, local_kubelet, job, "a QuarantineReleased event",
+          lambda: any(e["reason"] == "QuarantineReleased" and "label" in e["message"]
+                      for e in kube_api.events(NS)), timeout=120)
+    assert kubectl("delete", "fj", job, "--wait=false").returncode == 0

@@ -138,6 +138,7 @@ def test_printer_columns() -> None:
         ("Phase", ".status.phase", "string"),
         ("Last-Seen", ".status.lastHeartbeat", "date"),
         ("Rounds", ".status.roundsParticipated", "integer"),
+        ("Suspicion", ".status.suspicion", "number"),
         ("Age", ".metadata.creationTimestamp", "date"),
     ]
 

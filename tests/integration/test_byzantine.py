@@ -1,0 +1,82 @@
+"""Byzantine clients through the real engine: `fedkube run` (coordinator, real agent
+processes, real gRPC on 127.0.0.1) with an attack drill; the coordinator scores the
+updates, raises the attackers' suspicion, quarantines them, leaves them out of selection
+and releases them after their rounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from fedkube.runtime.plan import attack_plan
+from fedkube.runtime.spec import load_job
+from support import REPO, child_env, fedkube_command, write_job
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_signflip_attackers_are_quarantined_left_out_and_released(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path / "job.yaml", "byzantine", model="mlp", data={"dataset": "digits"},
+        rounds=4, clientsPerRound=6, minClients=3, localEpochs=1, batchSize=32,
+        learningRate=0.1, roundTimeoutSeconds=60,
+        strategy={"name": "fedavg"}, admission={"normBoundFactor": None},
+        robustness={"quarantineThreshold": 0.5, "quarantineRounds": 2},
+        simulation={"clients": 6, "attackers": {"fraction": 0.34, "kind": "signflip"}})
+    plan = attack_plan(load_job(job).spec)
+    assert plan is not None and len(plan.attackers) == 2
+    attackers = {f"sim-{i:03d}" for i in plan.attackers}
+
+    output = tmp_path / "out"
+    result = subprocess.run(fedkube_command("run", str(job), "--output", str(output)),
+                            capture_output=True, text=True, env=child_env(), timeout=280,
+                            cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Quarantined" in result.stderr or "quarantined" in result.stderr
+
+    rounds = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    # Round 1 scores everyone; its two attackers sit out rounds 2 and 3 (quarantineRounds
+    # 2, until round 3 has closed), are selected again in round 4, and quarantined again.
+    assert [r["clients_selected"] for r in rounds] == [6, 4, 4, 6]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["status"]["clients"]["quarantined"] == 2
+    clients = summary["clients"]
+    assert {n for n, c in clients.items() if c["status"]["phase"] == "Quarantined"} == attackers
+    for node, entry in clients.items():
+        status = entry["status"]
+        if node in attackers:
+            assert status["suspicion"] >= 0.5
+            assert "quarantineThreshold 0.5 in round 4" in status["quarantineReason"]
+            assert status["quarantinedUntilRound"] == 6
+            assert status["roundsParticipated"] == 2  # rounds 1 and 4
+        else:
+            assert status["suspicion"] < 0.1, (node, status)
+            assert status["roundsParticipated"] == 4
+
+
+def test_updates_the_norm_bound_refuses_count_as_outliers(tmp_path: Path) -> None:
+    # Default admission: scaled updates are refused (norm_bound) before any rule or score
+    # sees them; the refusals raise the attackers' suspicion all the same.
+    job = write_job(
+        tmp_path / "job.yaml", "scaling", model="mlp", data={"dataset": "digits"},
+        rounds=2, clientsPerRound=6, minClients=3, localEpochs=1, batchSize=32,
+        learningRate=0.1, roundTimeoutSeconds=60,
+        robustness={"quarantineThreshold": 0.5, "quarantineRounds": 5},
+        simulation={"clients": 6, "attackers": {"fraction": 0.34, "kind": "scaling"}})
+    plan = attack_plan(load_job(job).spec)
+    assert plan is not None
+    attackers = {f"sim-{i:03d}" for i in plan.attackers}
+    output = tmp_path / "out"
+    result = subprocess.run(fedkube_command("run", str(job), "--output", str(output)),
+                            capture_output=True, text=True, env=child_env(), timeout=280,
+                            cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rounds = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["clients_selected"], r["clients_in"]) for r in rounds] == [(6, 4), (4, 4)]
+    clients = json.loads((output / "summary.json").read_text())["clients"]
+    for node in attackers:
+        status = clients[node]["status"]
+        assert status["phase"] == "Quarantined" and status["rejections"]["norm_bound"] == 1
+        assert "refused by the norm bound" in status["quarantineReason"]
