@@ -943,7 +943,8 @@ CLIENT_STATUS_FIELD_OWNERS: dict[str, Writer] = {
     name: Writer.coordinator for name in (
         "phase", "lastHeartbeat", "roundsParticipated", "reliability", "suspicion",
         "quarantineReason", "quarantinedUntilRound", "privacy", "lastRoundSeconds",
-        "localLoss", "localAccuracy", "bytesUp", "rejections")
+        "localLoss", "localAccuracy", "bytesUp", "rejections", "selection",
+        "selectionScore", "localSteps", "secondsPerStep")
 }
 OPERATOR_CLIENT_PHASES: frozenset[str] = frozenset({"Offline"})
 """The phases the operator may write (the exception above)."""
