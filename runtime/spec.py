@@ -144,6 +144,40 @@ class PrivacySpec(_Model):
         return self
 
 
+class CompressionSpec(_Model):
+    """How clients compress their updates before upload (top-k, quantization, lossless
+    framing); the coordinator decodes each tensor as it folds it in."""
+
+    top_k: float | None = Field(
+        None, gt=0, lt=1,
+        description="Fraction of each tensor's entries sent (largest magnitude); unset: all.",
+    )
+    quantize_bits: Literal[32, 16, 8, 4, 2] = Field(
+        32, description="Bits per value: 32 sends float32; 16/8/4/2 quantize with "
+        "stochastic rounding and a per-block scale (unbiased).",
+    )
+    error_feedback: bool = Field(
+        False, description="Keep on the device what was not sent and add it next round "
+        "(needs topK or quantizeBits below 32).",
+    )
+    lossless: Literal["none", "zstd", "lz4"] = Field(
+        "none", description="Lossless framing of the encoded bytes.",
+    )
+
+    @model_validator(mode="after")
+    def _sensible(self) -> CompressionSpec:
+        lossy = self.top_k is not None or self.quantize_bits < 32
+        if self.error_feedback and not lossy:
+            raise ValueError(
+                "errorFeedback needs topK or quantizeBits below 32: without a lossy "
+                "step nothing is left over to feed back")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k is not None or self.quantize_bits < 32 or self.lossless != "none"
+
+
 class ResourceRequirements(_Model):
     """Kubernetes container resources, as in a Pod spec."""
 
@@ -285,6 +319,7 @@ class FederatedJobSpec(_Model):
     optimizer: Literal["sgd", "adam"] = "sgd"
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
     client_selector: dict[str, str] | None = Field(
         None, description="Only clients whose labels match all of these take part."
     )

@@ -10,9 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fedkube.runtime.compression import (
     CompressionConfig,
     DecodedUpdate,
@@ -24,6 +21,8 @@ from fedkube.runtime.compression import (
     parse,
 )
 from fedkube.runtime.compression.codec import raw_size
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 FAST = settings(max_examples=30, deadline=None)
 

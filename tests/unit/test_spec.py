@@ -43,6 +43,10 @@ def test_defaults_and_camel_case_round_trip() -> None:
     ({"privacy": {"mode": "local", "targetEpsilon": 1, "delta": 1.5}},
      "spec.privacy.delta: Input should be less than 1"),
     ({"coordinator": {"port": 70000}}, "spec.coordinator.port"),
+    ({"compression": {"errorFeedback": True, "lossless": "zstd"}},
+     "spec.compression: errorFeedback needs topK or quantizeBits below 32"),
+    ({"compression": {"quantizeBits": 12}}, "spec.compression.quantizeBits"),
+    ({"compression": {"topK": 1.0}}, "spec.compression.topK: Input should be less than 1"),
 ])
 def test_bad_specs_name_the_field_and_the_reason(spec, message) -> None:
     with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
