@@ -33,6 +33,16 @@ class PrivacyPlan:
 
 
 @dataclass(frozen=True)
+class CompressionPlan:
+    """How the client encodes its update (spec.compression as the client applies it)."""
+
+    top_k: float | None = None
+    quantize_bits: int = 32
+    error_feedback: bool = False
+    lossless: str = "none"
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     round: int
     model_version: int
@@ -46,6 +56,7 @@ class TrainPlan:
     client_parameters: Mapping[str, float]
     # The fault drill of spec.simulation.dropout: simulated clients skip a round at this rate.
     dropout: float = 0.0
+    compression: CompressionPlan = CompressionPlan()
 
     @property
     def proximal_mu(self) -> float:
@@ -71,4 +82,8 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
         deadline_unix=now + spec.round_timeout_seconds,
         client_parameters=dict(client_parameters),
         dropout=spec.simulation.dropout,
+        compression=CompressionPlan(
+            top_k=spec.compression.top_k, quantize_bits=spec.compression.quantize_bits,
+            error_feedback=spec.compression.error_feedback,
+            lossless=spec.compression.lossless),
     )

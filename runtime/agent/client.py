@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -20,6 +21,7 @@ from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..training import TrainingDiverged, pick_device
 from ..wire import convert
+from .compressor import config_of
 from .facts import device_facts
 from .trainer import LocalTrainer, Refusal
 
@@ -58,6 +60,17 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     max_backoff: float = 10.0
     give_up_after: float | None = None  # seconds without a coordinator; None: never
+    network: LinkLimits | None = None  # simulated link (spec.simulation.network)
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """A simulated client's link: bandwidth each way (bits/s, None: unlimited) and the
+    one-way latency added to every transfer."""
+
+    uplink_bits_per_second: float | None = None
+    downlink_bits_per_second: float | None = None
+    latency_seconds: float = 0.0
 
 
 class JobEnded(Exception):
@@ -86,6 +99,7 @@ class Agent:
         # restarted with the same id proves it is the same node (and keeps its budget).
         self.session = self._saved_session()
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
+        self.uplink_bytes_per_second = 0.0  # measured on the last upload
 
     def _session_file(self) -> Path:
         return self.config.state_dir / "sessions" / f"{self.node_id}.session"
@@ -207,6 +221,7 @@ class Agent:
 
     async def _handle(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
         assert self.trainer is not None
+        loop = asyncio.get_running_loop()
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
             return
@@ -216,11 +231,16 @@ class Agent:
             return
         self.state = "training"
         try:
-            global_weights = wire.from_chunks(
-                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+            network = self.config.network
+            downlink = _Link(network.downlink_bits_per_second if network else None,
+                             network.latency_seconds if network else 0.0)
+            chunks = []
+            async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
-                    metadata=self._metadata())],
-                self.trainer.schema)
+                    metadata=self._metadata()):
+                await downlink.pace(chunk.ByteSize())
+                chunks.append(chunk)
+            global_weights = dict(wire.from_chunks(chunks, self.trainer.schema))
             try:
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
             except TrainingDiverged as error:
@@ -230,12 +250,21 @@ class Agent:
                     epsilon=self.trainer.epsilon_spent(), delta=0.0))
                 return
             self.state = "uploading"
+            compressed = await asyncio.to_thread(
+                self.trainer.compressor.compress, result.delta_weights, plan.compression)
             header = UpdateHeader(
                 node_id=self.node_id, round=plan.round, model_version=plan.model_version,
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
-                epsilon_spent=result.epsilon, delta=result.delta)
-            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights),
-                                            metadata=self._metadata())
+                epsilon_spent=result.epsilon, delta=result.delta,
+                compression=config_of(plan.compression).describe(),
+                uplink_bytes_per_second=self.uplink_bytes_per_second)
+            started = loop.time()
+            reply = await stub.SubmitUpdate(
+                _update_stream(header, compressed.parts, self.config.network),
+                metadata=self._metadata())
+            seconds = loop.time() - started
+            if seconds > 0:
+                self.uplink_bytes_per_second = compressed.sent_bytes / seconds
             self._contact()
             log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
                      result.metrics.get("loss", float("nan")))
@@ -266,10 +295,41 @@ class Agent:
                 raise
 
 
-async def _update_stream(header: UpdateHeader, weights: dict) -> AsyncIterator[pb.UpdateChunk]:
+async def _update_stream(header: UpdateHeader, parts: Mapping[str, Any],
+                         network: LinkLimits | None = None) -> AsyncIterator[pb.UpdateChunk]:
     yield pb.UpdateChunk(header=convert.header_to_pb(header))
-    for part in wire.to_update_chunks(weights, model_version=header.model_version):
+    link = _Link(network.uplink_bits_per_second if network else None,
+                 network.latency_seconds if network else 0.0)
+    for part in wire.to_compressed_update_chunks(parts, model_version=header.model_version,
+                                                 chunk_bytes=link.chunk_bytes):
+        await link.pace(part.tensor.ByteSize())
         yield part
+
+
+class _Link:
+    """A simulated link (spec.simulation.network): a message of n bytes may leave only
+    once the link would have carried everything before it, at the link's rate after its
+    latency; chunks are made small enough for the pacing to be smooth."""
+
+    def __init__(self, bits_per_second: float | None, latency: float) -> None:
+        self.rate = bits_per_second / 8 if bits_per_second else None
+        self.latency = latency
+        self.chunk_bytes = (wire.CHUNK_BYTES if self.rate is None
+                            else max(16 << 10, min(wire.CHUNK_BYTES, int(self.rate / 10))))
+        self.started: float | None = None
+        self.sent = 0
+
+    async def pace(self, nbytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self.started is None:
+            self.started = loop.time()
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+        if self.rate is not None:
+            due = self.started + self.latency + self.sent / self.rate
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+        self.sent += nbytes
 
 
 def run_agents(configs: list[AgentConfig]) -> int:

@@ -22,6 +22,7 @@ from ..messages import JobIdentity
 from ..models import build_model
 from ..plan import PrivacyPlan, TrainPlan
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
+from .compressor import ResidualStore, UpdateCompressor
 from .device import TrainingDevice
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ class LocalTrainer:
         self.rng = random.Random(seed)
         self.rounds_trained = 0
         self.privacy: LocalPrivacy | None = None
+        self.compressor = UpdateCompressor(
+            ResidualStore(state_dir / "compression" / node_id), job.job_name)
 
     @property
     def num_samples(self) -> int:

@@ -98,10 +98,17 @@ def check_finite(layout: Layout, update: Mapping[str, Tensor], *, what: str = "u
     except when finite terms overflow, so only a non-finite sum is confirmed element by
     element (and a rare overflow false alarm costs one more pass, never a rejection).
     """
-    floating = [update[meta.name] for meta in layout if update[meta.name].is_floating_point()]
-    if not floating:
+    # Tensor by tensor, keeping only each sum: an update that decodes its tensors when
+    # read (a compressed one) never has two of them decoded at once.
+    partial = []
+    for meta in layout:
+        tensor = update[meta.name]
+        if tensor.is_floating_point():
+            partial.append(tensor.detach().sum().to(torch.float32))
+        del tensor
+    if not partial:
         return
-    sums = torch.stack([tensor.detach().sum().to(torch.float32) for tensor in floating])
+    sums = torch.stack(partial)
     if bool(torch.isfinite(sums).all()):
         return
     for meta in layout:

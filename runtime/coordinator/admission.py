@@ -52,7 +52,7 @@ class RegistrationGate:
 class Bounded:
     """An update as admitted: possibly clipped, weighed by a possibly capped count."""
 
-    delta: dict[str, torch.Tensor]
+    delta: Mapping[str, torch.Tensor]  # may decode each tensor when read: do not dict() it
     weight: int
     norm: float  # of the update as sent
     limit: float | None  # the bound it was held to
@@ -98,7 +98,7 @@ class UpdateBounds:
             delta, clipped = clip_to_norm(delta, norm=norm, limit=limit), True
         if weight < claimed:
             log.warning("node %s claimed %d examples, weighed as %d", node_id, claimed, weight)
-        return Bounded(delta=dict(delta), weight=weight, norm=norm, limit=limit,
+        return Bounded(delta=delta, weight=weight, norm=norm, limit=limit,
                        clipped=clipped, capped=weight < claimed)
 
     def record(self, bounded: Bounded) -> None:

@@ -17,7 +17,7 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import PrivacyPlan, TrainPlan
+from ..plan import CompressionPlan, PrivacyPlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..spec import DataSpec
 
@@ -105,7 +105,18 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
             noise_multiplier=privacy.noise_multiplier or 0.0, accountant=privacy.accountant,
             planned_rounds=privacy.planned_rounds),
         deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
-        dropout=plan.dropout)
+        dropout=plan.dropout, compression=compression_to_pb(plan.compression))
+
+
+def compression_to_pb(plan: CompressionPlan) -> pb.CompressionPlan:
+    return pb.CompressionPlan(top_k=plan.top_k or 0.0, quantize_bits=plan.quantize_bits,
+                              error_feedback=plan.error_feedback, lossless=plan.lossless)
+
+
+def compression_from_pb(message: pb.CompressionPlan) -> CompressionPlan:
+    return CompressionPlan(top_k=message.top_k or None, quantize_bits=message.quantize_bits or 32,
+                           error_feedback=message.error_feedback,
+                           lossless=message.lossless or "none")
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
@@ -121,7 +132,8 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
             noise_multiplier=privacy.noise_multiplier or None,
             accountant=privacy.accountant or "rdp", planned_rounds=privacy.planned_rounds),
         deadline_unix=message.deadline_unix,
-        client_parameters=dict(message.client_parameters), dropout=message.dropout)
+        client_parameters=dict(message.client_parameters), dropout=message.dropout,
+        compression=compression_from_pb(message.compression))
 
 
 def task_to_pb(task: Task) -> pb.Task:
@@ -149,7 +161,9 @@ def header_to_pb(header: UpdateHeader) -> pb.UpdateHeader:
         node_id=header.node_id, round=header.round, model_version=header.model_version,
         num_samples=header.num_samples, metrics=dict(header.metrics),
         epsilon_spent=header.epsilon_spent, delta=header.delta,
-        payload=header.payload.value, refusal_reason=header.refusal_reason)
+        payload=header.payload.value, refusal_reason=header.refusal_reason,
+        compression=header.compression,
+        uplink_bytes_per_second=header.uplink_bytes_per_second)
 
 
 def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
@@ -163,4 +177,5 @@ def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
         node_id=message.node_id, round=message.round, model_version=message.model_version,
         payload=payload, num_samples=message.num_samples, metrics=dict(message.metrics),
         epsilon_spent=message.epsilon_spent, delta=message.delta,
-        refusal_reason=message.refusal_reason)
+        refusal_reason=message.refusal_reason, compression=message.compression,
+        uplink_bytes_per_second=message.uplink_bytes_per_second)
