@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from fedkube.runtime import wire
-from fedkube.runtime.compression import CompressionConfig, DecodedUpdate, compress_update, decode_update
+from fedkube.runtime.compression import (
+    CompressionConfig,
+    DecodedUpdate,
+    compress_update,
+    decode_update,
+)
 from fedkube.runtime.messages import RejectReason
 
 
