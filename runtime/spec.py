@@ -515,6 +515,10 @@ class FederatedJobStatus(_Model):
     )
     bytes_up: int = 0
     bytes_down: int = 0
+    compression_ratio: float | None = Field(
+        None, ge=0, description="Last round's upload bytes as a fraction of raw float32 "
+        "updates (1: uncompressed).",
+    )
     endpoint: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
@@ -558,6 +562,7 @@ STATUS_FIELD_OWNERS: dict[str, Writer] = {
     "clientsSummary": Writer.coordinator,
     "bytesUp": Writer.coordinator,
     "bytesDown": Writer.coordinator,
+    "compressionRatio": Writer.coordinator,
     "completionTime": Writer.coordinator,
     "message": Writer.coordinator,
     "modelRef": Writer.coordinator,
@@ -700,6 +705,10 @@ class ClientNodeStatus(_Model):
         None, ge=0, le=1, description="Training accuracy it reported last round."
     )
     bytes_up: int = Field(0, ge=0, description="Update bytes accepted from it in this job.")
+    compression: str | None = Field(
+        None, description="Compression it applied to its last update (e.g. top1%+q8, fp32).")
+    uplink_bytes_per_second: float | None = Field(
+        None, ge=0, description="Upload throughput it measured on its last update.")
     rejections: dict[str, int] = Field(
         default_factory=dict,
         description="Requests of this node the coordinator refused, by reason label "

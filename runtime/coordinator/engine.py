@@ -73,6 +73,7 @@ from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .status import StatusSink
 from .strategy import aggregation_config
+from .traffic import traffic
 from .uploads import UploadGuard
 
 if TYPE_CHECKING:
@@ -335,7 +336,9 @@ class RoundEngine:
         client.epsilon = max(client.epsilon, header.epsilon_spent)
         client.delta = header.delta if header.epsilon_spent else client.delta
         client.update_arrived(nbytes=nbytes, seconds=time.monotonic() - open_round.started,
-                              metrics=header.metrics)
+                              metrics=header.metrics, compression=header.compression,
+                              uplink_bytes_per_second=header.uplink_bytes_per_second)
+        open_round.bytes_up += nbytes
         self.status.bytes_up += nbytes
         self.events.publish(UpdateAccepted(header.node_id, nbytes))
 
@@ -476,7 +479,8 @@ class RoundEngine:
             clients_dropped=result.dropped, set_aside=len(result.aggregate.set_aside),
             seconds=round(time.monotonic() - opened.started, 4),
             epsilon=epsilon, bytes_up=self.status.bytes_up, bytes_down=self.status.bytes_down,
-            train_loss=result.train_loss, model_version=self.version)
+            train_loss=result.train_loss, model_version=self.version,
+            **traffic(opened, self.history, self.status.bytes_down, self.model_bytes))
         self.history.append(record)
         verdict = self.policy.after_round(record.round, record.accuracy)
         self.book.after_round(record, best_accuracy=self.policy.best_accuracy, spec=self.spec)
