@@ -111,6 +111,15 @@ def agent_command(*, port: int, indexes: list[int], state_dir: Path) -> list[str
     return command
 
 
+def network_args(job: FederatedJob) -> list[str]:
+    """The agent flags that carry spec.simulation.network (each agent draws its link)."""
+    network = job.spec.simulation.network
+    if network is None:
+        return []
+    return ["--simulated-network", network.model_dump_json(by_alias=True),
+            "--simulated-seed", str(job.spec.seed)]
+
+
 def agent_groups(clients: int, processes: int) -> list[list[int]]:
     """Simulated client indexes spread over `processes` OS processes, round-robin."""
     count = max(1, min(clients, processes))
@@ -298,7 +307,8 @@ async def _serve_with_agents(engine: RoundEngine, options: RunOptions, clients: 
             agents = AgentProcesses(clients, port=bound.result(), output=options.output,
                                     threads=options.agent_threads,
                                     processes=options.agent_processes,
-                                    extra_args=options.extra_agent_args)
+                                    extra_args=(*options.extra_agent_args,
+                                                *network_args(engine.job)))
             warming = asyncio.ensure_future(asyncio.to_thread(_warm_plotting))
             await asyncio.wait({ended, stopping, server}, return_when=asyncio.FIRST_COMPLETED)
         clock.job_ended = time.monotonic()

@@ -40,6 +40,8 @@ class CompressionPlan:
     quantize_bits: int = 32
     error_feedback: bool = False
     lossless: str = "none"
+    # Adaptive: the client picks between fp32 and the setting above to meet this target.
+    target_upload_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,5 +87,7 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
         compression=CompressionPlan(
             top_k=spec.compression.top_k, quantize_bits=spec.compression.quantize_bits,
             error_feedback=spec.compression.error_feedback,
-            lossless=spec.compression.lossless),
+            lossless=spec.compression.lossless,
+            target_upload_seconds=(spec.compression.adaptive.target_upload_seconds
+                                   if spec.compression.adaptive else None)),
     )

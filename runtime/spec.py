@@ -144,6 +144,15 @@ class PrivacySpec(_Model):
         return self
 
 
+class AdaptiveCompressionSpec(_Model):
+    """Compression adaptive to each client's link."""
+
+    target_upload_seconds: float = Field(
+        gt=0, description="Each client picks the finest setting whose upload, at the "
+        "throughput it measured last time, takes at most this long.",
+    )
+
+
 class CompressionSpec(_Model):
     """How clients compress their updates before upload (top-k, quantization, lossless
     framing); the coordinator decodes each tensor as it folds it in."""
@@ -163,6 +172,10 @@ class CompressionSpec(_Model):
     lossless: Literal["none", "zstd", "lz4"] = Field(
         "none", description="Lossless framing of the encoded bytes.",
     )
+    adaptive: AdaptiveCompressionSpec | None = Field(
+        None, description="Let each client pick its setting for its link, between fp32 and "
+        "the topK/quantizeBits above (the coarsest allowed).",
+    )
 
     @model_validator(mode="after")
     def _sensible(self) -> CompressionSpec:
@@ -171,6 +184,10 @@ class CompressionSpec(_Model):
             raise ValueError(
                 "errorFeedback needs topK or quantizeBits below 32: without a lossy "
                 "step nothing is left over to feed back")
+        if self.adaptive is not None and not lossy:
+            raise ValueError(
+                "adaptive needs topK or quantizeBits below 32: they bound the coarsest "
+                "setting a client may pick, and fp32 leaves nothing to choose from")
         return self
 
     @property
@@ -185,6 +202,20 @@ class ResourceRequirements(_Model):
     limits: dict[str, str] | None = None
 
 
+class NetworkSpec(_Model):
+    """The link of each simulated client, enforced in its transport under `fedkube run`:
+    what compression buys in wall time."""
+
+    uplink_mbps: float | None = Field(
+        None, gt=0, description="Upload bandwidth in Mbit/s (unset: unlimited).")
+    downlink_mbps: float | None = Field(
+        None, gt=0, description="Download bandwidth in Mbit/s (unset: unlimited).")
+    latency_ms: float = Field(0.0, ge=0, le=60_000, description="One-way latency per transfer.")
+    spread: float = Field(
+        0.0, ge=0, le=3, description="Clients differ: each one's bandwidths are the ones above "
+        "times exp(N(0, spread)), drawn from the job's seed and the client's index (0: all alike).")
+
+
 class SimulationSpec(_Model):
     """Simulated clients: local processes under `fedkube run`, agent pods in a cluster."""
 
@@ -197,6 +228,8 @@ class SimulationSpec(_Model):
         None, description="Container resources of each agent pod; the operator's default "
         "if unset. Ignored by `fedkube run`.",
     )
+    network: NetworkSpec | None = Field(
+        None, description="Simulated links of the clients (fedkube run only).")
 
 
 class ConvergenceSpec(_Model):

@@ -21,7 +21,6 @@ from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..training import TrainingDiverged, pick_device
 from ..wire import convert
-from .compressor import config_of
 from .facts import device_facts
 from .trainer import LocalTrainer, Refusal
 
@@ -250,13 +249,16 @@ class Agent:
                     epsilon=self.trainer.epsilon_spent(), delta=0.0))
                 return
             self.state = "uploading"
-            compressed = await asyncio.to_thread(
-                self.trainer.compressor.compress, result.delta_weights, plan.compression)
+            compressor = self.trainer.compressor
+            setting = compressor.setting(result.delta_weights, plan.compression,
+                                         bytes_per_second=self.uplink_bytes_per_second)
+            compressed = await asyncio.to_thread(compressor.compress, result.delta_weights,
+                                                 setting)
             header = UpdateHeader(
                 node_id=self.node_id, round=plan.round, model_version=plan.model_version,
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
                 epsilon_spent=result.epsilon, delta=result.delta,
-                compression=config_of(plan.compression).describe(),
+                compression=setting.describe(),
                 uplink_bytes_per_second=self.uplink_bytes_per_second)
             started = loop.time()
             reply = await stub.SubmitUpdate(

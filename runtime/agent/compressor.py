@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..compression import CompressedUpdate, CompressionConfig, compress_update
+from ..compression.adaptive import choose
 from ..plan import CompressionPlan
 
 log = logging.getLogger("fedkube.agent")
@@ -97,9 +98,18 @@ class UpdateCompressor:
             self._residual, self._loaded = self.store.load(self.job), True
         return self._residual
 
-    def compress(self, update: Mapping[str, torch.Tensor], plan: CompressionPlan
-                 ) -> CompressedUpdate:
+    def setting(self, update: Mapping[str, torch.Tensor], plan: CompressionPlan, *,
+                bytes_per_second: float) -> CompressionConfig:
+        """The plan's setting, or under adaptive compression the one for this link."""
         config = config_of(plan)
+        if plan.target_upload_seconds is None:
+            return config
+        sizes = [t.numel() for t in update.values() if t.dtype == torch.float32]
+        return choose(config, sizes=sizes, bytes_per_second=bytes_per_second,
+                      target_seconds=plan.target_upload_seconds)
+
+    def compress(self, update: Mapping[str, torch.Tensor], config: CompressionConfig
+                 ) -> CompressedUpdate:
         residual = self.residual() if config.error_feedback else None
         if residual is not None and any(
                 name in update and residual[name].shape != update[name].shape

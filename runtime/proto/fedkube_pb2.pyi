@@ -157,16 +157,18 @@ class TrainPlan(_message.Message):
     def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ...) -> None: ...
 
 class CompressionPlan(_message.Message):
-    __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless")
+    __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless", "target_upload_seconds")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_UPLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     top_k: float
     quantize_bits: int
     error_feedback: bool
     lossless: str
-    def __init__(self, top_k: _Optional[float] = ..., quantize_bits: _Optional[int] = ..., error_feedback: bool = ..., lossless: _Optional[str] = ...) -> None: ...
+    target_upload_seconds: float
+    def __init__(self, top_k: _Optional[float] = ..., quantize_bits: _Optional[int] = ..., error_feedback: bool = ..., lossless: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "plan", "reason")

@@ -110,13 +110,15 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
 
 def compression_to_pb(plan: CompressionPlan) -> pb.CompressionPlan:
     return pb.CompressionPlan(top_k=plan.top_k or 0.0, quantize_bits=plan.quantize_bits,
-                              error_feedback=plan.error_feedback, lossless=plan.lossless)
+                              error_feedback=plan.error_feedback, lossless=plan.lossless,
+                              target_upload_seconds=plan.target_upload_seconds or 0.0)
 
 
 def compression_from_pb(message: pb.CompressionPlan) -> CompressionPlan:
     return CompressionPlan(top_k=message.top_k or None, quantize_bits=message.quantize_bits or 32,
                            error_feedback=message.error_feedback,
-                           lossless=message.lossless or "none")
+                           lossless=message.lossless or "none",
+                           target_upload_seconds=message.target_upload_seconds or None)
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:

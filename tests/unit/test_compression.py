@@ -202,3 +202,26 @@ def test_config_refuses_nonsense():
     with pytest.raises(ValueError, match="bits"):
         CompressionConfig(bits=12)
     assert CompressionConfig(top_k=0.01, bits=8, lossless="zstd").describe() == "top1%+q8+zstd"
+
+
+def test_adaptive_picks_the_finest_setting_that_meets_the_target():
+    from fedkube.runtime.compression.adaptive import choose, estimated_bytes, ladder
+
+    coarsest = CompressionConfig(top_k=0.01, bits=8, error_feedback=True)
+    steps = ladder(coarsest)
+    assert steps[0].describe() == "fp32" and steps[-1] == coarsest
+    sizes = [100_000, 100]
+    sent = [estimated_bytes(s, sizes) for s in steps]
+    assert sent == sorted(sent, reverse=True) and len(set(sent)) == len(sent)
+    assert sent[0] == 4 * sum(sizes)
+    # Encoded for real, the estimate holds (before lossless framing).
+    update = {"w": torch.randn(100_000), "b": torch.randn(100)}
+    for step in steps:
+        assert compress_update(update, step).sent_bytes <= estimated_bytes(step, sizes)
+    fast = choose(coarsest, sizes=sizes, bytes_per_second=1e9, target_seconds=1)
+    assert fast.describe() == "fp32" and fast.error_feedback
+    # 10 kB/s for 5 s: 50 kB; q8 dense is 100 kB + scales, top-10% at q8 is 50 kB + scales.
+    middle = choose(coarsest, sizes=sizes, bytes_per_second=10_000, target_seconds=5)
+    assert middle.top_k == 0.05 and middle.bits == 8
+    assert choose(coarsest, sizes=sizes, bytes_per_second=1, target_seconds=1) == coarsest
+    assert choose(coarsest, sizes=sizes, bytes_per_second=0.0, target_seconds=1) == coarsest
