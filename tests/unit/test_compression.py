@@ -225,3 +225,17 @@ def test_adaptive_picks_the_finest_setting_that_meets_the_target():
     assert middle.top_k == 0.05 and middle.bits == 8
     assert choose(coarsest, sizes=sizes, bytes_per_second=1, target_seconds=1) == coarsest
     assert choose(coarsest, sizes=sizes, bytes_per_second=0.0, target_seconds=1) == coarsest
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.01, 1e-5])
+def test_top_k_of_a_large_tensor_is_exact(fraction):
+    from fedkube.runtime.compression.codec import top_k_indices
+
+    torch.manual_seed(4)
+    x = torch.randn(300_000)
+    x[::7] = 0.5  # many ties around the threshold
+    got = top_k_indices(x, fraction)
+    k = max(1, math.ceil(fraction * x.numel()))
+    assert got.numel() == k and bool((got[1:] > got[:-1]).all())
+    expected = torch.topk(x.abs(), k).values
+    torch.testing.assert_close(torch.sort(x.abs()[got]).values, torch.sort(expected).values)
