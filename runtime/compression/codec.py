@@ -297,11 +297,16 @@ def encode(tensor: torch.Tensor, config: CompressionConfig, *,
 
 @dataclass(frozen=True)
 class Parsed:
-    """An encoded tensor's parts, checked: what `decode` and the decoding fold read."""
+    """An encoded tensor's parts, checked, as views of its unframed payload (no decoded
+    copy is kept: `densify` decodes it whenever it is read)."""
 
     shape: tuple[int, ...]
     indices: np.ndarray | None  # int32, strictly increasing, in range
-    values: torch.Tensor  # float32, `count` entries, finite
+    values: np.ndarray | None  # float32 values (bits 32), finite
+    quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # lows, steps, packed codes
+    count: int
+    bits: int
+    block: int
 
     @property
     def numel(self) -> int:
@@ -340,6 +345,7 @@ def parse(encoded: EncodedTensor) -> Parsed:
             raise EncodingError(f"sparse indices out of range [0, {numel})")
         if count > 1 and not bool((np.diff(indices) > 0).all()):
             raise EncodingError("sparse indices are not strictly increasing (or out of range)")
+    values = quantized = None
     if encoded.bits < 32:
         blocks = _blocks(count, encoded.block)
         lows = buffer[at:at + 4 * blocks].view("<f4")
@@ -349,13 +355,26 @@ def parse(encoded: EncodedTensor) -> Parsed:
             raise EncodingError("quantization scale is NaN or infinite")
         if (steps < 0).any():
             raise EncodingError("quantization scale is negative")
-        codes = _unpack(buffer[at:], encoded.bits, count)
-        values = dequantize(lows, steps, codes, count=count, block=encoded.block)
+        # Every decoded value lies between low and low + levels * step: finite if these are.
+        levels = np.float32((1 << encoded.bits) - 1)
+        with np.errstate(over="ignore"):
+            if not np.isfinite(lows + levels * steps).all():
+                raise EncodingError("quantization scale overflows float32 (NaN or Inf)")
+        quantized = (lows, steps, buffer[at:])
     else:
-        values = torch.from_numpy(buffer[at:].view("<f4").copy())
-    if count and not bool(torch.isfinite(values).all()):
-        raise EncodingError("values hold NaN or Inf")
-    return Parsed(shape=encoded.shape, indices=indices, values=values)
+        values = buffer[at:].view("<f4")
+        if count and not _finite(values):
+            raise EncodingError("values hold NaN or Inf")
+    return Parsed(shape=encoded.shape, indices=indices, values=values, quantized=quantized,
+                  count=count, bits=encoded.bits, block=encoded.block)
+
+
+def _finite(values: np.ndarray) -> bool:
+    """No NaN or Inf, in one pass: a finite sum proves it (only an overflow is rechecked)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(values.sum(dtype=np.float32)):
+            return True
+    return bool(np.isfinite(values).all())
 
 
 def decode(encoded: EncodedTensor) -> torch.Tensor:
@@ -364,8 +383,16 @@ def decode(encoded: EncodedTensor) -> torch.Tensor:
 
 
 def densify(parsed: Parsed) -> torch.Tensor:
+    """The dense float32 tensor of a parsed encoding, newly decoded."""
+    if parsed.quantized is not None:
+        lows, steps, packed = parsed.quantized
+        codes = _unpack(packed, parsed.bits, parsed.count)
+        values = dequantize(lows, steps, codes, count=parsed.count, block=parsed.block)
+    else:
+        assert parsed.values is not None
+        values = torch.from_numpy(parsed.values.copy())
     if parsed.indices is None:
-        return parsed.values.reshape(parsed.shape)
+        return values.reshape(parsed.shape)
     out = torch.zeros(parsed.numel, dtype=torch.float32)
-    out[torch.from_numpy(parsed.indices.astype(np.int64))] = parsed.values
+    out[torch.from_numpy(parsed.indices.astype(np.int64))] = values
     return out.reshape(parsed.shape)

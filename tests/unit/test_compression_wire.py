@@ -90,3 +90,51 @@ def test_encoded_non_float32_and_malformed_payloads_are_refused():
     with pytest.raises(wire.WireError, match="out of range") as error:
         assembler.finish()
     assert error.value.reason is RejectReason.MALFORMED
+
+
+class _Counting(DecodedUpdate):
+    """Counts the decoded tensors alive at once (each read decodes anew)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.alive: set[int] = set()
+        self.peak = 0
+        self.reads = 0
+
+    def __getitem__(self, name):
+        import weakref
+
+        tensor = super().__getitem__(name)
+        if tensor.dtype == torch.float32 and tensor.numel() > 100:
+            self.reads += 1
+            key = self.reads
+            self.alive.add(key)
+            weakref.finalize(tensor, self.alive.discard, key)
+            self.peak = max(self.peak, len(self.alive))
+        return tensor
+
+
+@pytest.mark.parametrize("config", [CompressionConfig(bits=8), CompressionConfig(top_k=0.1)])
+def test_the_fold_never_holds_the_whole_decoded_update(config):
+    from fedkube.runtime.aggregation import RoundAggregator
+    from fedkube.runtime.aggregation.bounds import update_norm
+    from fedkube.runtime.coordinator.strategy import aggregation_config
+    from fedkube.runtime.spec import StrategySpec
+
+    torch.manual_seed(1)
+    template = {f"w{i}": torch.zeros(50, 40) for i in range(4)}
+    update = {k: torch.randn_like(v) for k, v in template.items()}
+    out = compress_update(update, config)
+    view = _Counting(out.parts, {k: tuple(v.shape) for k, v in template.items()})
+    norm = update_norm(view)
+    aggregator = RoundAggregator(aggregation_config(StrategySpec()), template, max_buffered=0)
+    aggregator.add("n", view, 10)
+    mean = aggregator.finish().mean_delta
+    expected = decode_update(out.parts)
+    # A loop's next tensor is decoded while its last is still bound: two at most, never
+    # the whole update (four here).
+    assert view.peak <= 2 < len(template) and view.reads >= 2 * len(template)
+    assert norm == pytest.approx(float(torch.sqrt(sum((t.double() ** 2).sum()
+                                                      for t in expected.values()))))
+    for k in template:
+        torch.testing.assert_close(mean[k], expected[k])
