@@ -128,35 +128,48 @@ def quantize(values: torch.Tensor, *, bits: int, block: int, generator: np.rando
     levels = (1 << bits) - 1
     blocks = _blocks(count, block)
     flat = values.detach().reshape(-1).to(torch.float32)
-    padded = blocks * block
-    if padded != count:  # repeat the last entry: it changes no block's min or max
-        flat = torch.cat([flat, flat[-1:].expand(padded - count)])
-    grid = flat.view(blocks, block)
-    lows = grid.amin(dim=1)
-    steps = (grid.amax(dim=1) - lows) / levels
+    full = count // block
+    lows = torch.empty(blocks, dtype=torch.float32)
+    highs = torch.empty(blocks, dtype=torch.float32)
+    if full:
+        grid = flat[:full * block].view(full, block)
+        torch.amin(grid, dim=1, out=lows[:full])
+        torch.amax(grid, dim=1, out=highs[:full])
+    if full < blocks:  # the last, shorter block
+        lows[full], highs[full] = flat[full * block:].min(), flat[full * block:].max()
+    steps = (highs - lows) / levels
     inverse = torch.where(steps > 0, 1.0 / steps, torch.zeros_like(steps))
     # In place, one pass each: x / step - low / step + U[0, 1), truncated, is floor with
     # stochastic rounding (everything is >= 0); the clamp catches x == high with noise.
     rng = generator if generator is not None else np.random.default_rng()
-    scaled = torch.from_numpy(rng.random(padded, dtype=np.float32)).view(blocks, block)
-    scaled.addcmul_(grid, inverse[:, None]).sub_((lows * inverse)[:, None])
-    codes = scaled.clamp_(0, levels).reshape(-1)[:count]
+    scaled = torch.from_numpy(rng.random(count, dtype=np.float32))
+    offsets = lows * inverse
+    if full:
+        head = scaled[:full * block].view(full, block)
+        head.addcmul_(flat[:full * block].view(full, block), inverse[:full, None])
+        head.sub_(offsets[:full, None])
+    if full < blocks:
+        tail = scaled[full * block:]
+        tail.addcmul_(flat[full * block:], inverse[full]).sub_(offsets[full])
+    codes = scaled.clamp_(0, levels)
     dtype = torch.int32 if bits == 16 else torch.uint8
-    return (lows.numpy(), steps.numpy(),
-            _pack(codes.to(dtype).numpy(), bits))
+    return lows.numpy(), steps.numpy(), _pack(codes.to(dtype).numpy(), bits)
 
 
 def dequantize(lows: np.ndarray, steps: np.ndarray, codes: np.ndarray, *, count: int,
                block: int) -> torch.Tensor:
     """float32 values lows + codes * steps, blockwise (the inverse of `quantize`)."""
-    blocks = len(lows)
-    padded = blocks * block
-    out = torch.empty(padded, dtype=torch.float32)
-    out[:count] = torch.from_numpy(codes.astype(np.float32, copy=False))
-    out[count:] = 0
-    grid = out.view(blocks, block)
-    grid.mul_(torch.from_numpy(steps.copy())[:, None]).add_(torch.from_numpy(lows.copy())[:, None])
-    return out[:count]
+    out = torch.empty(count, dtype=torch.float32)
+    source = torch.from_numpy(codes.astype(np.int32) if codes.dtype != np.uint8 else codes)
+    out.copy_(source)  # the cast to float32 in the same pass
+    full = count // block
+    low, step = torch.from_numpy(lows), torch.from_numpy(steps)
+    if full:
+        head = out[:full * block].view(full, block)
+        head.mul_(step[:full, None]).add_(low[:full, None])
+    if full * block < count:
+        out[full * block:].mul_(step[full]).add_(low[full])
+    return out
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -256,9 +269,16 @@ def top_k_indices(values: torch.Tensor, fraction: float) -> torch.Tensor:
         candidates = (magnitude >= threshold).nonzero().squeeze(1)
         if candidates.numel() >= k:
             chosen = torch.topk(magnitude[candidates], k, sorted=False).indices
-            return torch.sort(candidates[chosen]).values
-    chosen = torch.topk(magnitude, k, sorted=False).indices
-    return torch.sort(chosen).values
+            return candidates[_in_order(chosen, candidates.numel())]
+    return _in_order(torch.topk(magnitude, k, sorted=False).indices, n)
+
+
+def _in_order(chosen: torch.Tensor, n: int) -> torch.Tensor:
+    """Distinct indices into range(n), increasing; through a mask, because torch.sort of
+    a few ten thousand integers takes a large part of a second on some CPUs."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[chosen] = True
+    return mask.nonzero().squeeze(1)
 
 
 _SAMPLED_TOP_K = 1 << 16  # tensors this large pick top-k through a sampled threshold
@@ -335,7 +355,8 @@ def parse(encoded: EncodedTensor) -> Parsed:
     expected = check_header(encoded)
     raw = unframe(encoded.payload, encoded.lossless, expected=expected)
     count, numel = encoded.count, encoded.numel
-    buffer = np.frombuffer(raw, dtype=np.uint8)
+    # A writable copy of the (compressed-sized) payload: torch reads its views in place.
+    buffer = np.frombuffer(bytearray(raw), dtype=np.uint8)
     at = 0
     indices = None
     if encoded.sparse:
