@@ -138,3 +138,35 @@ def test_the_fold_never_holds_the_whole_decoded_update(config):
                                                       for t in expected.values()))))
     for k in template:
         torch.testing.assert_close(mean[k], expected[k])
+
+
+def test_robust_rules_and_central_clipping_see_the_decoded_update():
+    from fedkube.runtime.aggregation import RoundAggregator
+    from fedkube.runtime.coordinator.strategy import aggregation_config
+    from fedkube.runtime.privacy.central import clip_update
+    from fedkube.runtime.spec import StrategySpec
+
+    torch.manual_seed(2)
+    template = {"w": torch.zeros(40, 10), "b": torch.zeros(10)}
+    updates = [{k: torch.randn_like(v) for k, v in template.items()} for _ in range(3)]
+    shapes = {k: tuple(v.shape) for k, v in template.items()}
+    parts = [compress_update(u, CompressionConfig(top_k=0.2, bits=8)).parts for u in updates]
+    decoded = [decode_update(p) for p in parts]
+
+    median = RoundAggregator(aggregation_config(StrategySpec(name="median")), template,
+                             max_buffered=3)
+    for i, p in enumerate(parts):
+        median.add(f"n{i}", DecodedUpdate(p, shapes), 10)
+    got = median.finish().mean_delta
+    for k in template:
+        torch.testing.assert_close(got[k], torch.stack([d[k] for d in decoded]).median(0).values)
+
+    clipped = RoundAggregator(aggregation_config(StrategySpec()), template, max_buffered=0,
+                              transform=lambda d: clip_update(d, max_norm=0.5),
+                              uniform_weights=True)
+    for i, p in enumerate(parts):
+        clipped.add(f"n{i}", DecodedUpdate(p, shapes), 10)
+    mean = clipped.finish().mean_delta
+    expected = [clip_update(d, max_norm=0.5) for d in decoded]
+    for k in template:
+        torch.testing.assert_close(mean[k], sum(e[k] for e in expected) / 3)
