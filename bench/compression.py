@@ -1,9 +1,9 @@
 """What compressed updates buy: the same job run side by side with each compression
 setting, in one run of this script, every client behind a simulated 10 Mbit/s uplink.
 
-Settings (spec.compression): fp32 (the baseline, uncompressed), 16-bit, 8-bit, 4-bit
-(stochastic rounding, per-block scale), top-k 10% + error feedback, top-k 1% + error
-feedback + 8-bit, lossless only (zstd), and top-k 1% + EF + 8-bit on top of local DP-SGD.
+Settings (spec.compression): fp32 (the baseline, uncompressed), 16-bit, 8-bit, 4-bit,
+2-bit (stochastic rounding, per-block scale), top-k 10% + error feedback, top-k 5% and 1%
++ error feedback + 8-bit, lossless only (zstd), and top-k 1% + EF + 8-bit on top of local DP-SGD.
 Each is a whole `run_job` (the code path of `fedkube run`: coordinator in this process,
 agents in OS processes over real gRPC on 127.0.0.1) with the same seed, data and model.
 
@@ -50,7 +50,9 @@ SETTINGS: list[tuple[str, dict[str, Any], bool]] = [
     ("16-bit", {"quantizeBits": 16}, False),
     ("8-bit", {"quantizeBits": 8}, False),
     ("4-bit", {"quantizeBits": 4}, False),
+    ("2-bit", {"quantizeBits": 2}, False),
     ("top-k 10% + EF", {"topK": 0.1, "errorFeedback": True}, False),
+    ("top-k 5% + EF + 8-bit", {"topK": 0.05, "quantizeBits": 8, "errorFeedback": True}, False),
     ("top-k 1% + EF + 8-bit", {"topK": 0.01, "quantizeBits": 8, "errorFeedback": True}, False),
     ("lossless zstd", {"lossless": "zstd"}, False),
     ("top-k 1% + EF + 8-bit, local DP",
