@@ -92,6 +92,18 @@ def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repea
     if not config.enabled:
         return None, None
     raw = sum(t.numel() * t.element_size() for t in delta.values()) / 1e6
+    # One torch thread, as agents run (RunOptions.agent_threads): on a busy two-core
+    # machine two threads spend most of a small tensor's time waiting for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed(config, delta, raw, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed(config: CompressionConfig, delta: dict[str, torch.Tensor], raw: float,
+           repeats: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     residual = {k: torch.zeros_like(v) for k, v in delta.items()} if config.error_feedback else None
     encode = decode = float("inf")
