@@ -132,7 +132,7 @@ def create_job(
         _write(memo, namespace, name, job_status.pending, writer=Writer.coordinator)
         _write(memo, namespace, name, lambda share: job_status.accept(
             share, endpoint=res.coordinator_endpoint(job, job_spec), generation=generation,
-            insecure=not coordinator.tls_secret and not coordinator.join_token_secret,
+            coordinator=coordinator,
             target_epsilon=job_spec.privacy.target_epsilon, now=now))
         if created:
             kopf.info(body, reason=Reason.CREATED, message=f"created {', '.join(created)}")

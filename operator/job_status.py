@@ -13,19 +13,64 @@ from __future__ import annotations
 from typing import Any
 
 from fedkube.runtime.kube.status import condition, set_condition
-from fedkube.runtime.spec import ConditionType, Phase, Reason, terminal_conditions
+from fedkube.runtime.spec import (
+    ConditionType,
+    CoordinatorSpec,
+    Phase,
+    Reason,
+    terminal_conditions,
+)
 
 from .resources import CoordinatorHealth
 
 Share = dict[str, Any]
-INSECURE_MESSAGE = ("neither spec.coordinator.tlsSecret nor joinTokenSecret is set: any pod "
-                    "that reaches the Service can join, read the model and send updates, and "
-                    "traffic is unencrypted; session credentials still keep a joined node "
-                    "from being impersonated")
+# Every configuration keeps these; the messages below say what each adds or lacks.
+_ALWAYS = ("Always: a joined node's id is no use to a caller without that node's session "
+           "credential, and updates pass the admission bounds.")
 
 
-def accept(share: Share, *, endpoint: str, generation: int | None, insecure: bool,
-           target_epsilon: float | None, now: str) -> None:
+def protection(coordinator: CoordinatorSpec) -> tuple[bool, str, str]:
+    """The Insecure condition for a coordinator's TLS, join token and client CA:
+    (insecure, reason, message saying exactly what is and is not protected)."""
+    tls, token, client_ca = (bool(coordinator.tls_secret), bool(coordinator.join_token_secret),
+                             bool(coordinator.client_ca_secret))
+    if tls and client_ca:
+        return False, Reason.MUTUAL_TLS, (
+            "Mutual TLS (spec.coordinator.tlsSecret, clientCaSecret"
+            + (", joinTokenSecret" if token else "") + "): traffic is encrypted, agents "
+            "verify the coordinator, and each node id is bound to its client certificate's "
+            "subject CN: no caller can register or act as a node without that node's "
+            "certificate and key. Not protected: a holder of any certificate from the client "
+            "CA joins under that certificate's id; the coordinator sees every update. "
+            + _ALWAYS)
+    if tls and token:
+        return False, Reason.TLS_AND_JOIN_TOKEN, (
+            "TLS and a join token (spec.coordinator.tlsSecret, joinTokenSecret): traffic is "
+            "encrypted, agents verify the coordinator, and only holders of the token can "
+            "join. Not protected: the token is shared, so any holder joins as a new node of "
+            "its choosing; node ids are not tied to device identities (set clientCaSecret "
+            "for mutual TLS); the coordinator sees every update. " + _ALWAYS)
+    if tls:
+        return True, Reason.NO_CLIENT_AUTHENTICATION, (
+            "TLS without a join token or client CA (spec.coordinator.joinTokenSecret, "
+            "clientCaSecret): traffic is encrypted and agents verify the coordinator, but any "
+            "pod that reaches the Service can join as a new node, read the model and send "
+            "updates. " + _ALWAYS)
+    if token:
+        return True, Reason.NO_TLS, (
+            "A join token without TLS (spec.coordinator.tlsSecret): only token holders can "
+            "join, but the token, session credentials, model and updates cross the network "
+            "in plaintext; anyone on the path can read or alter them, or steal the token or "
+            "a session and impersonate a node. " + _ALWAYS)
+    return True, Reason.NO_TLS_OR_TOKEN, (
+        "Neither TLS nor a join token (spec.coordinator.tlsSecret, joinTokenSecret): any pod "
+        "that reaches the Service can join, read the model and send updates, and all "
+        "traffic, session credentials included, is plaintext that anyone on the path can "
+        "read or alter. " + _ALWAYS)
+
+
+def accept(share: Share, *, endpoint: str, generation: int | None,
+           coordinator: CoordinatorSpec, target_epsilon: float | None, now: str) -> None:
     """The spec validated and the coordinator was created."""
     share["endpoint"] = endpoint
     if target_epsilon is not None:
@@ -36,9 +81,9 @@ def accept(share: Share, *, endpoint: str, generation: int | None, insecure: boo
     set_condition(share, type=ConditionType.SPEC_ACCEPTED, status="True", reason=Reason.CREATED,
                   message="spec validated; coordinator created", now=now,
                   observed_generation=generation)
-    if insecure:
-        set_condition(share, type=ConditionType.INSECURE, status="True",
-                      reason=Reason.NO_TLS_OR_TOKEN, message=INSECURE_MESSAGE, now=now)
+    insecure, reason, message = protection(coordinator)
+    set_condition(share, type=ConditionType.INSECURE, status="True" if insecure else "False",
+                  reason=reason, message=message, now=now)
 
 
 def reject(share: Share, *, message: str, generation: int | None, now: str) -> None:

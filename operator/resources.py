@@ -5,7 +5,8 @@ return, and the unit tests read them directly. The containers run the runtime's 
 points with the flags of its CLI contract:
 
     fedkube coordinator --job PATH --port N --kube --output DIR
-                        [--join-token-file F] [--tls-cert F --tls-key F] [--metrics-port N]
+                        [--join-token-file F] [--tls-cert F --tls-key F [--tls-client-ca F]]
+                        [--metrics-port N]
     fedkube agent --coordinator HOST:PORT --node-id ID --device cpu --simulated-index I
                   [--tls-ca F]    (join token from env FEDKUBE_JOIN_TOKEN)
 """
@@ -20,6 +21,7 @@ from fedkube.runtime.spec import (
     API_GROUP,
     API_GROUP_VERSION,
     FederatedJobSpec,
+    ManifestError,
     ResourceRequirements,
     mutable_field_paths,
     with_mutable_edits,
@@ -37,6 +39,7 @@ SPEC_KEY = "job.yaml"
 STATE_DIR = "/var/lib/fedkube"
 TOKEN_DIR = "/etc/fedkube-token"
 TLS_DIR = "/etc/fedkube-tls"
+CLIENT_CA_DIR = "/etc/fedkube-client-ca"
 
 # Children are named `<job>-coordinator`; a Service name is a DNS label (63 characters).
 MAX_JOB_NAME = 63 - len(f"-{COORDINATOR}")
@@ -137,13 +140,23 @@ def image_of(spec: FederatedJobSpec, settings: OperatorSettings) -> str:
 
 def with_operator_defaults(spec: FederatedJobSpec, settings: OperatorSettings) -> FederatedJobSpec:
     """The spec the job runs: the operator's cluster-wide defaults (TLS secret, join
-    token secret, coordinator and agent resources) fill in what the spec leaves unset."""
+    token secret, client CA, coordinator and agent resources) fill in what the spec leaves
+    unset. ManifestError when the result cannot run: mutual TLS without TLS, or with
+    simulated agent pods (they hold no client certificates)."""
     coordinator = spec.coordinator
     filled = coordinator.model_copy(update={
         "tls_secret": coordinator.tls_secret or settings.default_tls_secret,
         "join_token_secret": coordinator.join_token_secret or settings.default_join_token_secret,
+        "client_ca_secret": coordinator.client_ca_secret or settings.default_client_ca_secret,
         "resources": coordinator.resources or settings.default_coordinator_resources,
     })
+    if filled.client_ca_secret and not filled.tls_secret:
+        raise ManifestError("spec.coordinator.clientCaSecret: mutual TLS needs "
+                            "spec.coordinator.tlsSecret (the coordinator's own certificate)")
+    if filled.client_ca_secret and spec.simulation.clients:
+        raise ManifestError("spec.coordinator.clientCaSecret: simulated agent pods "
+                            "(spec.simulation.clients) have no client certificates and could "
+                            "not join; use real agents with --tls-cert/--tls-key")
     simulation = spec.simulation.model_copy(update={
         "resources": agent_resources(spec, settings)})
     return spec.model_copy(update={"coordinator": filled, "simulation": simulation})
@@ -199,6 +212,8 @@ def coordinator_command(spec: FederatedJobSpec, settings: OperatorSettings) -> l
         command += ["--join-token-file", f"{TOKEN_DIR}/token"]
     if spec.coordinator.tls_secret:
         command += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    if spec.coordinator.client_ca_secret:
+        command += ["--tls-client-ca", f"{CLIENT_CA_DIR}/ca.crt"]
     if settings.coordinator_metrics_port:
         command += ["--metrics-port", str(settings.coordinator_metrics_port)]
     return command
@@ -230,6 +245,13 @@ def _coordinator_volumes(job: JobRef, spec: FederatedJobSpec) -> tuple[list[Obj]
             "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
         }})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    if spec.coordinator.client_ca_secret:
+        # Only the CA certificate that signs the agents' client certificates.
+        volumes.append({"name": "client-ca", "secret": {
+            "secretName": spec.coordinator.client_ca_secret,
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        }})
+        mounts.append({"name": "client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True})
     return volumes, mounts
 
 

@@ -36,6 +36,7 @@ class OperatorSettings:
     # Cluster-wide defaults for jobs whose spec.coordinator leaves these unset.
     default_tls_secret: str | None = None
     default_join_token_secret: str | None = None
+    default_client_ca_secret: str | None = None  # mutual TLS (needs a TLS secret too)
     default_coordinator_resources: ResourceRequirements | None = None
     # Resources of agent pods (spec.simulation.clients) whose job sets none.
     default_agent_resources: ResourceRequirements = field(
@@ -61,7 +62,8 @@ class OperatorSettings:
         FEDKUBE_IMAGE, FEDKUBE_IMAGE_PULL_POLICY, FEDKUBE_IMAGE_PULL_SECRETS (comma-separated),
         FEDKUBE_OFFLINE_AFTER_SECONDS, FEDKUBE_HEALTH_INTERVAL_SECONDS,
         FEDKUBE_COORDINATOR_METRICS_PORT, FEDKUBE_COORDINATOR_TLS_SECRET,
-        FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET, FEDKUBE_COORDINATOR_RESOURCES (JSON),
+        FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET, FEDKUBE_COORDINATOR_CLIENT_CA_SECRET,
+        FEDKUBE_COORDINATOR_RESOURCES (JSON),
         FEDKUBE_AGENT_RESOURCES (JSON)."""
         env = os.environ if environ is None else environ
         defaults = cls()
@@ -80,6 +82,7 @@ class OperatorSettings:
                 if name.strip()),
             default_tls_secret=env.get("FEDKUBE_COORDINATOR_TLS_SECRET") or None,
             default_join_token_secret=env.get("FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET") or None,
+            default_client_ca_secret=env.get("FEDKUBE_COORDINATOR_CLIENT_CA_SECRET") or None,
             default_coordinator_resources=_resources_from(env, "FEDKUBE_COORDINATOR_RESOURCES"),
             default_agent_resources=agent_resources or defaults.default_agent_resources,
         )

@@ -26,11 +26,15 @@ import time
 from collections.abc import Coroutine
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from .logs import bind_process as bind_log_context
 from .logs import configure as configure_logs
 from .spec import ManifestError, load_job
 from .threads import Role, ThreadsError, apply_torch_threads
+
+if TYPE_CHECKING:  # the coordinator (torch, grpc) loads only for the commands that run it
+    from .coordinator.server import TlsFiles
 
 EXIT_BAD_INPUT = 2
 STARTED = time.monotonic()  # the command's wall time counts from here (before torch loads)
@@ -77,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _tune_process("local")
     job = with_clients(load_job(args.job), args.clients)
+    bind_log_context(job=job.metadata.name)
     output = Path(args.output or Path("runs") / job.metadata.name)
     existing = "resume" if args.resume else "fresh" if args.fresh else "refuse"
     options = RunOptions(output=output, quiet=args.quiet, existing=existing,
@@ -106,11 +111,12 @@ async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from .coordinator.engine import RoundEngine
     from .coordinator.report import RunReport
-    from .coordinator.server import TlsFiles, serve
+    from .coordinator.server import serve
     from .coordinator.status import FanOut, StatusSink
 
     _tune_process("coordinator")
     job = load_job(args.job)
+    bind_log_context(job=job.metadata.name)  # threads too (the Kubernetes writer's)
     output = Path(args.output) if args.output else None
     sinks: list[StatusSink] = []
     report = None
@@ -133,11 +139,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         metrics = CoordinatorMetrics()
         port = metrics.serve(args.metrics_port)
         logging.getLogger("fedkube.coordinator").info("metrics on :%d/metrics", port)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ManifestError("--tls-cert and --tls-key go together")
-        tls = TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key))
+    tls = _coordinator_tls(args)
     engine = RoundEngine(
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
@@ -168,6 +170,20 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0 if status.phase.value == "Succeeded" else 1
 
 
+def _coordinator_tls(args: argparse.Namespace) -> TlsFiles | None:
+    from .coordinator.server import TlsFiles
+
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ManifestError("--tls-cert and --tls-key go together")
+        return TlsFiles(cert=Path(args.tls_cert), key=Path(args.tls_key),
+                        client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None)
+    if args.tls_client_ca:
+        raise ManifestError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS "
+                            "plus client certificates)")
+    return None
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from .agent.client import AgentConfig, run_agents
 
@@ -182,7 +198,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "data_path": args.data,
         "state_dir": Path(args.state_dir).expanduser(),
         "join_token": _secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN"),
-        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
+        **_agent_tls(args),
         "labels": _labels(args.label),
         "give_up_after": args.give_up_after,
     }
@@ -201,6 +217,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
         for index in indexes
     ]
     return run_agents(configs)
+
+
+def _agent_tls(args: argparse.Namespace) -> dict[str, Path | None]:
+    """--tls-ca/--tls-cert/--tls-key, each defaulting to $FEDKUBE_TLS_CA/_CERT/_KEY."""
+    paths = {name: getattr(args, name) or os.environ.get(f"FEDKUBE_{name.upper()}") or None
+             for name in ("tls_ca", "tls_cert", "tls_key")}
+    if bool(paths["tls_cert"]) != bool(paths["tls_key"]):
+        raise ManifestError("--tls-cert and --tls-key (or $FEDKUBE_TLS_CERT and "
+                            "$FEDKUBE_TLS_KEY) go together")
+    return {name: Path(value).expanduser() if value else None for name, value in paths.items()}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -303,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--tls-cert", help="PEM certificate to serve TLS with (needs "
                              "--tls-key)")
     coordinator.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    coordinator.add_argument("--tls-client-ca", help="mutual TLS: require client "
+                             "certificates signed by this CA; a certificate's subject CN is "
+                             "the node id it may act as (needs --tls-cert)")
     coordinator.add_argument("--metrics-port", type=int,
                              help="serve Prometheus metrics on this port")
     coordinator.add_argument("--registration-timeout", type=_seconds, default=120.0,
@@ -329,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the privacy budget is kept between runs")
     agent.add_argument("--join-token-file", help="file with the job's join token "
                        "(default: $FEDKUBE_JOIN_TOKEN)")
-    agent.add_argument("--tls-ca", help="CA certificate to verify the coordinator")
+    agent.add_argument("--tls-ca", help="CA certificate to verify the coordinator "
+                       "(default: $FEDKUBE_TLS_CA)")
+    agent.add_argument("--tls-cert", help="mutual TLS: this node's client certificate, "
+                       "subject CN = the node id (default: $FEDKUBE_TLS_CERT; needs --tls-key)")
+    agent.add_argument("--tls-key", help="private key of --tls-cert (default: $FEDKUBE_TLS_KEY)")
     agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                        help="label this device for spec.clientSelector (repeatable)")
     agent.add_argument("--give-up-after", type=_seconds, metavar="SECONDS",

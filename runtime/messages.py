@@ -21,6 +21,7 @@ class RejectReason(enum.Enum):
 
     UNKNOWN_NODE = ("unknown_node", "NOT_FOUND")
     UNAUTHENTICATED = ("unauthenticated", "UNAUTHENTICATED")
+    WRONG_IDENTITY = ("wrong_identity", "PERMISSION_DENIED")  # mTLS: cert of another node
     INVALID_REGISTRATION = ("invalid_registration", "INVALID_ARGUMENT")
     WRONG_ROUND = ("wrong_round", "FAILED_PRECONDITION")
     WRONG_VERSION = ("wrong_version", "FAILED_PRECONDITION")
@@ -38,6 +39,11 @@ class RejectReason(enum.Enum):
     UPLOAD_BUSY = ("upload_busy", "RESOURCE_EXHAUSTED")
     UPLOAD_STALLED = ("upload_stalled", "DEADLINE_EXCEEDED")
     UPLOAD_IN_FLIGHT = ("upload_in_flight", "ALREADY_EXISTS")
+    # Secure aggregation: a protocol message in the wrong phase, forged, or naming what it
+    # must not; and a round whose secure sum could not be released.
+    SECAGG_PHASE = ("secagg_phase", "FAILED_PRECONDITION")
+    SECAGG_FORGED = ("secagg_forged", "INVALID_ARGUMENT")
+    SECAGG_FAILED = ("secagg_failed", "ABORTED")
 
     def __init__(self, label: str, code: str) -> None:
         self.label = label
@@ -144,6 +150,7 @@ class Task:
 class Payload(enum.Enum):
     DELTA = "delta"  # new minus global weights follow as tensor chunks
     REFUSAL = "refusal"  # no tensors: the agent declines the task
+    MASKED = "masked"  # secure aggregation: one int32 tensor "masked" follows
 
 
 @dataclass(frozen=True)

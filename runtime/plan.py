@@ -45,6 +45,17 @@ class CompressionPlan:
 
 
 @dataclass(frozen=True)
+class SecurePlan:
+    """Secure aggregation of this round: the update goes through the four SecAgg phases
+    instead of SubmitUpdate. Under central DP it becomes distributed noise: the client
+    clips its update to `clip_norm` and adds N(0, noise_std^2) per coordinate before
+    masking (0: neither)."""
+
+    clip_norm: float = 0.0
+    noise_std: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     round: int
     model_version: int
@@ -59,6 +70,7 @@ class TrainPlan:
     # The fault drill of spec.simulation.dropout: simulated clients skip a round at this rate.
     dropout: float = 0.0
     compression: CompressionPlan = CompressionPlan()
+    secure: SecurePlan | None = None
 
     @property
     def proximal_mu(self) -> float:
@@ -66,10 +78,18 @@ class TrainPlan:
 
 
 def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: float,
-             client_parameters: Mapping[str, float]) -> TrainPlan:
+             client_parameters: Mapping[str, float],
+             distributed_noise_std: float = 0.0) -> TrainPlan:
     """The plan of round `round` on global model `model_version`, dispatched at `now`
-    (unix seconds). `client_parameters` come from the strategy's registry entry."""
+    (unix seconds). `client_parameters` come from the strategy's registry entry;
+    `distributed_noise_std` is each client's share of central DP noise under secure
+    aggregation (the coordinator calibrates it)."""
     privacy = spec.privacy
+    secure = None
+    if spec.secure_aggregation.enabled:
+        secure = SecurePlan(
+            clip_norm=privacy.max_grad_norm if privacy.mode == "central" else 0.0,
+            noise_std=distributed_noise_std if privacy.mode == "central" else 0.0)
     return TrainPlan(
         round=round,
         model_version=model_version,
@@ -90,4 +110,5 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
             lossless=spec.compression.lossless,
             target_upload_seconds=(spec.compression.adaptive.target_upload_seconds
                                    if spec.compression.adaptive else None)),
+        secure=secure,
     )

@@ -195,6 +195,30 @@ class CompressionSpec(_Model):
         return self.top_k is not None or self.quantize_bits < 32 or self.lossless != "none"
 
 
+class SecureAggregationSpec(_Model):
+    """Secure aggregation (Bonawitz et al. 2017 with the SecAgg+ neighbour graph of Bell et
+    al. 2020): the coordinator learns only the sum of a round's updates, never one
+    device's, and recovers from clients that drop out in any phase."""
+
+    enabled: bool = Field(False, description="Mask every update; the coordinator unmasks "
+                          "only the round's sum.")
+    threshold: float = Field(
+        0.67, gt=0.5, le=1,
+        description="Share of a client's neighbours whose shares recover its secrets "
+        "(t of t-of-k): a round survives up to k - t dropouts per neighbourhood.",
+    )
+    neighbours: int | None = Field(
+        None, ge=2,
+        description="Neighbours each client masks with (k, rounded up to even); unset: "
+        "2*ceil(log2 n)+2, so cost grows with log n; n-1 or more: every pair.",
+    )
+    value_range: float = Field(
+        4.0, gt=0,
+        description="Each coordinate of an update is clipped to ±valueRange before its "
+        "fixed-point encoding in a 32-bit ring (resolution valueRange*n/2^31).",
+    )
+
+
 class ResourceRequirements(_Model):
     """Kubernetes container resources, as in a Pod spec."""
 
@@ -255,6 +279,12 @@ class CoordinatorSpec(_Model):
     )
     join_token_secret: str | None = Field(
         None, description="Secret with key `token`; agents must present it to register."
+    )
+    client_ca_secret: str | None = Field(
+        None, description="Secret with key `ca.crt`: mutual TLS. The coordinator requires "
+        "a client certificate signed by this CA, and a certificate's subject CN is the node "
+        "id it may register and act as. Needs tlsSecret; agents need their own certificates, "
+        "so in-cluster simulated agents (simulation.clients) cannot join.",
     )
     checkpoint_volume_claim: str | None = Field(
         None, description="PersistentVolumeClaim for checkpoints (emptyDir if unset)."
@@ -361,6 +391,7 @@ class FederatedJobSpec(_Model):
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
+    secure_aggregation: SecureAggregationSpec = Field(default_factory=SecureAggregationSpec)
     seed: int = Field(0, ge=0, description="Seed for partitioning, selection and init.")
 
     @model_validator(mode="after")
@@ -386,6 +417,7 @@ class FederatedJobSpec(_Model):
                 raise ValueError(
                     f"strategy.name {rule.name!r} cannot be combined with {setting}: {reason}"
                 )
+        _check_secure_aggregation(self)
         return self
 
     def clients_to_select(self, live: int) -> int:
@@ -398,11 +430,36 @@ class FederatedJobSpec(_Model):
 
 
 # The spec settings that switch on a feature some aggregation rule cannot work with; the
-# refusals and their reasons are the rules' own, in the aggregation catalog. Secure
-# aggregation and asynchronous rounds join here when their spec fields land.
+# refusals and their reasons are the rules' own, in the aggregation catalog. Asynchronous
+# rounds join here when their spec field lands.
 _FEATURES_IN_USE: tuple[tuple[Feature, str, Callable[[FederatedJobSpec], bool]], ...] = (
     (Feature.central_privacy, "privacy.mode central", lambda spec: spec.privacy.mode == "central"),
+    (Feature.secure_aggregation, "secureAggregation.enabled",
+     lambda spec: spec.secure_aggregation.enabled),
 )
+
+
+def _check_secure_aggregation(spec: FederatedJobSpec) -> None:
+    """Combinations secure aggregation refuses, each naming the fields (robust rules are
+    refused through the catalog above)."""
+    secure = spec.secure_aggregation
+    if not secure.enabled:
+        return
+    if spec.min_clients < 2:
+        raise ValueError("secureAggregation.enabled needs minClients >= 2: the sum of one "
+                         "update is that update")
+    most = spec.simulation.clients or spec.admission.max_clients
+    if secure.value_range * most >= 2**31:
+        raise ValueError(
+            f"secureAggregation.valueRange {secure.value_range} times {most} clients does not "
+            "fit the 32-bit ring: lower valueRange (or admission.maxClients)")
+    # The masks are dense, so top-k would need a sparsity pattern shared by every client
+    # (from a round seed); quantization would be the fixed-point step. Neither is wired
+    # into the secure path yet, so compression is refused rather than silently ignored.
+    if spec.compression.enabled:
+        raise ValueError(
+            "compression cannot be combined with secureAggregation.enabled: masked updates "
+            "travel as dense ring elements (unset compression.topK, quantizeBits, lossless)")
 
 
 # The fields a running job takes up when its spec is edited (Python names); every other
@@ -460,7 +517,9 @@ class ConditionType:
     BUDGET_EXHAUSTED = "BudgetExhausted"  # another round would exceed targetEpsilon
     COMPLETE = "Complete"  # terminal: the job succeeded (kubectl wait --for=condition=Complete)
     FAILED = "Failed"  # terminal: the job failed or was stopped before it finished
-    INSECURE = "Insecure"  # in-cluster without TLS or a join token
+    # True while the network can read the traffic or anyone can join (no TLS, or TLS with
+    # neither a join token nor a client CA); its message says what is and is not protected
+    INSECURE = "Insecure"
     SPEC_ACCEPTED = "SpecAccepted"  # the spec validated; False names the field and reason
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"  # an edit touched an immutable field
 
@@ -481,7 +540,11 @@ class Reason:
     BUDGET_EXHAUSTED = "BudgetExhausted"
     TOO_FEW_CLIENTS = "TooFewClients"  # a round closed below minClients, retries spent
     DEADLINE_EXCEEDED = "DeadlineExceeded"
-    NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"
+    NO_TLS_OR_TOKEN = "NoTLSOrJoinToken"  # Insecure: plaintext, and anyone may join
+    NO_TLS = "NoTLS"  # Insecure: a join token, but it (and everything else) is plaintext
+    NO_CLIENT_AUTHENTICATION = "NoClientAuthentication"  # Insecure: TLS, anyone may join
+    TLS_AND_JOIN_TOKEN = "TLSAndJoinToken"  # not Insecure: TLS, joining needs the token
+    MUTUAL_TLS = "MutualTLS"  # not Insecure: node ids bound to client certificates
     IMMUTABLE_FIELD = "ImmutableField"
     SPEC_CHANGE_APPLIED = "SpecChangeApplied"  # rounds/clientsPerRound edited while running
     STOPPED = "Stopped"  # the coordinator was shut down before the job finished

@@ -16,7 +16,7 @@ import torch
 from fedkube.runtime import wire
 from fedkube.runtime.coordinator.engine import RoundEngine
 from fedkube.runtime.coordinator.events import Event
-from fedkube.runtime.coordinator.server import serve
+from fedkube.runtime.coordinator.server import TlsFiles, serve
 from fedkube.runtime.proto import fedkube_pb2 as pb
 from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.runtime.spec import FederatedJobStatus, parse_job
@@ -66,12 +66,13 @@ class Coordinator:
         return seen
 
 
-async def start(spec_job, **engine_options: Any) -> Coordinator:
+async def start(spec_job, *, tls: TlsFiles | None = None, **engine_options: Any) -> Coordinator:
     sink = RecordingSink()
     engine = RoundEngine(spec_job, sink=sink, **engine_options)
     initial = {k: v.clone() for k, v in engine.weights.items()}
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    finished = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))
+    finished = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, tls=tls,
+                                         on_bound=bound))
     return Coordinator(engine, await bound, finished, initial, sink)
 
 

@@ -6,19 +6,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import secrets
+import signal
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+import torch
 
-from .. import wire
+from .. import logs, wire
 from ..messages import SESSION_METADATA, Heartbeat, Payload, Registration, TaskKind, UpdateHeader
 from ..plan import TrainPlan
+from ..privacy.central import add_gaussian_noise, clip_update
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
+from ..secagg import ProtocolError, SecAggClient
 from ..training import TrainingDiverged, pick_device
 from ..wire import convert
 from .facts import device_facts
@@ -55,7 +63,10 @@ class AgentConfig:
     simulated_index: int | None = None
     state_dir: Path = Path.home() / ".fedkube"
     join_token: str = ""
-    tls_ca: Path | None = None
+    tls_ca: Path | None = None  # verify the coordinator's certificate against this CA
+    # mTLS: this node's certificate (its subject CN is the node id) and private key
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
     max_backoff: float = 10.0
     give_up_after: float | None = None  # seconds without a coordinator; None: never
@@ -81,8 +92,11 @@ class Disconnected(Exception):
 
 
 def _channel(config: AgentConfig) -> grpc.aio.Channel:
-    if config.tls_ca is not None:
-        credentials = grpc.ssl_channel_credentials(config.tls_ca.read_bytes())
+    if config.tls_ca is not None or config.tls_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=config.tls_ca.read_bytes() if config.tls_ca else None,
+            private_key=config.tls_key.read_bytes() if config.tls_key else None,
+            certificate_chain=config.tls_cert.read_bytes() if config.tls_cert else None)
         return grpc.aio.secure_channel(config.coordinator, credentials, options=GRPC_OPTIONS)
     return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
 
@@ -132,6 +146,7 @@ class Agent:
         """Returns the process exit code: 0 when the job ended, 2 when refused for good."""
         backoff = 0.5
         loop = asyncio.get_running_loop()
+        logs.bind(node=self.node_id or None)  # this agent's task: every line names its node
         self._contact()
         while True:
             try:
@@ -176,6 +191,7 @@ class Agent:
             log.warning("node id %s is held by another session; joined as %s", self.node_id,
                         admission.node_id)
         self.node_id, self.session = admission.node_id, admission.session
+        logs.bind(job=admission.job.job_name, node=self.node_id)
         self._save_session()
         if self.trainer is None:
             self.trainer = await asyncio.to_thread(
@@ -199,7 +215,8 @@ class Agent:
                 if task.kind is TaskKind.STOP:
                     raise JobEnded(task.reason or "stopped")
                 assert task.plan is not None
-                await self._handle(stub, task.plan)
+                with logs.bound(round=task.plan.round):
+                    await self._handle(stub, task.plan)
             raise Disconnected("task stream ended")
         finally:
             heartbeat.cancel()
@@ -223,6 +240,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
+            return
+        if plan.secure is not None:
+            # Keys first: the advertise phase is short, a DP calibration may not be.
+            await self._secure(stub, plan)
             return
         refusal = await asyncio.to_thread(self.trainer.refusal, plan)
         if refusal is not None:
@@ -282,6 +303,72 @@ class Agent:
         finally:
             self.state = "idle"
 
+    async def _secure(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
+        """A secure round (runtime/secagg): keys and shares first, then train, then the
+        masked input and the shares that unmask the sum. Nothing unmasked leaves."""
+        assert self.trainer is not None and plan.secure is not None
+        meta = self._metadata()
+        wait = max(30.0, plan.deadline_unix - time.time()) + 60.0  # phases close server-side
+        client = SecAggClient(self.node_id, plan.round)
+        try:
+            _drill("advertise", plan.round)
+            roster = convert.roster_from_pb(await stub.SecAggAdvertise(
+                convert.advert_to_pb(client.advertise()), metadata=meta, timeout=wait))
+            _drill("share", plan.round)
+            delivery = convert.delivery_from_pb(await stub.SecAggShare(
+                convert.bundle_to_pb(client.share(roster)), metadata=meta, timeout=wait))
+            self._contact()
+            refusal = await asyncio.to_thread(self.trainer.refusal, plan)
+            if refusal is not None:  # it leaves after sharing: its masks are recovered
+                await self._refuse(stub, plan, refusal)
+                return
+            self.state = "training"
+            global_weights = wire.from_chunks(
+                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
+                    node_id=self.node_id, model_version=plan.model_version), metadata=meta)],
+                self.trainer.schema)
+            result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
+            self.state = "uploading"
+            delta = result.delta_weights
+            if plan.secure.clip_norm > 0:  # distributed central DP: clip, then this
+                delta = clip_update(delta, max_norm=plan.secure.clip_norm)  # client's noise
+            if plan.secure.noise_std > 0:
+                delta = add_gaussian_noise(delta, std=plan.secure.noise_std,
+                                           generator=torch.Generator().manual_seed(
+                                               secrets.randbits(62)))
+            flat = torch.cat([delta[name].detach().reshape(-1).to(torch.float64)
+                              for name in self.trainer.schema]).numpy()
+            masked = await asyncio.to_thread(client.mask, delivery, flat)
+            header = UpdateHeader(
+                node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+                payload=Payload.MASKED, num_samples=result.num_samples, metrics=result.metrics,
+                epsilon_spent=result.epsilon, delta=result.delta)
+            _drill("masked", plan.round)
+            request = convert.unmask_request_from_pb(await stub.SecAggMaskedInput(
+                _update_stream(header, {"masked": torch.from_numpy(
+                    masked.vector.view(np.int32))}), metadata=meta, timeout=wait))
+            _drill("unmask", plan.round)
+            reply = await stub.SecAggUnmask(convert.unmask_response_to_pb(
+                client.unmask(request)), metadata=meta, timeout=wait)
+            self._contact()
+            log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
+                     result.metrics.get("loss", float("nan")))
+        except TrainingDiverged as error:
+            log.warning("round %d: local training diverged, leaving the secure round: %s",
+                        plan.round, error)
+        except ProtocolError as error:
+            log.warning("round %d: refusing the coordinator's secure-aggregation message: %s",
+                        plan.round, error)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED):
+                log.warning("round %d: secure round left: %s", plan.round, error.details())
+            else:
+                raise
+        finally:
+            self.state = "idle"
+
     async def _refuse(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan,
                       refusal: Refusal) -> None:
         log.warning("round %d: declining: %s", plan.round, refusal.reason)
@@ -295,6 +382,18 @@ class Agent:
             if error.code() not in (grpc.StatusCode.FAILED_PRECONDITION,
                                     grpc.StatusCode.ALREADY_EXISTS):
                 raise
+
+
+# Fault drill for tests and demos of dropout recovery: FEDKUBE_SECAGG_DIE_BEFORE=PHASE:ROUND
+# (advertise | share | masked | unmask) kills this agent's process with SIGKILL just
+# before it would send that phase's message in that round.
+DRILL_ENV = "FEDKUBE_SECAGG_DIE_BEFORE"
+
+
+def _drill(phase: str, round: int) -> None:
+    if os.environ.get(DRILL_ENV) == f"{phase}:{round}":
+        log.warning("fault drill: dying before the %s phase of round %d", phase, round)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _update_stream(header: UpdateHeader, parts: Mapping[str, Any],

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import wire
+from .. import logs, wire
 from ..aggregation import (
     RoundAggregator,
     client_parameters,
@@ -33,6 +33,7 @@ from ..messages import (
     Heartbeat,
     HeartbeatAck,
     JobIdentity,
+    Payload,
     Registration,
     Rejected,
     RejectReason,
@@ -71,6 +72,7 @@ from .job_status import StatusBook
 from .policy import JobPolicy, Verdict
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
+from .secure_round import SecureRound, distributed_noise_std, secure_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .traffic import traffic
@@ -174,6 +176,10 @@ class RoundEngine:
         # budget only grows, so they are not asked again in this job.
         self.budget_spent: set[str] = set()
         self.open_round: Round | None = None
+        # Secure aggregation: the coordinator sees only each round's masked sum.
+        self.secure_config = (secure_config(self.spec) if self.spec.secure_aggregation.enabled
+                              else None)
+        self.secure_round: SecureRound | None = None
         self.done = asyncio.Event()
         self._resume_from_checkpoint()
 
@@ -231,8 +237,9 @@ class RoundEngine:
 
     # ------------------------------------------------------------ client calls
 
-    def register(self, registration: Registration) -> Admission:
-        client, session = self.enrolment.enrol(registration)
+    def register(self, registration: Registration, *, certified: bool = False) -> Admission:
+        """`certified`: a client certificate proved the node id (mTLS)."""
+        client, session = self.enrolment.enrol(registration, certified=certified)
         log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
                  client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)
@@ -294,8 +301,20 @@ class RoundEngine:
         if self.open_round is None:
             raise Rejected(RejectReason.WRONG_ROUND,
                            f"round {header.round} is not open (current round {self.round})")
+        if self.secure_config is not None and header.payload is Payload.DELTA:
+            raise Rejected(RejectReason.MALFORMED, "this job runs secure aggregation: an "
+                           "update must be a masked input (SecAggMaskedInput), never plain")
+        if self.secure_config is None and header.payload is Payload.MASKED:
+            raise Rejected(RejectReason.MALFORMED, "this job does not run secure aggregation")
         self.open_round.admit(header)
         return self.open_round
+
+    def secure_stage(self, node_id: str) -> SecureRound:
+        """The open round's secure stage, for a secure-aggregation call of `node_id`."""
+        self._client(node_id)
+        if self.secure_round is None:
+            raise Rejected(RejectReason.WRONG_ROUND, "no secure round is open")
+        return self.secure_round
 
     def refused(self, node_id: str, rejection: Rejected) -> None:
         """The servicer refused a request: count it and log it."""
@@ -342,6 +361,21 @@ class RoundEngine:
         self.status.bytes_up += nbytes
         self.events.publish(UpdateAccepted(header.node_id, nbytes))
 
+    async def accept_masked(self, header: UpdateHeader, vector, nbytes: int):
+        """Fold a masked input into the secure round's sum; the shares to reveal next."""
+        self.admit(header)
+        stage = self.secure_stage(header.node_id)
+        stage.receive_masked(header, vector)
+        client = self._client(header.node_id)
+        client.answered += 1
+        client.rounds_participated += 1
+        client.epsilon = max(client.epsilon, header.epsilon_spent)
+        client.update_arrived(nbytes=nbytes, seconds=time.monotonic() - stage.opened.started,
+                              metrics=header.metrics)
+        self.status.bytes_up += nbytes
+        self.events.publish(UpdateAccepted(header.node_id, nbytes))
+        return await stage.unmask_request(header.node_id)
+
     def _client(self, node_id: str) -> Client:
         client = self.registry.get(node_id)
         if client is None:
@@ -367,7 +401,8 @@ class RoundEngine:
                 if self.round >= self.spec.rounds:
                     verdict = self.policy.rounds_done(self.round)
                     break
-                verdict = await self._next_round()
+                with logs.bound(round=self.round + 1):  # on every line of the round
+                    verdict = await self._next_round()
             self._finish(verdict)
         except asyncio.CancelledError:
             self._finish(Verdict(Phase.stopped, Reason.STOPPED, "coordinator stopped"))
@@ -423,8 +458,16 @@ class RoundEngine:
         selected = select_clients(eligible, wanted=wanted, expected_dropout=padding, rng=self.rng)
         if len(selected) < self.spec.min_clients:
             return None
+        noise = 0.0
+        if self.secure_config is not None and self.central is not None:
+            # Distributed DP: clients noise before masking; count only the minimum that
+            # a released sum is guaranteed to hold.
+            noise = distributed_noise_std(noise_multiplier=self.central.noise_multiplier,
+                                          clip_norm=self.central.clip_norm,
+                                          guaranteed_survivors=self.secure_config.min_clients)
         plan = plan_for(self.spec, round=number, model_version=self.version, now=time.time(),
-                        client_parameters=client_parameters(self.aggregation))
+                        client_parameters=client_parameters(self.aggregation),
+                        distributed_noise_std=noise)
         buffered = rule_for(self.aggregation.rule).buffered
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
@@ -441,8 +484,17 @@ class RoundEngine:
         opened.dispatch()
         self.status.clients = self.book.counts(active=len(opened.selected))
         self.book.publish()
-        await opened.wait(self.spec.round_timeout_seconds)
-        result = await opened.close()  # late updates are now refused as wrong_round
+        if self.secure_config is not None:
+            self.secure_round = SecureRound(opened, config=self.secure_config,
+                                            seed=self.rng.getrandbits(63), schema=self.schema,
+                                            live=self._live_ids)
+            try:
+                result = await self.secure_round.run()
+            finally:
+                self.secure_round = None
+        else:
+            await opened.wait(self.spec.round_timeout_seconds)
+            result = await opened.close()  # late updates are now refused as wrong_round
         self.open_round = None
         if result.aggregate is None:
             log.info("round %d deadline: %d of %d updates in", opened.number,
@@ -458,8 +510,9 @@ class RoundEngine:
         mean_delta = result.aggregate.mean_delta
         epsilon = None
         if self.central is not None:
-            mean_delta = self.central.noised(mean_delta, averaged=len(result.aggregate.used),
-                                             generator=self.noise_generator)
+            if self.secure_config is None:  # under secure aggregation clients noised
+                mean_delta = self.central.noised(mean_delta, averaged=len(result.aggregate.used),
+                                                 generator=self.noise_generator)
             self.central.budget.record_round(result.selected / opened.eligible)
             epsilon = self.central.budget.epsilon()
         elif self.spec.privacy.mode == "local":
@@ -489,9 +542,10 @@ class RoundEngine:
         for client in self.registry.all():
             self.book.publish_client(client)
         self.book.publish()
-        self.book.milestone(Reason.ROUND_COMPLETED,
-                        f"round {record.round}: accuracy {record.accuracy:.4f}, "
-                        f"{record.clients_in}/{record.clients_selected} clients")
+        closed = (f"round {record.round}: accuracy {record.accuracy:.4f}, "
+                  f"{record.clients_in}/{record.clients_selected} clients")
+        log.info(closed)
+        self.book.milestone(Reason.ROUND_COMPLETED, closed)
         return verdict
 
     def _evaluate(self):

@@ -18,6 +18,8 @@ class Enrolment:
 
     Re-registering an id needs that id's credential; without it the caller is enrolled
     under a new id instead, so nobody can take over (or overwrite) another node's record.
+    Under mTLS the client certificate is that proof (`certified`): a node that lost its
+    session (a wiped state folder) keeps its id.
     """
 
     def __init__(self, registry: ClientRegistry, spec: AdmissionSpec, *,
@@ -29,12 +31,14 @@ class Enrolment:
         self.expire_after = spec.expire_after_seconds
         self.max_samples = spec.max_samples_per_client
 
-    def enrol(self, registration: Registration) -> tuple[Client, str]:
+    def enrol(self, registration: Registration, *,
+              certified: bool = False) -> tuple[Client, str]:
         if self.join_token and not secrets.compare_digest(
                 registration.join_token.encode(), self.join_token.encode()):
             raise Rejected(RejectReason.UNAUTHENTICATED, "join token missing or wrong")
         wanted = registration.node_id.strip().lower()
-        if wanted in self.registry and self.sessions.holds(wanted, registration.session):
+        if wanted in self.registry and (
+                certified or self.sessions.holds(wanted, registration.session)):
             return self._register(registration), self.sessions.issue(wanted)
         if wanted in self.registry:
             registration = dataclasses.replace(registration, node_id="")  # id taken

@@ -4,6 +4,7 @@ every refusal becomes a gRPC status with a message, never a crash."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,14 +12,16 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .. import wire
+from .. import logs, wire
 from ..messages import SESSION_METADATA, Payload, Rejected, RejectReason, TaskKind, UpdateHeader
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..spec import FederatedJobStatus
 from ..wire import convert
+from . import identity
 from .engine import RoundEngine
 
 log = logging.getLogger("fedkube.coordinator")
@@ -65,14 +68,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Each RPC: protobuf in, `wire.convert` to domain, one call on the engine, domain back
     to protobuf; a `Rejected` becomes the gRPC status its reason names."""
 
-    def __init__(self, engine: RoundEngine) -> None:
+    def __init__(self, engine: RoundEngine, *, client_certificates: bool = False) -> None:
         self.engine = engine
         self.model = ModelChunks()
+        # mTLS: the client certificate's CN is the node id (see identity.py).
+        self.client_certificates = client_certificates
+
+    def _authenticate(self, node_id: str, context: grpc.aio.ServicerContext) -> None:
+        # Each RPC runs in a task of its own: its log lines name the job and the node.
+        logs.bind(job=self.engine.name, node=node_id or None)
+        if self.client_certificates:
+            identity.bind(node_id, identity.certified_id(context.auth_context()))
+        self.engine.authenticate(node_id, _session(context))
 
     async def Register(self, request: pb.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         try:
-            admission = self.engine.register(convert.registration_from_pb(request))
+            registration = convert.registration_from_pb(request)
+            logs.bind(job=self.engine.name, node=registration.node_id or None)
+            if self.client_certificates:
+                registration = dataclasses.replace(registration, node_id=identity.bind(
+                    registration.node_id, identity.certified_id(context.auth_context())))
+            admission = self.engine.register(registration, certified=self.client_certificates)
         except Rejected as rejection:
             self.engine.refused(request.node_id, rejection)
             await _abort(context, rejection)
@@ -81,7 +98,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         try:
-            self.engine.authenticate(request.node_id, _session(context))
+            self._authenticate(request.node_id, context)
             ack = self.engine.heartbeat(convert.heartbeat_from_pb(request))
         except Rejected as rejection:
             self.engine.refused(request.node_id, rejection)
@@ -91,7 +108,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def StreamTasks(self, request: pb.StreamTasksRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Task]:
         try:
-            self.engine.authenticate(request.node_id, _session(context))
+            self._authenticate(request.node_id, context)
             queue = self.engine.open_stream(request.node_id)
         except Rejected as rejection:
             self.engine.refused(request.node_id, rejection)
@@ -108,7 +125,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def GetModel(self, request: pb.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TensorChunk]:
         try:
-            self.engine.authenticate(request.node_id, _session(context))
+            self._authenticate(request.node_id, context)
             version, weights = self.engine.model_for(request.node_id, request.model_version)
         except Rejected as rejection:
             self.engine.refused(request.node_id, rejection)
@@ -126,7 +143,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise Rejected(RejectReason.MALFORMED, "an update must start with an UpdateHeader")
             header = convert.header_from_pb(first.header)
             node_id = header.node_id
-            self.engine.authenticate(node_id, _session(context))
+            self._authenticate(node_id, context)
+            logs.bind(round=header.round)
             return await self._submit(header, iterator)
         except Rejected as rejection:
             self.engine.refused(node_id, rejection)
@@ -152,11 +170,81 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await self.engine.accept_update(header, delta, assembler.bytes_received)
         return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted")
 
+    # ------------------------------------------------------ secure aggregation
+
+    async def SecAggAdvertise(self, request: pb.SecAggAdvert,
+                              context: grpc.aio.ServicerContext) -> pb.SecAggRoster:
+        try:
+            self.engine.authenticate(request.node_id, _session(context))
+            stage = self.engine.secure_stage(request.node_id)
+            roster = await stage.advertise(convert.advert_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return convert.roster_to_pb(roster)
+
+    async def SecAggShare(self, request: pb.SecAggShareBundle,
+                          context: grpc.aio.ServicerContext) -> pb.SecAggDelivery:
+        try:
+            self.engine.authenticate(request.node_id, _session(context))
+            stage = self.engine.secure_stage(request.node_id)
+            delivery = await stage.share(convert.bundle_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return convert.delivery_to_pb(delivery)
+
+    async def SecAggMaskedInput(self, request_iterator: AsyncIterator[pb.UpdateChunk],
+                                context: grpc.aio.ServicerContext) -> pb.SecAggUnmaskRequest:
+        node_id = ""
+        try:
+            iterator = aiter(request_iterator)
+            first = await self.engine.uploads.first(iterator)
+            if first is None or not first.HasField("header"):
+                raise Rejected(RejectReason.MALFORMED,
+                               "a masked input must start with an UpdateHeader")
+            header = convert.header_from_pb(first.header)
+            node_id = header.node_id
+            self.engine.authenticate(node_id, _session(context))
+            if header.payload is not Payload.MASKED:
+                raise Rejected(RejectReason.MALFORMED, "SecAggMaskedInput takes payload 'masked'")
+            self.engine.admit(header)
+            stage = self.engine.secure_stage(node_id)
+            schema = {"masked": wire.TensorSpec((stage.length,), "int32")}
+            async with self.engine.uploads.slot(node_id):
+                assembler = wire.TensorAssembler(schema)
+                try:
+                    async for part in self.engine.uploads.rest(iterator):
+                        if not part.HasField("tensor"):
+                            raise Rejected(RejectReason.MALFORMED,
+                                           "a second UpdateHeader in one masked input")
+                        assembler.add(part.tensor)
+                    vector = assembler.finish()["masked"].numpy().view(np.uint32)
+                except wire.WireError as error:
+                    raise Rejected(error.reason, str(error)) from None
+            request = await self.engine.accept_masked(header, vector, assembler.bytes_received)
+        except Rejected as rejection:
+            self.engine.refused(node_id, rejection)
+            await _abort(context, rejection)
+        return convert.unmask_request_to_pb(request)
+
+    async def SecAggUnmask(self, request: pb.SecAggUnmaskResponse,
+                           context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        try:
+            self.engine.authenticate(request.node_id, _session(context))
+            stage = self.engine.secure_stage(request.node_id)
+            await stage.unmask(convert.unmask_response_from_pb(request))
+        except Rejected as rejection:
+            self.engine.refused(request.node_id, rejection)
+            await _abort(context, rejection)
+        return pb.SubmitReply(accepted=True, message=f"round {request.round} sum released")
+
 
 @dataclass(frozen=True)
 class TlsFiles:
     cert: Path
     key: Path
+    client_ca: Path | None = None  # mTLS: require client certificates signed by this CA
 
 
 async def serve(
@@ -169,8 +257,11 @@ async def serve(
     grace: float = 1.0,
 ) -> FederatedJobStatus:
     """Owns the server's life: build, bind, start, run the job, stop in `finally`."""
+    logs.bind(job=engine.name)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(engine), server)
+    mutual = tls is not None and tls.client_ca is not None
+    pb_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorServicer(engine, client_certificates=mutual), server)
     # grpc.health.v1 for the pod's probes: SERVING while the job runs, and still after it
     # ends (the server stays up to hand out STOP tasks), NOT_SERVING while shutting down.
     checks = health.aio.HealthServicer()
@@ -178,7 +269,9 @@ async def serve(
     address = f"{host}:{port}"
     if tls is not None:
         credentials = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())])
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=mutual)
         bound = server.add_secure_port(address, credentials)
     else:
         bound = server.add_insecure_port(address)

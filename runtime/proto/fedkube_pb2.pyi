@@ -124,7 +124,7 @@ class PrivacyPlan(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
-    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "compression")
+    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "compression")
     class ClientParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class TrainPlan(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     CLIENT_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
@@ -153,8 +154,9 @@ class TrainPlan(_message.Message):
     deadline_unix: float
     client_parameters: _containers.ScalarMap[str, float]
     dropout: float
+    secure_aggregation: SecAggPlan
     compression: CompressionPlan
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ...) -> None: ...
 
 class CompressionPlan(_message.Message):
     __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless", "target_upload_seconds")
@@ -169,6 +171,16 @@ class CompressionPlan(_message.Message):
     lossless: str
     target_upload_seconds: float
     def __init__(self, top_k: _Optional[float] = ..., quantize_bits: _Optional[int] = ..., error_feedback: bool = ..., lossless: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ...) -> None: ...
+
+class SecAggPlan(_message.Message):
+    __slots__ = ("enabled", "clip_norm", "noise_std")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    clip_norm: float
+    noise_std: float
+    def __init__(self, enabled: bool = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "plan", "reason")
@@ -276,3 +288,103 @@ class SubmitReply(_message.Message):
     accepted: bool
     message: str
     def __init__(self, accepted: bool = ..., message: _Optional[str] = ...) -> None: ...
+
+class SecAggAdvert(_message.Message):
+    __slots__ = ("node_id", "round", "cipher_public", "mask_public")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    round: int
+    cipher_public: bytes
+    mask_public: bytes
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+
+class SecAggPeer(_message.Message):
+    __slots__ = ("node_id", "cipher_public", "mask_public")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cipher_public: bytes
+    mask_public: bytes
+    def __init__(self, node_id: _Optional[str] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+
+class SecAggRoster(_message.Message):
+    __slots__ = ("round", "clients", "threshold", "value_range", "neighbours")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VALUE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    clients: int
+    threshold: int
+    value_range: float
+    neighbours: _containers.RepeatedCompositeFieldContainer[SecAggPeer]
+    def __init__(self, round: _Optional[int] = ..., clients: _Optional[int] = ..., threshold: _Optional[int] = ..., value_range: _Optional[float] = ..., neighbours: _Optional[_Iterable[_Union[SecAggPeer, _Mapping]]] = ...) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("sender", "recipient", "nonce", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShareBundle(_message.Message):
+    __slots__ = ("node_id", "round", "seed_commitment", "shares")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    round: int
+    seed_commitment: bytes
+    shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., seed_commitment: _Optional[bytes] = ..., shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggDelivery(_message.Message):
+    __slots__ = ("round", "shares")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("round", "dropped", "survivors")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., dropped: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggRevealed(_message.Message):
+    __slots__ = ("owner", "index", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    index: int
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., index: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmaskResponse(_message.Message):
+    __slots__ = ("node_id", "round", "key_shares", "seed_shares")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    round: int
+    key_shares: _containers.RepeatedCompositeFieldContainer[SecAggRevealed]
+    seed_shares: _containers.RepeatedCompositeFieldContainer[SecAggRevealed]
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., key_shares: _Optional[_Iterable[_Union[SecAggRevealed, _Mapping]]] = ..., seed_shares: _Optional[_Iterable[_Union[SecAggRevealed, _Mapping]]] = ...) -> None: ...

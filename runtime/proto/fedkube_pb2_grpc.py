@@ -64,6 +64,26 @@ class CoordinatorStub(object):
                 request_serializer=fedkube__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fedkube__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.SecAggAdvertise = channel.unary_unary(
+                '/fedkube.v1.Coordinator/SecAggAdvertise',
+                request_serializer=fedkube__pb2.SecAggAdvert.SerializeToString,
+                response_deserializer=fedkube__pb2.SecAggRoster.FromString,
+                _registered_method=True)
+        self.SecAggShare = channel.unary_unary(
+                '/fedkube.v1.Coordinator/SecAggShare',
+                request_serializer=fedkube__pb2.SecAggShareBundle.SerializeToString,
+                response_deserializer=fedkube__pb2.SecAggDelivery.FromString,
+                _registered_method=True)
+        self.SecAggMaskedInput = channel.stream_unary(
+                '/fedkube.v1.Coordinator/SecAggMaskedInput',
+                request_serializer=fedkube__pb2.UpdateChunk.SerializeToString,
+                response_deserializer=fedkube__pb2.SecAggUnmaskRequest.FromString,
+                _registered_method=True)
+        self.SecAggUnmask = channel.unary_unary(
+                '/fedkube.v1.Coordinator/SecAggUnmask',
+                request_serializer=fedkube__pb2.SecAggUnmaskResponse.SerializeToString,
+                response_deserializer=fedkube__pb2.SubmitReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer(object):
@@ -104,6 +124,38 @@ class CoordinatorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggAdvertise(self, request, context):
+        """Secure aggregation (runtime/secagg), when the TrainPlan has secure_aggregation: one
+        call per phase. Each returns when its phase closes (every participant in, or the
+        phase's deadline), with what this node needs for the next phase.
+        Phase 0: the node's public keys -> its neighbours' keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggShare(self, request, context):
+        """Phase 1: encrypted shares for the neighbours -> the shares addressed to this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggMaskedInput(self, request_iterator, context):
+        """Phase 2: an UpdateHeader (payload "masked"), then the masked input as TensorChunks of
+        one int32 tensor "masked" (ring elements of Z_2^32) -> which shares to reveal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggUnmask(self, request, context):
+        """Phase 3: the revealed shares; the reply says whether the round's sum was released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +182,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
                     request_deserializer=fedkube__pb2.UpdateChunk.FromString,
+                    response_serializer=fedkube__pb2.SubmitReply.SerializeToString,
+            ),
+            'SecAggAdvertise': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggAdvertise,
+                    request_deserializer=fedkube__pb2.SecAggAdvert.FromString,
+                    response_serializer=fedkube__pb2.SecAggRoster.SerializeToString,
+            ),
+            'SecAggShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggShare,
+                    request_deserializer=fedkube__pb2.SecAggShareBundle.FromString,
+                    response_serializer=fedkube__pb2.SecAggDelivery.SerializeToString,
+            ),
+            'SecAggMaskedInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.SecAggMaskedInput,
+                    request_deserializer=fedkube__pb2.UpdateChunk.FromString,
+                    response_serializer=fedkube__pb2.SecAggUnmaskRequest.SerializeToString,
+            ),
+            'SecAggUnmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggUnmask,
+                    request_deserializer=fedkube__pb2.SecAggUnmaskResponse.FromString,
                     response_serializer=fedkube__pb2.SubmitReply.SerializeToString,
             ),
     }
@@ -267,6 +339,114 @@ class Coordinator(object):
             target,
             '/fedkube.v1.Coordinator/SubmitUpdate',
             fedkube__pb2.UpdateChunk.SerializeToString,
+            fedkube__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggAdvertise(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkube.v1.Coordinator/SecAggAdvertise',
+            fedkube__pb2.SecAggAdvert.SerializeToString,
+            fedkube__pb2.SecAggRoster.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkube.v1.Coordinator/SecAggShare',
+            fedkube__pb2.SecAggShareBundle.SerializeToString,
+            fedkube__pb2.SecAggDelivery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggMaskedInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedkube.v1.Coordinator/SecAggMaskedInput',
+            fedkube__pb2.UpdateChunk.SerializeToString,
+            fedkube__pb2.SecAggUnmaskRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggUnmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkube.v1.Coordinator/SecAggUnmask',
+            fedkube__pb2.SecAggUnmaskResponse.SerializeToString,
             fedkube__pb2.SubmitReply.FromString,
             options,
             channel_credentials,

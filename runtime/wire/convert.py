@@ -17,8 +17,9 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import CompressionPlan, PrivacyPlan, TrainPlan
+from ..plan import CompressionPlan, PrivacyPlan, SecurePlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
+from ..secagg import messages as sa
 from ..spec import DataSpec
 
 # ------------------------------------------------------------------ registration
@@ -105,7 +106,9 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
             noise_multiplier=privacy.noise_multiplier or 0.0, accountant=privacy.accountant,
             planned_rounds=privacy.planned_rounds),
         deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
-        dropout=plan.dropout, compression=compression_to_pb(plan.compression))
+        dropout=plan.dropout, compression=compression_to_pb(plan.compression),
+        secure_aggregation=None if plan.secure is None else pb.SecAggPlan(
+            enabled=True, clip_norm=plan.secure.clip_norm, noise_std=plan.secure.noise_std))
 
 
 def compression_to_pb(plan: CompressionPlan) -> pb.CompressionPlan:
@@ -135,7 +138,10 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
             accountant=privacy.accountant or "rdp", planned_rounds=privacy.planned_rounds),
         deadline_unix=message.deadline_unix,
         client_parameters=dict(message.client_parameters), dropout=message.dropout,
-        compression=compression_from_pb(message.compression))
+        compression=compression_from_pb(message.compression),
+        secure=SecurePlan(clip_norm=message.secure_aggregation.clip_norm,
+                          noise_std=message.secure_aggregation.noise_std)
+        if message.secure_aggregation.enabled else None)
 
 
 def task_to_pb(task: Task) -> pb.Task:
@@ -174,10 +180,96 @@ def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
         payload = Payload(message.payload)
     except ValueError:
         raise Rejected(RejectReason.MALFORMED,
-                       f"payload {message.payload!r} is not 'delta' or 'refusal'") from None
+                       f"payload {message.payload!r} is not 'delta', 'refusal' or 'masked'") from None
     return UpdateHeader(
         node_id=message.node_id, round=message.round, model_version=message.model_version,
         payload=payload, num_samples=message.num_samples, metrics=dict(message.metrics),
         epsilon_spent=message.epsilon_spent, delta=message.delta,
         refusal_reason=message.refusal_reason, compression=message.compression,
         uplink_bytes_per_second=message.uplink_bytes_per_second)
+
+
+# ------------------------------------------------------------ secure aggregation
+
+
+def advert_to_pb(advert: sa.KeyAdvert) -> pb.SecAggAdvert:
+    return pb.SecAggAdvert(node_id=advert.node_id, round=advert.round,
+                           cipher_public=advert.cipher_public, mask_public=advert.mask_public)
+
+
+def advert_from_pb(message: pb.SecAggAdvert) -> sa.KeyAdvert:
+    return sa.KeyAdvert(message.node_id, message.round, message.cipher_public,
+                        message.mask_public)
+
+
+def roster_to_pb(roster: sa.Roster) -> pb.SecAggRoster:
+    return pb.SecAggRoster(
+        round=roster.round, clients=roster.clients, threshold=roster.threshold,
+        value_range=roster.value_range, neighbours=[
+            pb.SecAggPeer(node_id=p.node_id, cipher_public=p.cipher_public,
+                          mask_public=p.mask_public) for p in roster.neighbours])
+
+
+def roster_from_pb(message: pb.SecAggRoster) -> sa.Roster:
+    return sa.Roster(round=message.round, clients=message.clients,
+                     threshold=message.threshold, value_range=message.value_range,
+                     neighbours=tuple(sa.PeerKeys(p.node_id, p.cipher_public, p.mask_public)
+                                      for p in message.neighbours))
+
+
+def _shares_to_pb(shares: tuple[sa.EncryptedShare, ...]) -> list[pb.SecAggShare]:
+    return [pb.SecAggShare(sender=s.sender, recipient=s.recipient, nonce=s.nonce,
+                           ciphertext=s.ciphertext) for s in shares]
+
+
+def _shares_from_pb(shares) -> tuple[sa.EncryptedShare, ...]:
+    return tuple(sa.EncryptedShare(s.sender, s.recipient, s.nonce, s.ciphertext)
+                 for s in shares)
+
+
+def bundle_to_pb(bundle: sa.ShareBundle) -> pb.SecAggShareBundle:
+    return pb.SecAggShareBundle(node_id=bundle.node_id, round=bundle.round,
+                                seed_commitment=bundle.seed_commitment,
+                                shares=_shares_to_pb(bundle.shares))
+
+
+def bundle_from_pb(message: pb.SecAggShareBundle) -> sa.ShareBundle:
+    return sa.ShareBundle(message.node_id, message.round, message.seed_commitment,
+                          _shares_from_pb(message.shares))
+
+
+def delivery_to_pb(delivery: sa.ShareDelivery) -> pb.SecAggDelivery:
+    return pb.SecAggDelivery(round=delivery.round, shares=_shares_to_pb(delivery.shares))
+
+
+def delivery_from_pb(message: pb.SecAggDelivery) -> sa.ShareDelivery:
+    return sa.ShareDelivery(message.round, _shares_from_pb(message.shares))
+
+
+def unmask_request_to_pb(request: sa.UnmaskRequest) -> pb.SecAggUnmaskRequest:
+    return pb.SecAggUnmaskRequest(round=request.round, dropped=list(request.dropped),
+                                  survivors=list(request.survivors))
+
+
+def unmask_request_from_pb(message: pb.SecAggUnmaskRequest) -> sa.UnmaskRequest:
+    return sa.UnmaskRequest(message.round, tuple(message.dropped), tuple(message.survivors))
+
+
+def _revealed_to_pb(shares: tuple[sa.RevealedShare, ...]) -> list[pb.SecAggRevealed]:
+    return [pb.SecAggRevealed(owner=s.owner, index=s.index, share=s.share) for s in shares]
+
+
+def _revealed_from_pb(shares) -> tuple[sa.RevealedShare, ...]:
+    return tuple(sa.RevealedShare(s.owner, s.index, s.share) for s in shares)
+
+
+def unmask_response_to_pb(response: sa.UnmaskResponse) -> pb.SecAggUnmaskResponse:
+    return pb.SecAggUnmaskResponse(node_id=response.node_id, round=response.round,
+                                   key_shares=_revealed_to_pb(response.key_shares),
+                                   seed_shares=_revealed_to_pb(response.seed_shares))
+
+
+def unmask_response_from_pb(message: pb.SecAggUnmaskResponse) -> sa.UnmaskResponse:
+    return sa.UnmaskResponse(message.node_id, message.round,
+                             _revealed_from_pb(message.key_shares),
+                             _revealed_from_pb(message.seed_shares))

@@ -201,6 +201,7 @@ def test_chart_refuses_kubernetes_older_than_claimed(helm: str) -> None:
         ("metrics.port=70000", "port"),
         ("replicas=1", "replicas"),  # a typo of replicaCount is refused, not ignored
         ("coordinator.tlsSecret=x", "tlsSecret"),
+        ("coordinator.clientCaSecretName=Not_A_Name", "clientCaSecretName"),
         ("crds.enabled=maybe", "enabled"),
     ],
 )
@@ -322,6 +323,7 @@ def test_coordinator_defaults_reach_the_operator(helm: str) -> None:
     assert env["FEDKUBE_IMAGE_PULL_SECRETS"] == "registry-credentials"
     assert env["FEDKUBE_COORDINATOR_TLS_SECRET"] == "fedkube-coordinator-tls"
     assert env["FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET"] == "fedkube-join-token"
+    assert env["FEDKUBE_COORDINATOR_CLIENT_CA_SECRET"] == "fedkube-client-ca"
     assert env["FEDKUBE_COORDINATOR_METRICS_PORT"] == "9191"
     assert env["FEDKUBE_OFFLINE_AFTER_SECONDS"] == "45"
     assert env["FEDKUBE_HEALTH_INTERVAL_SECONDS"] == "5"
@@ -335,6 +337,7 @@ def test_coordinator_defaults_reach_the_operator(helm: str) -> None:
     assert env["FEDKUBE_IMAGE"] == operator_container(render())["image"]
     assert "FEDKUBE_COORDINATOR_TLS_SECRET" not in env
     assert "FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET" not in env
+    assert "FEDKUBE_COORDINATOR_CLIENT_CA_SECRET" not in env
     # The chart's agent defaults are the operator's own built-in ones.
     from fedkube.operator.settings import DEFAULT_AGENT_RESOURCES
 
@@ -556,9 +559,23 @@ def test_notes_show_the_join_token_and_no_warning_when_secured(helm: str,
     notes = _notes((EVERYTHING,), tmp_path_factory.getbasetemp())
     assert "get secret fedkube-join-token" in notes and "FEDKUBE_JOIN_TOKEN" in notes
     assert "--tls-ca" in notes
+    assert 'Mutual TLS (Secret "fedkube-client-ca")' in notes and "--tls-cert edge-1.crt" in notes
     assert_fedkube_commands_parse(notes)
     assert "insecure" not in notes
     assert "team-a, team-b" in notes
+
+
+def test_notes_count_mutual_tls_without_a_token_as_secured(helm: str, tmp_path_factory) -> None:
+    folder = tmp_path_factory.mktemp("mtls")
+    mutual, tls_only = folder / "mutual.yaml", folder / "tls-only.yaml"
+    mutual.write_text("coordinator:\n  tlsSecretName: tls\n  clientCaSecretName: client-ca\n")
+    tls_only.write_text("coordinator:\n  tlsSecretName: tls\n")
+    notes = _notes((mutual,), tmp_path_factory.getbasetemp())
+    assert 'Mutual TLS (Secret "client-ca")' in notes
+    assert "insecure" not in notes
+    assert_fedkube_commands_parse(notes)
+    # TLS alone lets anyone join: still a warning.
+    assert "run insecure" in _notes((tls_only,), tmp_path_factory.getbasetemp())
 
 
 # ------------------------------------------------------------------ Grafana dashboard

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fedkube.operator import job_status
 from fedkube.operator.resources import CoordinatorHealth
-from fedkube.runtime.spec import Writer, check_owned
+from fedkube.runtime.spec import CoordinatorSpec, Writer, check_owned
 
 
 def _types(share: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -16,16 +17,40 @@ def _types(share: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def test_accept_writes_only_the_operators_fields() -> None:
     share: dict[str, Any] = {}
-    job_status.accept(share, endpoint="j-coordinator.ns.svc:50051", generation=2, insecure=True,
-                      target_epsilon=3.0, now="t1")
+    job_status.accept(share, endpoint="j-coordinator.ns.svc:50051", generation=2,
+                      coordinator=CoordinatorSpec(), target_epsilon=3.0, now="t1")
     check_owned(share, Writer.operator)
     assert (share["endpoint"], share["observedGeneration"], share["startTime"],
             share["targetEpsilon"]) == ("j-coordinator.ns.svc:50051", 2, "t1", 3.0)
     assert _types(share) == [("SpecAccepted", "True", "Created"),
                              ("Insecure", "True", "NoTLSOrJoinToken")]
-    job_status.accept(share, endpoint="e", generation=3, insecure=True, target_epsilon=None,
-                      now="t2")
+    job_status.accept(share, endpoint="e", generation=3, coordinator=CoordinatorSpec(),
+                      target_epsilon=None, now="t2")
     assert share["startTime"] == "t1"  # a resumed handler keeps the first start
+
+
+@pytest.mark.parametrize(("secrets", "status", "reason", "protected", "unprotected"), [
+    ({}, "True", "NoTLSOrJoinToken", "session credential", "plaintext"),
+    ({"joinTokenSecret": "t"}, "True", "NoTLS", "only token holders can join", "plaintext"),
+    ({"tlsSecret": "s"}, "True", "NoClientAuthentication", "encrypted",
+     "any pod that reaches the Service can join"),
+    ({"tlsSecret": "s", "joinTokenSecret": "t"}, "False", "TLSAndJoinToken",
+     "only holders of the token can join", "not tied to device identities"),
+    ({"tlsSecret": "s", "clientCaSecret": "ca"}, "False", "MutualTLS",
+     "bound to its client certificate", "any certificate from the client CA"),
+    ({"tlsSecret": "s", "clientCaSecret": "ca", "joinTokenSecret": "t"}, "False", "MutualTLS",
+     "joinTokenSecret", "the coordinator sees every update"),
+])
+def test_insecure_says_what_each_configuration_protects(
+        secrets: dict[str, str], status: str, reason: str, protected: str,
+        unprotected: str) -> None:
+    share: dict[str, Any] = {}
+    job_status.accept(share, endpoint="e", generation=1,
+                      coordinator=CoordinatorSpec.model_validate(secrets), target_epsilon=None,
+                      now="t1")
+    (insecure,) = [c for c in share["conditions"] if c["type"] == "Insecure"]
+    assert (insecure["status"], insecure["reason"]) == (status, reason)
+    assert protected in insecure["message"] and unprotected in insecure["message"]
 
 
 def test_health_flips_ready_and_degraded_and_says_when_it_is_news() -> None:

@@ -189,6 +189,46 @@ def test_tls_secret_gives_the_coordinator_its_key_and_agents_only_the_ca() -> No
     assert secret_volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
 
 
+def test_client_ca_secret_mounts_only_the_ca_into_the_coordinator() -> None:
+    spec = _spec(coordinator={"tlsSecret": "fj-tls", "clientCaSecret": "fj-client-ca"})
+    filled = r.with_operator_defaults(spec, SETTINGS)
+    deployment = r.coordinator_deployment(JOB, filled, SETTINGS)
+    pod = deployment["spec"]["template"]["spec"]
+    command = _container(pod)["command"]
+    assert command[command.index("--tls-client-ca") + 1] == "/etc/fedkube-client-ca/ca.crt"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["client-ca"]["secret"] == {
+        "secretName": "fj-client-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    mounts = {m["name"]: m for m in _container(pod)["volumeMounts"]}
+    assert mounts["client-ca"] == {"name": "client-ca", "mountPath": "/etc/fedkube-client-ca",
+                                   "readOnly": True}
+    kubernetes_validate.validate(deployment, "1.34.0", strict=True)
+    # The flags are the CLI's own.
+    from fedkube.runtime.cli import build_parser
+
+    parsed = build_parser().parse_args(command[1:])
+    assert (parsed.tls_cert, parsed.tls_client_ca) == (
+        "/etc/fedkube-tls/tls.crt", "/etc/fedkube-client-ca/ca.crt")
+    # Without one, no flag and no volume.
+    plain = r.coordinator_command(_spec(coordinator={"tlsSecret": "fj-tls"}), SETTINGS)
+    assert "--tls-client-ca" not in plain
+
+
+@pytest.mark.parametrize(("spec", "settings", "complaint"), [
+    ({"coordinator": {"clientCaSecret": "ca"}}, SETTINGS, "needs spec.coordinator.tlsSecret"),
+    ({"coordinator": {"tlsSecret": "s", "clientCaSecret": "ca"}, "simulation": {"clients": 2}},
+     SETTINGS, "spec.simulation.clients"),
+    ({"simulation": {"clients": 1}}, OperatorSettings(default_tls_secret="s",
+                                                      default_client_ca_secret="ca"),
+     "spec.simulation.clients"),
+])
+def test_mutual_tls_that_cannot_run_is_refused_naming_the_field(
+        spec: dict[str, Any], settings: OperatorSettings, complaint: str) -> None:
+    with pytest.raises(ManifestError, match="spec.coordinator.clientCaSecret") as refused:
+        r.with_operator_defaults(_spec(**spec), settings)
+    assert complaint in str(refused.value)
+
+
 def test_metrics_port_is_opt_in() -> None:
     assert "--metrics-port" not in r.coordinator_command(_spec(), SETTINGS)
     settings = OperatorSettings(coordinator_metrics_port=9400)
@@ -394,6 +434,7 @@ ADMIN = OperatorSettings.from_env({
     "FEDKUBE_IMAGE_PULL_SECRETS": "regcred, mirror",
     "FEDKUBE_COORDINATOR_TLS_SECRET": "fedkube-tls",
     "FEDKUBE_COORDINATOR_JOIN_TOKEN_SECRET": "fedkube-token",
+    "FEDKUBE_COORDINATOR_CLIENT_CA_SECRET": "fedkube-client-ca",
     "FEDKUBE_COORDINATOR_RESOURCES": '{"requests": {"cpu": "500m"}, "limits": {"memory": "4Gi"}}',
 })
 
@@ -411,8 +452,9 @@ def test_settings_read_the_charts_variables() -> None:
 
 def test_operator_defaults_fill_only_what_the_job_leaves_unset() -> None:
     filled = r.with_operator_defaults(_spec(), ADMIN)
-    assert (filled.coordinator.tls_secret, filled.coordinator.join_token_secret) == (
-        "fedkube-tls", "fedkube-token")
+    assert (filled.coordinator.tls_secret, filled.coordinator.join_token_secret,
+            filled.coordinator.client_ca_secret) == (
+        "fedkube-tls", "fedkube-token", "fedkube-client-ca")
     assert filled.coordinator.resources == ADMIN.default_coordinator_resources
     own = _spec(coordinator={"tlsSecret": "mine", "resources": {"limits": {"cpu": "1"}}})
     kept = r.with_operator_defaults(own, ADMIN)

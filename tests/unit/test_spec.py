@@ -47,6 +47,19 @@ def test_defaults_and_camel_case_round_trip() -> None:
      "spec.compression: errorFeedback needs topK or quantizeBits below 32"),
     ({"compression": {"quantizeBits": 12}}, "spec.compression.quantizeBits"),
     ({"compression": {"topK": 1.0}}, "spec.compression.topK: Input should be less than 1"),
+    ({"secureAggregation": {"enabled": True}, "minClients": 2,
+      "compression": {"quantizeBits": 8}},
+     "compression cannot be combined with secureAggregation.enabled"),
+    ({"secureAggregation": {"enabled": True}, "minClients": 2, "strategy": {"name": "median"}},
+     ("strategy.name 'median' cannot be combined with secureAggregation.enabled: the server "
+      "sees only the masked sum")),
+    ({"secureAggregation": {"enabled": True}}, "secureAggregation.enabled needs minClients >= 2"),
+    ({"secureAggregation": {"threshold": 0.5}},
+     "spec.secureAggregation.threshold: Input should be greater than 0.5"),
+    ({"secureAggregation": {"neighbours": 1}},
+     "spec.secureAggregation.neighbours: Input should be greater than or equal to 2"),
+    ({"secureAggregation": {"enabled": True, "valueRange": 1e7}, "minClients": 2},
+     "secureAggregation.valueRange 10000000.0 times 1000 clients does not fit the 32-bit ring"),
 ])
 def test_bad_specs_name_the_field_and_the_reason(spec, message) -> None:
     with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
