@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,7 +106,7 @@ def prepare_folder(output: Path, existing: Existing, *, job_file: str) -> checkp
 def agent_command(*, port: int, indexes: list[int], state_dir: Path) -> list[str]:
     command = [sys.executable, "-P", "-m", "fedkube.runtime.cli", "agent",
                "--coordinator", f"127.0.0.1:{port}", "--device", "cpu",
-               "--state-dir", str(state_dir), "--give-up-after", "60"]
+               "--state-dir", str(state_dir), "--give-up-after", "120"]
     for index in indexes:
         command += ["--simulated-index", str(index)]
     return command
@@ -124,6 +125,23 @@ def agent_groups(clients: int, processes: int) -> list[list[int]]:
     """Simulated client indexes spread over `processes` OS processes, round-robin."""
     count = max(1, min(clients, processes))
     return [list(range(start, clients, count)) for start in range(count)]
+
+
+def reserve_port(host: str = "127.0.0.1") -> socket.socket | None:
+    """A free port, bound with SO_REUSEPORT and not listening, held until the coordinator's
+    gRPC server (which sets SO_REUSEPORT too: grpc's default on Linux) binds it beside
+    this socket. So the agents can be started first and import torch while the
+    coordinator still loads data and model. None where SO_REUSEPORT is unavailable."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return None
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((host, 0))
+    except OSError:
+        held.close()
+        return None
+    return held
 
 
 def _agent_env(threads: int) -> dict[str, str]:
@@ -178,6 +196,14 @@ class AgentProcesses:
         for f in self._files:
             f.close()
         return [p.returncode for p in self.processes]
+
+    def kill(self) -> None:
+        """Stop them now (the job could not start): SIGKILL, reaped, logs closed."""
+        self.signal_all(signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+        for f in self._files:
+            f.close()
 
 
 @dataclass
@@ -242,7 +268,15 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
     progress = ConsoleProgress(job, stream=sys.stderr, enabled=not options.quiet,
                                expected_clients=clients)
     stop = StopRequest()
-    with stop.installed(asyncio.get_running_loop()):
+    with stop.installed(asyncio.get_running_loop()), contextlib.ExitStack() as held:
+        # The agents start first, on a port held for the server: their interpreters
+        # import torch and connect (retrying) while this process loads data and model.
+        reserved = reserve_port()
+        agents: AgentProcesses | None = None
+        if reserved is not None:
+            held.callback(reserved.close)
+            progress.stage(f"starting {clients} agents")
+            agents = _start_agents(clients, reserved.getsockname()[1], options, job)
         progress.stage("loading data and model")
 
         def on_round(record: RoundRecord) -> None:
@@ -254,6 +288,8 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
             engine = RoundEngine(job, sink=FanOut(report, progress),
                                  output_dir=options.output, on_round=on_round)
         except Exception:
+            if agents is not None:
+                agents.kill()
             progress.finish(None)
             if created:  # a run that could not start leaves no folder behind
                 shutil.rmtree(options.output, ignore_errors=True)
@@ -265,7 +301,8 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
             report.restart_from(engine.history)
             progress.note(f"resuming at round {engine.round + 1}")
         exit_codes = await _serve_with_agents(engine, options, clients, stop=stop,
-                                              progress=progress, clock=clock, report=report)
+                                              progress=progress, clock=clock, report=report,
+                                              agents=agents, reserved=reserved)
     progress.finish(engine.status)
     if stop.signal_name is not None:
         progress.note(f"{stop.signal_name}: stopped after {engine.round} rounds")
@@ -289,26 +326,35 @@ def _warm_plotting() -> None:
     import matplotlib.pyplot
 
 
+def _start_agents(clients: int, port: int, options: RunOptions, job: FederatedJob
+                  ) -> AgentProcesses:
+    return AgentProcesses(clients, port=port, output=options.output,
+                          threads=options.agent_threads, processes=options.agent_processes,
+                          extra_args=(*options.extra_agent_args, *network_args(job)))
+
+
 async def _serve_with_agents(engine: RoundEngine, options: RunOptions, clients: int, *,
                              stop: StopRequest, progress: ConsoleProgress, clock: _Clock,
-                             report: RunReport) -> list[int | None]:
+                             report: RunReport, agents: AgentProcesses | None,
+                             reserved: socket.socket | None) -> list[int | None]:
     """Serve the job with its agents until it ends or `stop` fires; then stop the
-    agents, the server and write the plot side by side. Returns the agents' exit codes."""
+    agents, the server and write the plot side by side. Returns the agents' exit codes.
+    `agents` already run when a port was `reserved` for the server; else they start
+    once the server is bound."""
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    server = asyncio.create_task(serve(engine, host="127.0.0.1", port=0, on_bound=bound))
+    port = reserved.getsockname()[1] if reserved is not None else 0
+    server = asyncio.create_task(serve(engine, host="127.0.0.1", port=port, on_bound=bound))
     stopping = asyncio.create_task(stop.event.wait())
     ended = asyncio.create_task(engine.done.wait())
     warming: asyncio.Future[None] | None = None
-    agents: AgentProcesses | None = None
     try:
         await asyncio.wait({bound, stopping, server}, return_when=asyncio.FIRST_COMPLETED)
+        if reserved is not None:
+            reserved.close()  # the server holds the port now (or failed to start)
         if bound.done() and not stopping.done():
-            progress.stage(f"starting {clients} agents")
-            agents = AgentProcesses(clients, port=bound.result(), output=options.output,
-                                    threads=options.agent_threads,
-                                    processes=options.agent_processes,
-                                    extra_args=(*options.extra_agent_args,
-                                                *network_args(engine.job)))
+            if agents is None:
+                progress.stage(f"starting {clients} agents")
+                agents = _start_agents(clients, bound.result(), options, engine.job)
             warming = asyncio.ensure_future(asyncio.to_thread(_warm_plotting))
             await asyncio.wait({ended, stopping, server}, return_when=asyncio.FIRST_COMPLETED)
         clock.job_ended = time.monotonic()

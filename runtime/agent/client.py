@@ -111,6 +111,7 @@ class Agent:
         # The credential Register returned for node_id, kept in the state folder: an agent
         # restarted with the same id proves it is the same node (and keeps its budget).
         self.session = self._saved_session()
+        self.registered_once = False
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
         self.uplink_bytes_per_second = 0.0  # measured on the last upload
 
@@ -174,7 +175,12 @@ class Agent:
                 log.error("no coordinator for %.0fs; giving up", gone_for)
                 return 1
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(self.config.max_backoff, backoff * 2)
+            # Until it first registers, an agent is most likely waiting for a coordinator
+            # that is still starting (`fedkube run` starts agents and coordinator together):
+            # it keeps knocking every second or so instead of backing off to max_backoff.
+            ceiling = (self.config.max_backoff if self.registered_once
+                       else min(1.0, self.config.max_backoff))
+            backoff = min(ceiling, backoff * 2)
 
     def _registration(self, samples: int) -> pb.RegisterRequest:
         return convert.registration_to_pb(Registration(
@@ -203,6 +209,7 @@ class Agent:
                 await stub.Register(self._registration(self.trainer.num_samples), timeout=30))
             self.session = again.session
             self._save_session()
+        self.registered_once = True
         log.info("registered as %s for job %s", self.node_id, admission.job.job_name)
 
     async def _serve(self, stub: pb_grpc.CoordinatorStub) -> None:
@@ -251,16 +258,18 @@ class Agent:
             return
         self.state = "training"
         try:
+            # Each chunk is copied into the model's storage as it arrives: the messages
+            # of a whole model are never held at once.
             network = self.config.network
             downlink = _Link(network.downlink_bits_per_second if network else None,
                              network.latency_seconds if network else 0.0)
-            chunks = []
+            assembler = wire.TensorAssembler(self.trainer.schema)
             async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
                     metadata=self._metadata()):
                 await downlink.pace(chunk.ByteSize())
-                chunks.append(chunk)
-            global_weights = dict(wire.from_chunks(chunks, self.trainer.schema))
+                assembler.add(chunk)
+            global_weights = dict(assembler.finish())
             try:
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
             except TrainingDiverged as error:

@@ -33,7 +33,7 @@ from .catalog import (
 )
 
 if TYPE_CHECKING:
-    from ._tensors import Weights
+    from ._tensors import UpdateStats, Weights
     from .registry import aggregate_buffered, server_optimizer_for
     from .robust import (
         RobustResult,
@@ -45,9 +45,10 @@ if TYPE_CHECKING:
     )
     from .round import AggregateOutcome, BufferFullError, RoundAggregator, UpdateTransform
     from .server import ServerOptimizer, ServerOptimizerConfig, ServerOptimizerName
-    from .weighted import EmptyAggregationError, WeightedSum, weighted_mean
+    from .weighted import Bound, EmptyAggregationError, WeightedSum, weighted_mean
 
 _LAZY = {
+    "UpdateStats": "_tensors",
     "Weights": "_tensors",
     "aggregate_buffered": "registry",
     "server_optimizer_for": "registry",
@@ -64,6 +65,7 @@ _LAZY = {
     "ServerOptimizer": "server",
     "ServerOptimizerConfig": "server",
     "ServerOptimizerName": "server",
+    "Bound": "weighted",
     "EmptyAggregationError": "weighted",
     "WeightedSum": "weighted",
     "weighted_mean": "weighted",
@@ -83,6 +85,7 @@ __all__ = [
     "RULES",
     "AggregateOutcome",
     "AggregationConfig",
+    "Bound",
     "BufferFullError",
     "EmptyAggregationError",
     "Feature",
@@ -93,6 +96,7 @@ __all__ = [
     "ServerOptimizerName",
     "StrategyRule",
     "TooFewUpdatesError",
+    "UpdateStats",
     "UpdateTransform",
     "WeightedSum",
     "Weights",

@@ -55,15 +55,17 @@ def layout_of(template: Mapping[str, Tensor]) -> Layout:
     return tuple(metas)
 
 
-def check_matches(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> None:
-    """Raise ValueError naming the first tensor of `update` that does not fit `layout`.
+def check_matches(layout: Layout, update: Mapping[str, Tensor], *,
+                  what: str = "update") -> UpdateStats:
+    """Raise ValueError naming the first tensor of `update` that does not fit `layout`;
+    return its `UpdateStats` (taken in the same read as the finiteness check).
 
     Checked: the same names (none missing, none extra), the same shapes, no complex
     dtype, and only finite values in floating tensors (one NaN would poison the global
     model for every later round).
     """
     check_structure(layout, update, what=what)
-    check_finite(layout, update, what=what)
+    return measure(layout, update, what=what)
 
 
 def check_structure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> None:
@@ -91,12 +93,58 @@ def check_structure(layout: Layout, update: Mapping[str, Tensor], *, what: str =
             raise ValueError(f"{what} tensor {meta.name!r}: complex dtype {tensor.dtype}")
 
 
-def check_finite(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> None:
+class UpdateStats(NamedTuple):
+    """What one read of an update tells: the L2 norm of all its floating tensors as one
+    vector (the update as sent). Only finite updates get stats; others are refused."""
+
+    norm: float
+
+
+def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> UpdateStats:
+    """Finiteness and norm of `update` in one read of each floating tensor.
+
+    One fused call (``torch._foreach_norm``, what `torch.nn.utils.clip_grad_norm_` uses)
+    gives each tensor's norm in its own precision. Every norm finite proves every element
+    finite; a non-finite norm is either a NaN/Inf (named in a ValueError after an
+    element-wise look) or finite values whose squares overflow (a hostile update of huge
+    values), whose norm is then redone in float64: a second pass only for those.
+
+    A mapping other than a dict (a compressed update, which decodes each tensor when it
+    is read) is measured one tensor at a time instead, so its decoded tensors never all
+    exist at once; in float64, where float32 values cannot overflow.
+    """
+    if not isinstance(update, dict):
+        squares = 0.0
+        for meta in layout:
+            tensor = update[meta.name]
+            if tensor.is_floating_point():
+                norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
+                if not math.isfinite(norm):
+                    check_finite(layout, update, what=what, confirmed=False)
+                squares += norm * norm
+            del tensor
+        return UpdateStats(math.sqrt(squares))
+    floating = [update[meta.name].detach() for meta in layout
+                if update[meta.name].is_floating_point()]
+    if not floating:
+        return UpdateStats(0.0)
+    norms = torch._foreach_norm(floating)
+    squares = torch.stack([n.to(torch.float64) for n in norms]).square()
+    if bool(torch.isfinite(squares).all()):
+        return UpdateStats(math.sqrt(float(squares.sum())))
+    check_finite(layout, update, what=what, confirmed=False)
+    return UpdateStats(math.sqrt(sum(
+        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in floating)))
+
+
+def check_finite(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update",
+                 confirmed: bool = True) -> None:
     """Raise ValueError naming the first floating tensor of `update` holding NaN or Inf.
 
-    One read of each tensor at memory speed: a sum is finite exactly when every term is,
-    except when finite terms overflow, so only a non-finite sum is confirmed element by
-    element (and a rare overflow false alarm costs one more pass, never a rejection).
+    With `confirmed` (the default) one read of each tensor first (a finite sum proves
+    every term finite; a sum that overflowed costs one more pass, never a rejection);
+    without it, straight to the element-wise look (the caller already saw a non-finite
+    reduction).
     """
     # Tensor by tensor, keeping only each sum: an update that decodes its tensors when
     # read (a compressed one) never has two of them decoded at once.
@@ -108,9 +156,10 @@ def check_finite(layout: Layout, update: Mapping[str, Tensor], *, what: str = "u
         del tensor
     if not partial:
         return
-    sums = torch.stack(partial)
-    if bool(torch.isfinite(sums).all()):
-        return
+    if confirmed:
+        sums = torch.stack(partial)
+        if bool(torch.isfinite(sums).all()):
+            return
     for meta in layout:
         tensor = update[meta.name]
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

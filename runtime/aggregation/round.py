@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ._tensors import Weights, check_matches, layout_of
+from ._tensors import UpdateStats, Weights, check_matches, layout_of
 from .catalog import AggregationConfig, rule_for
 from .registry import aggregate_buffered
 from .robust import RobustResult
-from .weighted import EmptyAggregationError, WeightedSum
+from .weighted import Bound, EmptyAggregationError, WeightedSum
 
 UpdateTransform = Callable[[Weights], Weights]
 """Applied to each delta before it is aggregated (central DP clips here); must return
@@ -106,13 +106,17 @@ class RoundAggregator:
         """Who contributed, in arrival order."""
         return tuple(self._nodes)
 
-    def add(self, node_id: str, delta: Mapping[str, Tensor], num_samples: int) -> None:
-        """Accept `node_id`'s delta, trained on `num_samples` examples.
+    def add(self, node_id: str, delta: Mapping[str, Tensor], num_samples: int, *,
+            bound: Bound | None = None) -> UpdateStats:
+        """Accept `node_id`'s delta, trained on `num_samples` examples; return its stats
+        (the norm of the delta as sent, from the same read as its finiteness check).
 
-        Raises ValueError (naming the node and tensor) for a delta that does not match
-        the template or holds NaN/Inf, a repeated node, or a bad num_samples;
-        BufferFullError when a robust round already holds max_buffered updates;
-        RuntimeError after `finish`. A rejected update changes nothing.
+        `bound` (admission's norm bound) sees those stats before anything is committed
+        and returns the factor in (0, 1] the delta is taken with (1: as sent), or raises
+        to refuse it. Raises ValueError (naming the node and tensor) for a delta that
+        does not match the template or holds NaN/Inf, a repeated node, or a bad
+        num_samples; BufferFullError when a robust round already holds max_buffered
+        updates; RuntimeError after `finish`. A rejected update changes nothing.
         """
         if self._finished:
             raise RuntimeError("this round was already aggregated; start a new RoundAggregator")
@@ -130,19 +134,31 @@ class RoundAggregator:
                 f"already holds max_buffered={self._max_buffered} updates"
             )
         what = f"update from {node_id!r}"
+        weight = 1.0 if self._uniform else float(num_samples)
+        if self._transform is None and self._sum is not None:
+            # The common path: one read for checks and stats, one fold, no copy.
+            stats = self._sum.add(delta, weight, what=what, bound=bound)
+            self._nodes.append(node_id)
+            return stats
+        # Checked before the transform too: a transform may hide a NaN (a clip by a NaN
+        # norm), and its own output is checked below like any update.
+        stats = check_matches(self._layout, delta, what=what)
+        factor = 1.0 if bound is None else float(bound(stats))
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"{what}: the bound's factor must be in (0, 1], got {factor!r}")
+        if factor < 1.0:
+            delta = {k: v * factor if v.is_floating_point() else v for k, v in delta.items()}
         if self._transform is not None:
-            # Checked before the transform too: a transform may hide a NaN (a clip by a
-            # NaN norm), and its own output is checked below like any update.
-            check_matches(self._layout, delta, what=what)
             delta = self._transform(dict(delta))
             what = f"transformed update from {node_id!r}"
         if self._sum is not None:
-            # WeightedSum checks names, shapes and finiteness once, before it commits.
-            self._sum.add(delta, 1.0 if self._uniform else float(num_samples), what=what)
+            self._sum.add(delta, weight, what=what)
         else:
-            check_matches(self._layout, delta, what=what)
+            if self._transform is not None:
+                check_matches(self._layout, delta, what=what)
             self._buffer.append(dict(delta))
         self._nodes.append(node_id)
+        return stats
 
     def finish(self) -> AggregateOutcome:
         """Aggregate what arrived. Once only; frees the buffer.

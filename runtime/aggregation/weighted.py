@@ -16,21 +16,25 @@ same thing from a list in one go; it is the reference the streaming sum is teste
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ._tensors import (
     ACCUMULATOR_DTYPE,
+    UpdateStats,
     Weights,
     cast_back,
-    check_finite,
     check_matches,
-    check_structure,
     layout_of,
     to_accumulator,
 )
+
+Bound = Callable[[UpdateStats], float]
+"""Decides, from an update's stats, the factor in (0, 1] it is folded with (1: as sent,
+less: clipped to a norm bound), or raises to refuse it. Called after the update was
+checked and before anything is committed."""
 
 FOLD_CHUNK = 1 << 16
 """Elements per slice of the fold: its float64 temporary (512 KiB) stays in L2 cache."""
@@ -74,20 +78,30 @@ class WeightedSum:
         """The sum of their weights."""
         return self._total_weight
 
-    def add(self, update: Mapping[str, Tensor], weight: float, *, what: str = "update") -> None:
+    def add(self, update: Mapping[str, Tensor], weight: float, *, what: str = "update",
+            bound: Bound | None = None) -> UpdateStats:
         """Fold `update` in with `weight` (> 0). `update` is not modified or kept.
 
         Raises ValueError naming the tensor (and `what`, e.g. the node) when names or
-        shapes differ from the template, or when a floating tensor holds NaN/Inf; a
-        rejected update leaves the sum exactly as it was.
+        shapes differ from the template, or when a floating tensor holds NaN/Inf. With
+        `bound`, the update's stats go to it and it is folded as ``factor * update``
+        (its weight still counts whole in the mean's denominator, as a clipped copy
+        would); whatever `bound` raises propagates. A refused update leaves the sum
+        exactly as it was. Returns the update's stats (of the update as given).
         """
         scale = _check_weight(weight)
-        check_structure(self._layout, update, what=what)
-        check_finite(self._layout, update, what=what)
+        stats = check_matches(self._layout, update, what=what)
+        factor = 1.0 if bound is None else float(bound(stats))
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"{what}: the bound's factor must be in (0, 1], got {factor!r}")
         for meta in self._layout:
-            _fold(self._sums[meta.name], update[meta.name].detach().to(meta.device), scale)
+            tensor = update[meta.name].detach()
+            # A clip scales floating tensors only (integer buffers are counters).
+            alpha = scale * factor if tensor.is_floating_point() else scale
+            _fold(self._sums[meta.name], tensor.to(meta.device), alpha)
         self._count += 1
         self._total_weight += scale
+        return stats
 
     def mean(self) -> Weights:
         """The weighted mean so far, as new tensors in the template's dtypes."""

