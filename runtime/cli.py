@@ -109,7 +109,7 @@ async def _until_terminated(work: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from .coordinator.engine import RoundEngine
+    from .coordinator.async_rounds import engine_for
     from .coordinator.report import RunReport
     from .coordinator.server import serve
     from .coordinator.status import FanOut, StatusSink
@@ -140,7 +140,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         port = metrics.serve(args.metrics_port)
         logging.getLogger("fedkube.coordinator").info("metrics on :%d/metrics", port)
     tls = _coordinator_tls(args)
-    engine = RoundEngine(
+    engine = engine_for(
         job, sink=FanOut(*sinks), output_dir=output,
         join_token=_secret(args.join_token_file, "FEDKUBE_JOIN_TOKEN") or None,
         metrics=metrics, on_round=report.round if report else None,

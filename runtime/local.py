@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .coordinator import checkpoint
+from .coordinator.async_rounds import engine_for
 from .coordinator.engine import RoundEngine, RoundRecord
 from .coordinator.report import RunReport
 from .coordinator.server import serve
@@ -285,7 +286,7 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
             progress.round(record)
 
         try:
-            engine = RoundEngine(job, sink=FanOut(report, progress),
+            engine = engine_for(job, sink=FanOut(report, progress),
                                  output_dir=options.output, on_round=on_round)
         except Exception:
             if agents is not None:

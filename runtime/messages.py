@@ -39,6 +39,7 @@ class RejectReason(enum.Enum):
     UPLOAD_BUSY = ("upload_busy", "RESOURCE_EXHAUSTED")
     UPLOAD_STALLED = ("upload_stalled", "DEADLINE_EXCEEDED")
     UPLOAD_IN_FLIGHT = ("upload_in_flight", "ALREADY_EXISTS")
+    STALE = ("stale", "FAILED_PRECONDITION")  # async: built on too old a model
     # Secure aggregation: a protocol message in the wrong phase, forged, or naming what it
     # must not; and a round whose secure sum could not be released.
     SECAGG_PHASE = ("secagg_phase", "FAILED_PRECONDITION")

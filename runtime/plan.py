@@ -8,6 +8,7 @@ rounds (say of `rounds`) reaches every agent with its next task.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +46,36 @@ class CompressionPlan:
 
 
 @dataclass(frozen=True)
+class Drills:
+    """The heterogeneity drills of spec.simulation, as each simulated client applies them
+    to itself (which clients are slow, and when each is online, follow from its index)."""
+
+    slow_fraction: float = 0.0
+    slowdown: float = 1.0
+    availability_period_seconds: float = 0.0  # 0: always online
+    availability_online_fraction: float = 1.0
+
+    def slowdown_of(self, index: int | None, *, clients: int, seed: int) -> float:
+        """How many times longer simulated client `index` of `clients` trains: the first
+        round(slow_fraction x clients) of a permutation seeded by `seed` are slow."""
+        if index is None or self.slow_fraction <= 0 or self.slowdown <= 1 or clients < 1:
+            return 1.0
+        order = list(range(clients))
+        random.Random(seed * 7919 + 17).shuffle(order)
+        slow = set(order[:round(self.slow_fraction * clients)])
+        return self.slowdown if index in slow else 1.0
+
+    def online(self, index: int | None, *, now: float, seed: int) -> bool:
+        """Whether simulated client `index` is online at unix time `now`: for
+        availability_online_fraction of every period, from its own seeded offset."""
+        period = self.availability_period_seconds
+        if index is None or period <= 0 or self.availability_online_fraction >= 1:
+            return True
+        offset = random.Random(seed * 104729 + index).random() * period
+        return ((now + offset) % period) < self.availability_online_fraction * period
+
+
+@dataclass(frozen=True)
 class SecurePlan:
     """Secure aggregation of this round: the update goes through the four SecAgg phases
     instead of SubmitUpdate. Under central DP it becomes distributed noise: the client
@@ -70,6 +101,10 @@ class TrainPlan:
     # The fault drill of spec.simulation.dropout: simulated clients skip a round at this rate.
     dropout: float = 0.0
     compression: CompressionPlan = CompressionPlan()
+    drills: Drills = Drills()
+    # The most local steps this client takes (0: localEpochs in full); set per client by
+    # localWork: adaptive.
+    max_local_steps: int = 0
     secure: SecurePlan | None = None
 
     @property
@@ -110,5 +145,15 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
             lossless=spec.compression.lossless,
             target_upload_seconds=(spec.compression.adaptive.target_upload_seconds
                                    if spec.compression.adaptive else None)),
+        drills=drills_of(spec),
         secure=secure,
     )
+
+
+def drills_of(spec: FederatedJobSpec) -> Drills:
+    speed, availability = spec.simulation.speed, spec.simulation.availability
+    return Drills(
+        slow_fraction=speed.slow_fraction if speed else 0.0,
+        slowdown=speed.slowdown if speed else 1.0,
+        availability_period_seconds=availability.period_seconds if availability else 0.0,
+        availability_online_fraction=availability.online_fraction if availability else 1.0)

@@ -19,12 +19,14 @@ class ConsoleProgress:
                  expected_clients: int) -> None:
         self.name = job.metadata.name
         self.total_rounds = job.spec.rounds
+        # strategy.mode async counts server steps where a synchronous job counts rounds.
+        self.unit = "step" if job.spec.strategy.mode == "async" else "round"
         self.expected_clients = expected_clients
         self.enabled = enabled
         self.stream = stream
         self.interactive = enabled and stream.isatty()
         # The bar only where a person watches a terminal; logs get the lines.
-        self.bar = tqdm(total=job.spec.rounds, desc=self.name, unit="round", file=stream,
+        self.bar = tqdm(total=job.spec.rounds, desc=self.name, unit=self.unit, file=stream,
                         disable=not self.interactive, dynamic_ncols=True, leave=True)
         self.best: float | None = None
         self.epsilon: float | None = None
@@ -57,7 +59,7 @@ class ConsoleProgress:
         self.best = record.accuracy if self.best is None else max(self.best, record.accuracy)
         if record.epsilon is not None:
             self.epsilon = record.epsilon
-        line = (f"round {record.round:>3}  accuracy {record.accuracy:.4f}  loss "
+        line = (f"{self.unit} {record.round:>3}  accuracy {record.accuracy:.4f}  loss "
                 f"{record.loss:.4f}  clients {record.clients_in}/{record.clients_selected}  "
                 f"{record.seconds:.2f}s")
         if record.epsilon is not None:

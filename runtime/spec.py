@@ -106,6 +106,24 @@ class StrategySpec(_Model):
         description="Server momentum (FedAvgM, Hsu et al. 2019) of the fedavg server step; "
         "0 is plain FedAvg. Not with fedadam/fedyogi, which have beta1.",
     )
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: rounds of selected clients; async: FedBuff (Nguyen et al. 2022), "
+        "clients train continuously and the server steps every bufferSize updates "
+        "(`rounds` then counts server steps, clientsPerRound bounds the clients training "
+        "at once).",
+    )
+    buffer_size: int = Field(
+        10, ge=1, description="Updates folded before each server step (mode: async)."
+    )
+    staleness_exponent: float = Field(
+        0.5, ge=0,
+        description="An update s server steps stale weighs 1/(1+s)^exponent (mode: async).",
+    )
+    max_staleness: int = Field(
+        20, ge=0,
+        description="Updates built on a model more server steps old are refused (mode: async).",
+    )
 
     @model_validator(mode="after")
     def _momentum_where_it_applies(self) -> StrategySpec:
@@ -238,6 +256,25 @@ class NetworkSpec(_Model):
     spread: float = Field(
         0.0, ge=0, le=3, description="Clients differ: each one's bandwidths are the ones above "
         "times exp(N(0, spread)), drawn from the job's seed and the client's index (0: all alike).")
+class SpeedSpec(_Model):
+    """Heterogeneous compute (drill): a share of the simulated clients trains slower."""
+
+    slow_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of simulated clients that are slow."
+    )
+    slowdown: float = Field(
+        10.0, ge=1, description="How many times longer a slow client's local training takes."
+    )
+
+
+class AvailabilitySpec(_Model):
+    """Intermittent clients (drill): each simulated client is online for part of every
+    period, at its own offset; offline, it answers no task."""
+
+    period_seconds: float = Field(60.0, gt=0, description="Length of one on/off cycle.")
+    online_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of each period a client is online."
+    )
 
 
 class SimulationSpec(_Model):
@@ -247,6 +284,12 @@ class SimulationSpec(_Model):
     dropout: float = Field(
         0.0, ge=0, lt=1,
         description="Chance that a simulated client silently skips a round (fault drill).",
+    )
+    speed: SpeedSpec | None = Field(
+        None, description="Slow clients (drill), e.g. {slowFraction: 0.3, slowdown: 10}."
+    )
+    availability: AvailabilitySpec | None = Field(
+        None, description="Clients that come and go on a schedule (drill)."
     )
     resources: ResourceRequirements | None = Field(
         None, description="Container resources of each agent pod; the operator's default "
@@ -352,6 +395,46 @@ class AdmissionSpec(_Model):
     )
 
 
+class SelectionSpec(_Model):
+    """How a round (or an asynchronous slot) picks its clients."""
+
+    mode: Literal["random", "adaptive"] = Field(
+        "random",
+        description="random: uniform; adaptive: Oort-style utility (Lai et al. 2021) from "
+        "each client's recent loss, samples and round time, with exploration.",
+    )
+    exploration: float = Field(
+        0.2, ge=0, le=1, description="Share of picks left to chance (adaptive)."
+    )
+    preferred_round_seconds: float | None = Field(
+        None, gt=0,
+        description="Clients slower than this are scored down (adaptive); default: the "
+        "median measured round time.",
+    )
+    min_reliability: float = Field(
+        0.5, ge=0, le=1, description="Clients answering fewer tasks than this are avoided."
+    )
+    max_suspicion: float = Field(
+        0.5, ge=0, description="Clients whose suspicion exceeds this are avoided."
+    )
+
+
+class LocalWorkSpec(_Model):
+    """How much each client trains per round."""
+
+    mode: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="fixed: localEpochs for everyone; adaptive: fewer local steps for slower "
+        "clients so they finish with the others (needs strategy.name fednova).",
+    )
+    target_seconds: float | None = Field(
+        None, gt=0,
+        description="Time a client's local work should take (adaptive); default: the median "
+        "measured full-work time, at most 0.8 x roundTimeoutSeconds.",
+    )
+    min_steps: int = Field(1, ge=1, description="Fewest local steps a client is given.")
+
+
 class FederatedJobSpec(_Model):
     """What a data scientist asks for."""
 
@@ -386,6 +469,8 @@ class FederatedJobSpec(_Model):
     client_selector: dict[str, str] | None = Field(
         None, description="Only clients whose labels match all of these take part."
     )
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    local_work: LocalWorkSpec = Field(default_factory=LocalWorkSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
     convergence: ConvergenceSpec = Field(default_factory=ConvergenceSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
@@ -417,6 +502,28 @@ class FederatedJobSpec(_Model):
                 raise ValueError(
                     f"strategy.name {rule.name!r} cannot be combined with {setting}: {reason}"
                 )
+        if self.strategy.mode == "async" and self.privacy.mode == "central":
+            raise ValueError(
+                "strategy.mode async cannot be combined with privacy.mode central: its "
+                "accountant assumes rounds of uniformly sampled clients; use privacy.mode "
+                "local, whose DP-SGD accounting holds per client in either mode")
+        if self.selection.mode == "adaptive" and self.privacy.mode == "central":
+            raise ValueError(
+                "selection.mode adaptive cannot be combined with privacy.mode central: the "
+                "central accountant's amplification by sampling needs uniform random selection")
+        if self.local_work.mode == "adaptive" and rule.name != "fednova":
+            raise ValueError(
+                f"localWork.mode adaptive needs strategy.name fednova, not {rule.name!r}: "
+                "clients doing unequal local steps must be normalised (FedNova) or the "
+                "objective drifts towards the clients that trained longest")
+        if self.strategy.mode == "async" and self.secure_aggregation.enabled:
+            raise ValueError(
+                "strategy.mode async cannot be combined with secureAggregation.enabled: "
+                "masks cancel only in the sum of one round's fixed cohort, and FedBuff folds "
+                "each update alone as it arrives")
+        if self.local_work.mode == "adaptive" and self.strategy.mode == "async":
+            raise ValueError("localWork.mode adaptive applies to strategy.mode sync; "
+                             "asynchronous clients already work at their own pace")
         _check_secure_aggregation(self)
         return self
 
@@ -430,12 +537,13 @@ class FederatedJobSpec(_Model):
 
 
 # The spec settings that switch on a feature some aggregation rule cannot work with; the
-# refusals and their reasons are the rules' own, in the aggregation catalog. Asynchronous
-# rounds join here when their spec field lands.
+# refusals and their reasons are the rules' own, in the aggregation catalog.
 _FEATURES_IN_USE: tuple[tuple[Feature, str, Callable[[FederatedJobSpec], bool]], ...] = (
     (Feature.central_privacy, "privacy.mode central", lambda spec: spec.privacy.mode == "central"),
     (Feature.secure_aggregation, "secureAggregation.enabled",
      lambda spec: spec.secure_aggregation.enabled),
+    (Feature.asynchronous_rounds, "strategy.mode async",
+     lambda spec: spec.strategy.mode == "async"),
 )
 
 
@@ -599,7 +707,10 @@ class ClientCounts(_Model):
 
 class FederatedJobStatus(_Model):
     phase: Phase = Phase.pending
-    round: int = 0
+    round: int = Field(0, description="Rounds done (server steps under strategy.mode async).")
+    server_steps: int | None = Field(
+        None, description="Server steps done (strategy.mode async; rounds count them there)."
+    )
     accuracy: float | None = None
     loss: float | None = None
     best_accuracy: float | None = None
@@ -650,6 +761,7 @@ STATUS_FIELD_OWNERS: dict[str, Writer] = {
     "targetEpsilon": Writer.operator,  # spec.privacy.targetEpsilon, shown from acceptance on
     "phase": Writer.coordinator,
     "round": Writer.coordinator,
+    "serverSteps": Writer.coordinator,
     "accuracy": Writer.coordinator,
     "loss": Writer.coordinator,
     "bestAccuracy": Writer.coordinator,
@@ -805,6 +917,19 @@ class ClientNodeStatus(_Model):
         None, description="Compression it applied to its last update (e.g. top1%+q8, fp32).")
     uplink_bytes_per_second: float | None = Field(
         None, ge=0, description="Upload throughput it measured on its last update.")
+    selection_score: float | None = Field(
+        None, ge=0, description="Its utility at the last adaptive selection (selection: adaptive)."
+    )
+    selection: str | None = Field(
+        None, description="Why it was or was not picked last: utility, exploration, or what "
+        "excluded it (reliability, suspicion, quarantine).",
+    )
+    local_steps: int | None = Field(
+        None, ge=1, description="Local steps it was given last (localWork: adaptive)."
+    )
+    seconds_per_step: float | None = Field(
+        None, ge=0, description="Its measured time per local step (dispatch to update)."
+    )
     rejections: dict[str, int] = Field(
         default_factory=dict,
         description="Requests of this node the coordinator refused, by reason label "

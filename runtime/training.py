@@ -234,6 +234,7 @@ def train_local(
     device: torch.device,
     proximal_mu: float = 0.0,
     global_weights: Mapping[str, torch.Tensor] | None = None,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` in place for `epochs` passes over `loader` with cross-entropy.
 
@@ -242,7 +243,11 @@ def train_local(
     which keeps clients with skewed data near the global model. Its gradient is added to
     the (possibly privatised) data gradient rather than to the loss, so it works with
     Opacus' DP-SGD too. Raises TrainingDiverged when the loss becomes NaN or infinite.
+    `max_steps` stops after that many optimizer steps (a slow device's smaller share of
+    work, localWork: adaptive); None trains the epochs in full.
     """
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     if proximal_mu < 0:
@@ -260,6 +265,8 @@ def train_local(
     for epoch in range(epochs):
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for xb, yb in loader:
+            if max_steps is not None and steps >= max_steps:
+                break
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)

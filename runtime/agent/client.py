@@ -114,6 +114,7 @@ class Agent:
         self.registered_once = False
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
         self.uplink_bytes_per_second = 0.0  # measured on the last upload
+        self.heartbeat_seconds = 2.0  # the coordinator's Admission sets it
 
     def _session_file(self) -> Path:
         return self.config.state_dir / "sessions" / f"{self.node_id}.session"
@@ -197,6 +198,8 @@ class Agent:
             log.warning("node id %s is held by another session; joined as %s", self.node_id,
                         admission.node_id)
         self.node_id, self.session = admission.node_id, admission.session
+        if admission.heartbeat_interval_seconds > 0:
+            self.heartbeat_seconds = admission.heartbeat_interval_seconds
         logs.bind(job=admission.job.job_name, node=self.node_id)
         self._save_session()
         if self.trainer is None:
@@ -240,13 +243,17 @@ class Agent:
                 self._contact()
             except grpc.aio.AioRpcError as error:
                 log.debug("heartbeat failed: %s", error.code().name)
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(self.heartbeat_seconds)
 
     async def _handle(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
         assert self.trainer is not None
         loop = asyncio.get_running_loop()
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
+            return
+        index, job = self.config.simulated_index, self.trainer.job
+        if not plan.drills.online(index, now=time.time(), seed=job.seed):
+            log.info("round %d: offline (availability drill), not answering", plan.round)
             return
         if plan.secure is not None:
             # Keys first: the advertise phase is short, a DP calibration may not be.
@@ -264,14 +271,23 @@ class Agent:
             downlink = _Link(network.downlink_bits_per_second if network else None,
                              network.latency_seconds if network else 0.0)
             assembler = wire.TensorAssembler(self.trainer.schema)
+            # The version this update is built on: under strategy.mode async the
+            # coordinator serves its newest model, which may be newer than the task's.
+            version = plan.model_version
             async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
                     metadata=self._metadata()):
                 await downlink.pace(chunk.ByteSize())
+                version = chunk.model_version
                 assembler.add(chunk)
             global_weights = dict(assembler.finish())
             try:
+                started = time.monotonic()
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
+                slowdown = plan.drills.slowdown_of(
+                    index, clients=job.num_simulated_clients, seed=job.seed)
+                if slowdown > 1:  # the speed drill: this device computes `slowdown`x slower
+                    await asyncio.sleep((time.monotonic() - started) * (slowdown - 1))
             except TrainingDiverged as error:
                 # Nothing useful to send; say so rather than let the round wait for us.
                 await self._refuse(stub, plan, Refusal(
@@ -285,7 +301,7 @@ class Agent:
             compressed = await asyncio.to_thread(compressor.compress, result.delta_weights,
                                                  setting)
             header = UpdateHeader(
-                node_id=self.node_id, round=plan.round, model_version=plan.model_version,
+                node_id=self.node_id, round=plan.round, model_version=version,
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
                 epsilon_spent=result.epsilon, delta=result.delta,
                 compression=setting.describe(),

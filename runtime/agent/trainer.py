@@ -202,7 +202,7 @@ class LocalTrainer:
                                        plan.learning_rate)
             result = train_local(model, loader, optimizer, epochs=plan.local_epochs,
                                  device=device, proximal_mu=plan.proximal_mu,
-                                 global_weights=proximal)
+                                 global_weights=proximal, max_steps=plan.max_local_steps or None)
             trained = weights_of(model)
         else:
             from ..privacy.dpsgd import private_training, unwrap
@@ -221,7 +221,8 @@ class LocalTrainer:
                 accountant=privacy.budget.accountant, device=device)
             result = train_local(private_model, private_loader, private_optimizer,
                                  epochs=plan.local_epochs, device=device,
-                                 proximal_mu=plan.proximal_mu, global_weights=proximal)
+                                 proximal_mu=plan.proximal_mu, global_weights=proximal,
+                                 max_steps=plan.max_local_steps or None)
             trained = weights_of(unwrap(private_model))
             # The accountant already holds every step taken; persist before uploading.
             privacy.save()

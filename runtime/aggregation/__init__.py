@@ -7,6 +7,8 @@
 - `robust`: Krum / Multi-Krum, coordinate-wise median, trimmed mean, Bulyan.
 - `server`: the server step (FedAvg, FedAvgM, FedAdam, FedYogi) with checkpointable state.
 - `round`: `RoundAggregator`, what the coordinator uses for one round.
+- `fednova`: FedNova's normalised sum for unequal local steps.
+- `fedbuff`: FedBuff's staleness-weighted buffer for asynchronous rounds.
 
 No network, cluster, API-model or I/O code lives here (import-linter contracts enforce
 it). The torch-backed names below are imported on first use, not with the package:
@@ -34,6 +36,8 @@ from .catalog import (
 
 if TYPE_CHECKING:
     from ._tensors import UpdateStats, Weights
+    from .fedbuff import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError, staleness_weight
+    from .fednova import NormalizedSum, fednova_reference
     from .registry import aggregate_buffered, server_optimizer_for
     from .robust import (
         RobustResult,
@@ -67,6 +71,13 @@ _LAZY = {
     "ServerOptimizerName": "server",
     "Bound": "weighted",
     "EmptyAggregationError": "weighted",
+    "FedBuffBuffer": "fedbuff",
+    "FedBuffConfig": "fedbuff",
+    "Flush": "fedbuff",
+    "StaleUpdateError": "fedbuff",
+    "staleness_weight": "fedbuff",
+    "NormalizedSum": "fednova",
+    "fednova_reference": "fednova",
     "WeightedSum": "weighted",
     "weighted_mean": "weighted",
 }
@@ -89,11 +100,16 @@ __all__ = [
     "BufferFullError",
     "EmptyAggregationError",
     "Feature",
+    "FedBuffBuffer",
+    "FedBuffConfig",
+    "Flush",
+    "NormalizedSum",
     "RobustResult",
     "RoundAggregator",
     "ServerOptimizer",
     "ServerOptimizerConfig",
     "ServerOptimizerName",
+    "StaleUpdateError",
     "StrategyRule",
     "TooFewUpdatesError",
     "UpdateStats",
@@ -105,12 +121,14 @@ __all__ = [
     "bulyan_minimum",
     "client_parameters",
     "coordinate_median",
+    "fednova_reference",
     "krum",
     "krum_minimum",
     "minimum_updates",
     "rule_for",
     "rule_names",
     "server_optimizer_for",
+    "staleness_weight",
     "trimmed_mean",
     "weighted_mean",
 ]

@@ -143,6 +143,18 @@ RULES: tuple[StrategyRule, ...] = (
         client_parameters=lambda config: {"proximal_mu": config.mu},
     ),
     StrategyRule(
+        name="fednova",
+        summary="FedNova (Wang et al., 2020): each delta divided by its local steps, the mean "
+        "scaled by the mean steps, so unequal local work keeps the objective consistent.",
+        buffered=False, server_step="fedavg", cost=_STREAMING_COST,
+        incompatible_with=MappingProxyType({
+            Feature.asynchronous_rounds: "it normalises one round's updates by their local "
+            "steps; asynchronous rounds weight each update by its staleness instead",
+            Feature.secure_aggregation: "it divides each update by its own local steps; the "
+            "server sees only the masked sum",
+        }),
+    ),
+    StrategyRule(
         name="fedadam",
         summary="FedAdam (Reddi et al., 2021): the weighted mean, applied by an Adam step.",
         buffered=False, server_step="fedadam",

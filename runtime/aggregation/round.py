@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._tensors import UpdateStats, Weights, check_matches, layout_of
 from .catalog import AggregationConfig, rule_for
+from .fednova import NormalizedSum
 from .registry import aggregate_buffered
 from .robust import RobustResult
 from .weighted import Bound, EmptyAggregationError, WeightedSum
@@ -82,7 +83,10 @@ class RoundAggregator:
         self._transform = transform
         self._uniform = uniform_weights
         self._robust = robust
-        self._sum: WeightedSum | None = None if self._robust else WeightedSum(template)
+        self._nova = config.rule == "fednova"
+        self._sum: WeightedSum | NormalizedSum | None = (
+            None if self._robust else NormalizedSum(template) if self._nova
+            else WeightedSum(template))
         self._buffer: list[Weights] = []
         self._nodes: list[str] = []
         self._finished = False
@@ -107,8 +111,9 @@ class RoundAggregator:
         return tuple(self._nodes)
 
     def add(self, node_id: str, delta: Mapping[str, Tensor], num_samples: int, *,
-            bound: Bound | None = None) -> UpdateStats:
-        """Accept `node_id`'s delta, trained on `num_samples` examples; return its stats
+            bound: Bound | None = None, local_steps: int = 1) -> UpdateStats:
+        """Accept `node_id`'s delta, trained on `num_samples` examples for `local_steps`
+        steps (which only fednova reads: it normalises by them); return its stats
         (the norm of the delta as sent, from the same read as its finiteness check).
 
         `bound` (admission's norm bound) sees those stats before anything is committed
@@ -137,7 +142,10 @@ class RoundAggregator:
         weight = 1.0 if self._uniform else float(num_samples)
         if self._transform is None and self._sum is not None:
             # The common path: one read for checks and stats, one fold, no copy.
-            stats = self._sum.add(delta, weight, what=what, bound=bound)
+            if isinstance(self._sum, NormalizedSum):
+                stats = self._sum.add(delta, weight, local_steps, what=what, bound=bound)
+            else:
+                stats = self._sum.add(delta, weight, what=what, bound=bound)
             self._nodes.append(node_id)
             return stats
         # Checked before the transform too: a transform may hide a NaN (a clip by a NaN
@@ -151,7 +159,9 @@ class RoundAggregator:
         if self._transform is not None:
             delta = self._transform(dict(delta))
             what = f"transformed update from {node_id!r}"
-        if self._sum is not None:
+        if isinstance(self._sum, NormalizedSum):
+            self._sum.add(delta, weight, local_steps, what=what)
+        elif self._sum is not None:
             self._sum.add(delta, weight, what=what)
         else:
             if self._transform is not None:

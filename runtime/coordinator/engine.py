@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import time
@@ -69,10 +70,12 @@ from .events import (
     on_round_closed,
 )
 from .job_status import StatusBook
+from .local_work import plan_local_work
 from .policy import JobPolicy, Verdict
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .secure_round import SecureRound, distributed_noise_std, secure_config
+from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .traffic import traffic
@@ -159,6 +162,7 @@ class RoundEngine:
         self.history: list[RoundRecord] = []
         self.aggregation = aggregation_config(self.spec.strategy)
         self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.aggregation))
+        self.selection = selection_config(self.spec)
         self.dropout_estimate = self.spec.simulation.dropout
         self.rng = random.Random(self.spec.seed)
         # Central DP noise from a seed no one else knows: every client gets the job's seed
@@ -244,8 +248,15 @@ class RoundEngine:
                  client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)
         self.book.publish()
-        return Admission(node_id=client.node_id, heartbeat_interval_seconds=self.HEARTBEAT_SECONDS,
+        return Admission(node_id=client.node_id, heartbeat_interval_seconds=self.heartbeat_interval(),
                          job=self.identity(), session=session)
+
+    def heartbeat_interval(self) -> float:
+        """How often agents beat: every 2 s, and less often for large fleets (1,000
+        clients: every 5 s) so heartbeats stay near 200 calls a second, always well
+        inside the time after which a silent node counts as offline."""
+        fleet = len(self.registry) / 200
+        return max(self.HEARTBEAT_SECONDS, min(fleet, self.registry.offline_after / 4))
 
     def authenticate(self, node_id: str, session: str) -> None:
         """Every call after Register: Rejected unless `session` is `node_id`'s credential."""
@@ -455,7 +466,7 @@ class RoundEngine:
                 return self.policy.central_budget_spent(self.round, self.central.budget.epsilon())
         # No over-selection under central DP: its accountant counts exactly `wanted`.
         padding = 0.0 if self.central is not None else self.dropout_estimate
-        selected = select_clients(eligible, wanted=wanted, expected_dropout=padding, rng=self.rng)
+        selected = self._select(eligible, wanted=wanted, expected_dropout=padding)
         if len(selected) < self.spec.min_clients:
             return None
         noise = 0.0
@@ -468,6 +479,7 @@ class RoundEngine:
         plan = plan_for(self.spec, round=number, model_version=self.version, now=time.time(),
                         client_parameters=client_parameters(self.aggregation),
                         distributed_noise_std=noise)
+        plans, planned_steps = plan_local_work(self.spec, plan, selected)
         buffered = rule_for(self.aggregation.rule).buffered
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
@@ -477,7 +489,26 @@ class RoundEngine:
         self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
                      eligible=len(eligible), floor=self.policy.floor, aggregator=aggregator,
-                     bounds=self.bounds, epsilon_cap=cap)
+                     bounds=self.bounds, epsilon_cap=cap, plans=plans,
+                     planned_steps=planned_steps)
+
+    def _select(self, eligible: list[Client], *, wanted: int, expected_dropout: float
+                ) -> list[Client]:
+        """selection: random draws as always; adaptive scores the eligible clients and
+        records each one's choice on its record (its ClientNode shows it)."""
+        if self.selection.mode == "random":
+            return select_clients(eligible, wanted=wanted, expected_dropout=expected_dropout,
+                                  rng=self.rng)
+        # Exploration picks come on top, and the round closes at `wanted` updates (Oort's
+        # over-commitment): a slow explorer costs its own update, not everyone's time.
+        padded = min(len(eligible), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout))
+                     + math.ceil(self.selection.exploration * wanted))
+        candidates = [candidate_of(c, job=self.name, offline_after=self.registry.offline_after)
+                      for c in eligible]
+        ids, choices = choose(candidates, wanted=padded, config=self.selection, rng=self.rng)
+        record_choices(eligible, choices)
+        by_id = {c.node_id: c for c in eligible}
+        return [by_id[node_id] for node_id in ids]
 
     async def _run_round(self, opened: Round) -> RoundResult:
         self.open_round = opened
@@ -499,7 +530,14 @@ class RoundEngine:
         if result.aggregate is None:
             log.info("round %d deadline: %d of %d updates in", opened.number,
                      len(result.accepted), result.selected)
-        self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * result.dropped / result.selected
+        if self.selection.mode == "adaptive":
+            # It over-commits and closes at `wanted`: only a shortfall is dropout.
+            missing = max(0, opened.wanted - len(result.accepted)) / opened.wanted
+        else:
+            missing = result.dropped / result.selected
+        self.dropout_estimate = 0.7 * self.dropout_estimate + 0.3 * missing
+        for node_id, client in opened.selected.items():  # adaptive local work halves these
+            client.missed_last = node_id not in result.accepted
         if result.aggregate is None:
             self.status.clients = self.book.counts(active=0, dropped=result.dropped)
         return result
@@ -534,6 +572,10 @@ class RoundEngine:
             epsilon=epsilon, bytes_up=self.status.bytes_up, bytes_down=self.status.bytes_down,
             train_loss=result.train_loss, model_version=self.version,
             **traffic(opened, self.history, self.status.bytes_down, self.model_bytes))
+        return self._record_round(record)
+
+    def _record_round(self, record: RoundRecord) -> Verdict | None:
+        """A round (or server step) done: judge it, checkpoint, publish."""
         self.history.append(record)
         verdict = self.policy.after_round(record.round, record.accuracy)
         self.book.after_round(record, best_accuracy=self.policy.best_accuracy, spec=self.spec)

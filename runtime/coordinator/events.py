@@ -41,6 +41,8 @@ class RoundRecord:
     round_bytes_up: int = 0
     round_bytes_down: int = 0
     compression_ratio: float | None = None
+    # strategy.mode async: the mean staleness of the server step's buffered updates.
+    mean_staleness: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -38,6 +38,10 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
     rounds = [r.round for r in history]
     figure, grid = plt.subplots(3, 2, figsize=(13, 12.5))
     accuracy, loss, third, clients, traffic, ratio = grid.flat
+    # strategy.mode async records server steps (they carry the buffer's mean staleness).
+    unit = "server step" if history and history[-1].mean_staleness is not None else "round"
+    figure, grid = plt.subplots(2, 2, figsize=(13, 8.5))
+    accuracy, loss, third, clients = grid.flat
 
     accuracy.plot(rounds, [r.accuracy for r in history], marker="o", label="test accuracy")
     best = max(history, key=lambda r: r.accuracy)
@@ -46,7 +50,7 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
     if target_accuracy is not None:
         accuracy.axhline(target_accuracy, linestyle="--", color="black",
                          label=f"target {target_accuracy:g}")
-    accuracy.set(title="Global model accuracy", xlabel="round", ylabel="accuracy (test set)",
+    accuracy.set(title="Global model accuracy", xlabel=unit, ylabel="accuracy (test set)",
                  ylim=(0, 1.02))
     accuracy.legend(loc="lower right")
 
@@ -56,7 +60,7 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
     if train:
         loss.plot(*zip(*train, strict=True), marker=".", linestyle="--", color="tab:gray",
                   label="train (clients' mean)")
-    loss.set(title="Loss", xlabel="round", ylabel="cross-entropy loss")
+    loss.set(title="Loss", xlabel=unit, ylabel="cross-entropy loss")
     loss.legend(loc="upper right")
 
     if any(r.epsilon is not None for r in history):
@@ -65,16 +69,16 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
         if target_epsilon is not None:
             third.axhline(target_epsilon, linestyle="--", color="black",
                           label=f"target ε {target_epsilon:g}")
-        third.set(title="Privacy budget", xlabel="round", ylabel="ε spent", ylim=(0, None))
+        third.set(title="Privacy budget", xlabel=unit, ylabel="ε spent", ylim=(0, None))
         third.legend(loc="lower right")
     else:
         third.bar(rounds, [r.seconds for r in history], color="tab:purple")
-        third.set(title="Round duration", xlabel="round", ylabel="seconds")
+        third.set(title=f"{unit.capitalize()} duration", xlabel=unit, ylabel="seconds")
 
     clients.bar(rounds, [r.clients_in for r in history], color="tab:blue", label="in")
     clients.bar(rounds, [r.clients_dropped for r in history],
                 bottom=[r.clients_in for r in history], color="tab:gray", label="dropped")
-    clients.set(title="Clients per round", xlabel="round", ylabel="clients")
+    clients.set(title=f"Clients per {unit}", xlabel=unit, ylabel="clients")
     clients.yaxis.set_major_locator(MaxNLocator(integer=True))
     clients.legend(loc="lower right")
 

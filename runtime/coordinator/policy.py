@@ -68,7 +68,8 @@ class JobPolicy:
             f"{self.spec.round_timeout_seconds:g}s")
 
     def rounds_done(self, rounds_done: int) -> Verdict:
-        return Verdict(Phase.succeeded, Reason.ROUNDS_COMPLETED, f"completed {rounds_done} rounds")
+        unit = "server steps" if self.spec.strategy.mode == "async" else "rounds"
+        return Verdict(Phase.succeeded, Reason.ROUNDS_COMPLETED, f"completed {rounds_done} {unit}")
 
     # ------------------------------------------------------------ budgets
 

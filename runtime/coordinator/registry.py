@@ -36,6 +36,13 @@ class Client:
     local_accuracy: float | None = None
     compression: str | None = None
     uplink_bytes_per_second: float | None = None
+    # Adaptive selection and local work: the last choice and why, the steps given, the
+    # measured speed, and whether it missed the last task it was given.
+    selection_score: float | None = None
+    selection: str | None = None
+    local_steps: int | None = None
+    seconds_per_step: float | None = None
+    missed_last: bool = False
 
     def update_arrived(self, *, nbytes: int, seconds: float,
                        metrics: Mapping[str, float], compression: str = "",
@@ -47,6 +54,10 @@ class Client:
         if math.isfinite(uplink_bytes_per_second) and uplink_bytes_per_second > 0:
             self.uplink_bytes_per_second = round(uplink_bytes_per_second, 1)
         self.last_round_seconds = round(seconds, 4)
+        self.missed_last = False
+        steps = metrics.get("steps")
+        if steps is not None and steps >= 1:
+            self.seconds_per_step = round(seconds / steps, 6)
         self.local_loss = metrics.get("loss", self.local_loss)
         accuracy = metrics.get("accuracy")
         # Only a fraction is a status value; anything else is the agent's business.
@@ -75,6 +86,10 @@ class Client:
             bytes_up=self.bytes_up,
             compression=self.compression,
             uplink_bytes_per_second=self.uplink_bytes_per_second,
+            selection_score=self.selection_score,
+            selection=self.selection,
+            local_steps=self.local_steps,
+            seconds_per_step=self.seconds_per_step,
             rejections=dict(self.rejections),
         )
 

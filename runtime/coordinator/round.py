@@ -55,6 +55,11 @@ class Round:
     aggregator: RoundAggregator
     bounds: UpdateBounds
     epsilon_cap: float | None = None  # local DP: the most a client may report spent
+    # Per-client plans where they differ from `plan` (localWork: adaptive gives slower
+    # clients fewer local steps); and each client's full step count, the cap of the steps
+    # it may claim for FedNova's normalisation.
+    plans: dict[str, TrainPlan] = field(default_factory=dict)
+    planned_steps: dict[str, int] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
     accepted: list[str] = field(default_factory=list)
     train_losses: list[tuple[float, int]] = field(default_factory=list)
@@ -71,15 +76,16 @@ class Round:
     def dispatch(self) -> None:
         self.started = time.monotonic()
         task = Task.train(self.plan)
-        for client in self.selected.values():
+        for node_id, client in self.selected.items():
             client.dispatched += 1
-            client.tasks.put_nowait(task)
+            plan = self.plans.get(node_id)
+            client.tasks.put_nowait(task if plan is None else Task.train(plan))
 
     def task_for(self, node_id: str) -> Task | None:
         """The task again, for a selected client that reconnects before answering."""
         if self.closed or node_id not in self.selected or node_id in self.answered:
             return None
-        return Task.train(self.plan)
+        return Task.train(self.plans.get(node_id, self.plan))
 
     # ------------------------------------------------------------ admission
 
@@ -143,9 +149,18 @@ class Round:
                                              claimed=claimed))
             return verdict[0].scale
 
-        self.aggregator.add(node_id, delta, weight, bound=bound)
+        self.aggregator.add(node_id, delta, weight, bound=bound,
+                            local_steps=self.claimed_steps(header))
         self.bounds.record(verdict[0])
         return verdict[0]
+
+    def claimed_steps(self, header: UpdateHeader) -> int:
+        """The local steps an update counts for (FedNova): what the client reported,
+        between 1 and what it was asked for, so no claim can inflate its weight."""
+        planned = self.planned_steps.get(header.node_id)
+        steps = header.metrics.get("steps", planned or 1)
+        steps = int(steps) if math.isfinite(steps) else 1
+        return max(1, min(steps, planned) if planned else steps)
 
     def check_complete(self, live: set[str]) -> None:
         waiting = {n for n in set(self.selected) - self.answered if n in live}

@@ -124,7 +124,7 @@ class PrivacyPlan(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
-    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "compression")
+    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "compression", "slow_fraction", "slowdown", "availability_period_seconds", "availability_online_fraction", "max_local_steps")
     class ClientParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,11 @@ class TrainPlan(_message.Message):
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SLOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    AVAILABILITY_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABILITY_ONLINE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     local_epochs: int
@@ -156,7 +161,12 @@ class TrainPlan(_message.Message):
     dropout: float
     secure_aggregation: SecAggPlan
     compression: CompressionPlan
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ...) -> None: ...
+    slow_fraction: float
+    slowdown: float
+    availability_period_seconds: float
+    availability_online_fraction: float
+    max_local_steps: int
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ..., slow_fraction: _Optional[float] = ..., slowdown: _Optional[float] = ..., availability_period_seconds: _Optional[float] = ..., availability_online_fraction: _Optional[float] = ..., max_local_steps: _Optional[int] = ...) -> None: ...
 
 class CompressionPlan(_message.Message):
     __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless", "target_upload_seconds")

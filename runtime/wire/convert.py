@@ -17,7 +17,7 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import CompressionPlan, PrivacyPlan, SecurePlan, TrainPlan
+from ..plan import CompressionPlan, Drills, PrivacyPlan, SecurePlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..secagg import messages as sa
 from ..spec import DataSpec
@@ -107,6 +107,11 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
             planned_rounds=privacy.planned_rounds),
         deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
         dropout=plan.dropout, compression=compression_to_pb(plan.compression),
+        slow_fraction=plan.drills.slow_fraction,
+        slowdown=plan.drills.slowdown,
+        availability_period_seconds=plan.drills.availability_period_seconds,
+        availability_online_fraction=plan.drills.availability_online_fraction,
+        max_local_steps=plan.max_local_steps,
         secure_aggregation=None if plan.secure is None else pb.SecAggPlan(
             enabled=True, clip_norm=plan.secure.clip_norm, noise_std=plan.secure.noise_std))
 
@@ -139,6 +144,11 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         deadline_unix=message.deadline_unix,
         client_parameters=dict(message.client_parameters), dropout=message.dropout,
         compression=compression_from_pb(message.compression),
+        drills=Drills(
+            slow_fraction=message.slow_fraction, slowdown=max(1.0, message.slowdown),
+            availability_period_seconds=message.availability_period_seconds,
+            availability_online_fraction=message.availability_online_fraction or 1.0),
+        max_local_steps=max(0, message.max_local_steps),
         secure=SecurePlan(clip_norm=message.secure_aggregation.clip_norm,
                           noise_std=message.secure_aggregation.noise_std)
         if message.secure_aggregation.enabled else None)

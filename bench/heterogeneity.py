@@ -1,0 +1,241 @@
+"""Heterogeneous devices: time to a target accuracy with 30% of the clients 10x slower,
+and what the coordinator costs per round at 10, 100 and 1,000 registered clients.
+
+(a) Time to target, three `run_job` runs (the code path of `fedkube run`: coordinator in
+    this process, simulated agents in OS processes over real gRPC on 127.0.0.1), same
+    data, model, seed and drill (`simulation.speed: {slowFraction: 0.3, slowdown: 10}`):
+      sync-random    the baseline: synchronous FedAvg, uniform selection;
+      sync-adaptive  selection: adaptive (Oort-style utility) + localWork: adaptive with
+                     strategy fednova;
+      async-fedbuff  strategy.mode async (FedBuff), concurrency = clientsPerRound,
+                     bufferSize = clientsPerRound, so one server step folds as many
+                     updates as one synchronous round.
+    Time to target is the sum of the round (server step) durations in metrics.jsonl up to
+    the first that reaches the target accuracy (agent start-up and registration excluded,
+    the same for all three); the ratio to sync-random is the headline.
+(b) Coordinator scale, in this process, on the engine's own code without gRPC: N
+    clients registered through `RoundEngine.register` with open task streams, then rounds
+    of 100 (or N) selected clients: `_open_round` (selection over N), every update through
+    `Round.fold` (admission bounds + the running sum), `close`, the server step. Reported:
+    resident memory added over the engine alone, against the target 3x the model + 1 MB
+    per 100 clients, and the time per update and per round's selection, against N = 10.
+
+Figures are from one run on whatever machine runs it (a shared, loaded one moves the
+wall times; the ratios are taken within the run).
+
+    python -P bench/heterogeneity.py                  # mnist5k, mlp, 20 clients
+    python -P bench/heterogeneity.py --quick          # digits, fewer rounds
+    python -P bench/heterogeneity.py --output heterogeneity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# ------------------------------------------------------------------ (a) time to target
+
+
+def _job(name: str, *, quick: bool, clients: int, per_round: int, rounds: int,
+         target: float, **extra: Any):
+    from fedkube.runtime.spec import FederatedJob
+
+    spec = {
+        "model": "mlp",
+        "data": {"dataset": "digits" if quick else "mnist5k", "partition": "iid"},
+        "rounds": rounds, "clientsPerRound": per_round, "minClients": max(1, per_round // 2),
+        "roundTimeoutSeconds": 120, "localEpochs": 3, "batchSize": 16, "learningRate": 0.05,
+        "simulation": {"clients": clients, "speed": {"slowFraction": 0.3, "slowdown": 10}},
+        "convergence": {"targetAccuracy": target},
+        "seed": 1,
+        **extra,
+    }
+    return FederatedJob.model_validate({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+        "metadata": {"name": name}, "spec": spec})
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sync-random": {"strategy": {"name": "fedavg"}},
+    "sync-adaptive": {"strategy": {"name": "fednova"}, "selection": {"mode": "adaptive"},
+                      "localWork": {"mode": "adaptive"}},
+    "async-fedbuff": {"strategy": {"name": "fedavg", "mode": "async"}},
+}
+
+
+def time_to_target(*, quick: bool, clients: int, per_round: int, rounds: int,
+                   target: float) -> dict[str, Any]:
+    from fedkube.runtime.local import RunOptions, run_job
+
+    results: dict[str, Any] = {}
+    for name, extra in VARIANTS.items():
+        extra = json.loads(json.dumps(extra))
+        if name == "async-fedbuff":
+            extra["strategy"]["bufferSize"] = per_round
+        job = _job(name, quick=quick, clients=clients, per_round=per_round, rounds=rounds,
+                   target=target, **extra)
+        with tempfile.TemporaryDirectory(prefix=f"fedkube-bench-{name}-") as scratch:
+            summary = asyncio.run(run_job(job, RunOptions(output=Path(scratch), quiet=True)))
+            records = [json.loads(line) for line in
+                       (Path(scratch) / "metrics.jsonl").read_text().splitlines() if line]
+        elapsed, reached = 0.0, None
+        for record in records:
+            elapsed += record["seconds"]
+            if record["accuracy"] >= target:
+                reached = elapsed
+                break
+        results[name] = {
+            "seconds_to_target": None if reached is None else round(reached, 2),
+            "rounds": len(records), "best_accuracy": summary["bestAccuracy"],
+            "phase": summary["phase"], "wall_seconds": summary["wallSeconds"],
+            "mean_round_seconds": round(statistics.mean(r["seconds"] for r in records), 3)
+            if records else None,
+        }
+        print(f"  {name:14s} {_fmt(results[name]['seconds_to_target'])} s to {target:.2f} "
+              f"in {len(records)} rounds/steps (best {summary['bestAccuracy']}, "
+              f"wall {summary['wallSeconds']:.1f} s)", flush=True)
+    base = results["sync-random"]["seconds_to_target"]
+    for name in ("sync-adaptive", "async-fedbuff"):
+        mine = results[name]["seconds_to_target"]
+        results[name]["speedup_over_sync_random"] = (
+            round(base / mine, 2) if base and mine else None)
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.1f}"
+
+
+# ------------------------------------------------------------------ (b) coordinator scale
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+async def _scale_once(registered: int, per_round: int, rounds: int) -> dict[str, Any]:
+    import torch
+    from fedkube.runtime.coordinator.engine import RoundEngine
+    from fedkube.runtime.coordinator.round import Round
+    from fedkube.runtime.messages import NodeFacts, Payload, Registration, UpdateHeader
+    from fedkube.runtime.spec import FederatedJob
+
+    job = FederatedJob.model_validate({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+        "metadata": {"name": f"scale-{registered}"},
+        "spec": {"model": "mlp", "data": {"dataset": "digits"}, "rounds": 1000,
+                 "clientsPerRound": min(per_round, registered), "minClients": 1,
+                 "selection": {"mode": "adaptive"},
+                 "admission": {"maxClients": max(1000, registered),
+                               "registrationsPerSecond": 1e6, "registrationBurst": 100000}},
+    })
+    gc.collect()
+    engine = RoundEngine(job, registration_timeout=1)
+    model_bytes = sum(t.numel() * t.element_size() for t in engine.weights.values())
+    gc.collect()
+    before = _rss()
+    for i in range(registered):
+        admission = engine.register(Registration(
+            node_id=f"node-{i:05d}", join_token="",
+            facts=NodeFacts(num_samples=50 + i % 50), simulated_index=None))
+        engine.open_stream(admission.node_id)
+    rng = torch.Generator().manual_seed(0)
+    fold_seconds, select_seconds, updates = 0.0, 0.0, 0
+    for number in range(1, rounds + 1):
+        started = time.perf_counter()
+        opened = engine._open_round(number)
+        select_seconds += time.perf_counter() - started
+        assert isinstance(opened, Round), opened
+        engine.open_round = opened
+        live = engine._live_ids()
+        for node_id, client in opened.selected.items():
+            delta = {k: torch.randn(v.shape, generator=rng) * 1e-3
+                     for k, v in engine.weights.items()}
+            header = UpdateHeader(node_id=node_id, round=number, payload=Payload.DELTA,
+                                  model_version=engine.version, num_samples=50,
+                                  metrics={"loss": 1.0 + (hash(node_id) % 7) / 7, "steps": 3.0})
+            started = time.perf_counter()
+            await opened.fold(header, delta, live)
+            fold_seconds += time.perf_counter() - started
+            updates += 1
+            client.update_arrived(nbytes=0, seconds=0.1 + (hash(node_id) % 10) / 10,
+                                  metrics=header.metrics)
+            while not client.tasks.empty():  # no agent reads them here
+                client.tasks.get_nowait()
+        result = await opened.close()
+        engine.open_round = None
+        assert result.aggregate is not None
+        engine.weights = engine.server_optimizer.step(engine.weights, result.aggregate.mean_delta)
+        engine.version += 1
+    gc.collect()
+    added = _rss() - before
+    budget = 3 * model_bytes + registered / 100 * 1024 * 1024
+    return {"registered": registered, "per_round": min(per_round, registered),
+            "model_bytes": model_bytes, "added_bytes": added, "budget_bytes": int(budget),
+            "within_budget": added <= budget,
+            "seconds_per_update": fold_seconds / updates,
+            "selection_seconds_per_round": select_seconds / rounds}
+
+
+def coordinator_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict]:
+    rows = []
+    asyncio.run(_scale_once(sizes[0], per_round, rounds))  # warm-up: threads, allocator
+    for registered in sizes:
+        row = asyncio.run(_scale_once(registered, per_round, rounds))
+        rows.append(row)
+        print(f"  {registered:5d} registered, {row['per_round']:3d}/round: added memory "
+              f"{row['added_bytes'] / 2**20:6.2f} MiB (budget {row['budget_bytes'] / 2**20:.2f}"
+              f" MiB), {row['seconds_per_update'] * 1e3:.2f} ms/update, selection "
+              f"{row['selection_seconds_per_round'] * 1e3:.2f} ms/round", flush=True)
+    base = rows[0]["seconds_per_update"]
+    same_round = {row["per_round"]: row["seconds_per_update"] for row in rows[:-1]}
+    for row in rows:
+        row["update_time_over_smallest"] = round(row["seconds_per_update"] / base, 2)
+        # Against the smaller registry with the same updates per round (1,000 vs 100).
+        if row["per_round"] in same_round:
+            row["update_time_over_same_round_size"] = round(
+                row["seconds_per_update"] / same_round[row["per_round"]], 2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits and fewer rounds")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--per-round", type=int, default=5)
+    parser.add_argument("--target", type=float, default=None,
+                        help="target accuracy (default 0.85 on mnist5k, 0.80 on digits)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the scale part")
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    target = args.target or (0.80 if args.quick else 0.85)
+    out: dict[str, Any] = {"target_accuracy": target, "clients": args.clients,
+                           "per_round": args.per_round, "slow_fraction": 0.3, "slowdown": 10}
+    if not args.skip_accuracy:
+        print(f"(a) time to accuracy {target:.2f}, {args.clients} clients, 30% 10x slower:")
+        out["time_to_target"] = time_to_target(
+            quick=args.quick, clients=args.clients, per_round=args.per_round,
+            rounds=25 if args.quick else 40, target=target)
+        for name in ("sync-adaptive", "async-fedbuff"):
+            print(f"  {name}: {out['time_to_target'][name]['speedup_over_sync_random']}x "
+                  "faster than sync-random (target 2x)")
+    print("(b) coordinator per round (in-process, no gRPC):")
+    out["coordinator_scale"] = coordinator_scale([10, 100, 1000], per_round=100, rounds=5)
+    if args.output:
+        args.output.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The engines' heterogeneity paths in-process (no network: the servicer's calls made
+directly on the real engines): adaptive selection and local work in a synchronous round,
+and FedBuff's admission, staleness and server steps in the asynchronous engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from fedkube.runtime.coordinator.async_rounds import AsyncEngine, engine_for
+from fedkube.runtime.coordinator.engine import RoundEngine
+from fedkube.runtime.coordinator.round import Round
+from fedkube.runtime.messages import (
+    NodeFacts,
+    Payload,
+    Registration,
+    Rejected,
+    RejectReason,
+    UpdateHeader,
+)
+from fedkube.runtime.spec import FederatedJob
+
+
+def _job(**spec: object) -> FederatedJob:
+    return FederatedJob.model_validate({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+        "metadata": {"name": "hetero"},
+        "spec": {"model": "mlp", "data": {"dataset": "digits", "limit": 200}, "rounds": 5,
+                 "minClients": 1, "batchSize": 10, "localEpochs": 2, **spec}})
+
+
+def _register(engine: RoundEngine, count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        admission = engine.register(Registration(
+            node_id=f"node-{i}", join_token="", facts=NodeFacts(num_samples=100),
+            simulated_index=None))
+        engine.open_stream(admission.node_id)
+        ids.append(admission.node_id)
+    return ids
+
+
+def _delta(engine: RoundEngine, scale: float = 1e-3) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, scale) for k, v in engine.weights.items()}
+
+
+def test_adaptive_round_skips_slow_clients_and_gives_them_fewer_steps() -> None:
+    async def scenario() -> tuple[Round, RoundEngine]:
+        engine = engine_for(_job(clientsPerRound=3, strategy={"name": "fednova"},
+                                 selection={"mode": "adaptive", "exploration": 0},
+                                 localWork={"mode": "adaptive"}))
+        ids = _register(engine, 6)
+        for i, node in enumerate(ids):  # two slow clients: 10x the time per step
+            client = engine.registry.get(node)
+            client.dispatched = client.answered = 4
+            seconds = 20.0 if i < 2 else 2.0
+            client.update_arrived(nbytes=0, seconds=seconds, metrics={"loss": 1.0, "steps": 20})
+        opened = engine._open_round(1)
+        assert isinstance(opened, Round)
+        return opened, engine
+
+    opened, engine = asyncio.run(scenario())
+    assert not {"node-0", "node-1"} & set(opened.selected)
+    slow = engine.registry.get("node-0")
+    assert slow.selection == "not picked" and slow.selection_score == pytest.approx(1.0)
+    assert engine.registry.get("node-2").selection in ("utility", "not picked")
+    # Everyone picked is fast: full work (2 epochs x 10 batches), FedNova caps at it.
+    assert all(opened.planned_steps[n] == 20 for n in opened.selected)
+    status = slow.status(job="hetero", now=0.0, offline_after=1e9, wall_now=0.0)
+    assert status.selection == "not picked" and status.seconds_per_step == pytest.approx(1.0)
+
+    # A slow client that is picked gets the steps that fit the fast clients' time.
+    from fedkube.runtime.coordinator.local_work import plan_local_work
+    plans, planned = plan_local_work(engine.spec, opened.plan, [
+        engine.registry.get(n) for n in ("node-0", "node-2", "node-3")])
+    assert planned == {"node-0": 2, "node-2": 20, "node-3": 20}
+    assert plans["node-0"].max_local_steps == 2 and "node-2" not in plans
+
+
+def test_async_engine_weights_by_staleness_refuses_stale_updates_and_steps_per_buffer() -> None:
+    async def scenario() -> tuple[AsyncEngine, list]:
+        engine = engine_for(_job(clientsPerRound=3, strategy={
+            "name": "fedavg", "mode": "async", "bufferSize": 2, "maxStaleness": 1}))
+        assert isinstance(engine, AsyncEngine)
+        _register(engine, 3)
+        engine._fill()
+        assert set(engine.in_flight) == {"node-0", "node-1", "node-2"}
+        refusals = []
+
+        def header(node: str, version: int) -> UpdateHeader:
+            return UpdateHeader(node_id=node, round=engine.in_flight[node].number,
+                                model_version=version, payload=Payload.DELTA, num_samples=50,
+                                metrics={"loss": 1.0, "steps": 20})
+
+        before = {k: v.clone() for k, v in engine.weights.items()}
+        await engine.accept_update(header("node-0", 0), _delta(engine), 10)
+        await engine.accept_update(header("node-1", 0), _delta(engine), 10)
+        verdict = await engine._next_round()  # the full buffer: one server step
+        assert verdict is None and engine.round == 1 and engine.version == 1
+        for name, old in before.items():  # both fresh: the step is their plain mean
+            moved = engine.weights[name] - old
+            assert torch.allclose(moved, torch.full_like(moved, 1e-3), atol=1e-6)
+        # node-2 trained on version 0: one step stale, accepted at 1/sqrt(2).
+        await engine.accept_update(header("node-2", 0), _delta(engine), 10)
+        assert engine.buffer.count == 1
+        engine._fill()  # node-0 and node-1 get new tasks on version 1
+        engine.version = 3  # as if two more steps had happened meanwhile
+        try:
+            await engine.accept_update(header("node-0", 1), _delta(engine), 10)
+        except Rejected as rejection:
+            refusals.append(rejection.reason)
+        try:
+            await engine.accept_update(header("node-1", 0), _delta(engine), 10)
+        except Rejected as rejection:
+            refusals.append(rejection.reason)
+        return engine, refusals
+
+    engine, refusals = asyncio.run(scenario())
+    # Two steps stale (maxStaleness 1), then built on a model older than its task's.
+    assert refusals == [RejectReason.STALE, RejectReason.WRONG_VERSION]
+    assert engine.buffer.count == 1
+    assert engine.history[-1].mean_staleness == 0.0
+    assert engine.status.server_steps == 1
