@@ -203,9 +203,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "labels": _labels(args.label),
         "give_up_after": args.give_up_after,
     }
+    network = None
+    if args.simulated_network:
+        from .agent.network import link_for
+        from .spec import NetworkSpec
+
+        network = NetworkSpec.model_validate_json(args.simulated_network)
     configs = [
         AgentConfig(node_id=args.node_id or (f"sim-{index:03d}" if index is not None else ""),
-                    simulated_index=index, **common)
+                    simulated_index=index,
+                    network=(link_for(network, seed=args.simulated_seed, index=index)
+                             if network is not None and index is not None else None),
+                    **common)
         for index in indexes
     ]
     return run_agents(configs)
@@ -344,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--simulated-index", type=int, action="append", default=[],
                        help="train on this partition of the job's dataset (simulation); "
                        "repeat to run several simulated agents in this process")
+    agent.add_argument("--simulated-network", metavar="JSON", help=argparse.SUPPRESS)
+    agent.add_argument("--simulated-seed", type=int, default=0, help=argparse.SUPPRESS)
     agent.add_argument("--state-dir", default="~/.fedkube",
                        help="where the privacy budget is kept between runs")
     agent.add_argument("--join-token-file", help="file with the job's join token "

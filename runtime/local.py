@@ -113,6 +113,15 @@ def agent_command(*, port: int, indexes: list[int], state_dir: Path) -> list[str
     return command
 
 
+def network_args(job: FederatedJob) -> list[str]:
+    """The agent flags that carry spec.simulation.network (each agent draws its link)."""
+    network = job.spec.simulation.network
+    if network is None:
+        return []
+    return ["--simulated-network", network.model_dump_json(by_alias=True),
+            "--simulated-seed", str(job.spec.seed)]
+
+
 def agent_groups(clients: int, processes: int) -> list[list[int]]:
     """Simulated client indexes spread over `processes` OS processes, round-robin."""
     count = max(1, min(clients, processes))
@@ -268,7 +277,7 @@ async def run_job(job: FederatedJob, options: RunOptions) -> dict[str, Any]:
         if reserved is not None:
             held.callback(reserved.close)
             progress.stage(f"starting {clients} agents")
-            agents = _start_agents(clients, reserved.getsockname()[1], options)
+            agents = _start_agents(clients, reserved.getsockname()[1], options, job)
         progress.stage("loading data and model")
 
         def on_round(record: RoundRecord) -> None:
@@ -318,10 +327,11 @@ def _warm_plotting() -> None:
     import matplotlib.pyplot
 
 
-def _start_agents(clients: int, port: int, options: RunOptions) -> AgentProcesses:
+def _start_agents(clients: int, port: int, options: RunOptions, job: FederatedJob
+                  ) -> AgentProcesses:
     return AgentProcesses(clients, port=port, output=options.output,
                           threads=options.agent_threads, processes=options.agent_processes,
-                          extra_args=options.extra_agent_args)
+                          extra_args=(*options.extra_agent_args, *network_args(job)))
 
 
 async def _serve_with_agents(engine: RoundEngine, options: RunOptions, clients: int, *,
@@ -345,7 +355,7 @@ async def _serve_with_agents(engine: RoundEngine, options: RunOptions, clients: 
         if bound.done() and not stopping.done():
             if agents is None:
                 progress.stage(f"starting {clients} agents")
-                agents = _start_agents(clients, bound.result(), options)
+                agents = _start_agents(clients, bound.result(), options, engine.job)
             warming = asyncio.ensure_future(asyncio.to_thread(_warm_plotting))
             await asyncio.wait({ended, stopping, server}, return_when=asyncio.FIRST_COMPLETED)
         clock.job_ended = time.monotonic()

@@ -165,3 +165,5 @@ class UpdateHeader:
     epsilon_spent: float = 0.0  # cumulative for this device and job (local DP)
     delta: float = 0.0
     refusal_reason: str = ""
+    compression: str = ""  # the setting the client applied, e.g. "top1%+q8"
+    uplink_bytes_per_second: float = 0.0  # its last measured upload throughput

@@ -34,6 +34,18 @@ class PrivacyPlan:
 
 
 @dataclass(frozen=True)
+class CompressionPlan:
+    """How the client encodes its update (spec.compression as the client applies it)."""
+
+    top_k: float | None = None
+    quantize_bits: int = 32
+    error_feedback: bool = False
+    lossless: str = "none"
+    # Adaptive: the client picks between fp32 and the setting above to meet this target.
+    target_upload_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Drills:
     """The heterogeneity drills of spec.simulation, as each simulated client applies them
     to itself (which clients are slow, and when each is online, follow from its index)."""
@@ -100,6 +112,7 @@ class TrainPlan:
     client_parameters: Mapping[str, float]
     # The fault drill of spec.simulation.dropout: simulated clients skip a round at this rate.
     dropout: float = 0.0
+    compression: CompressionPlan = CompressionPlan()
     drills: Drills = Drills()
     # The most local steps this client takes (0: localEpochs in full); set per client by
     # localWork: adaptive.
@@ -140,6 +153,12 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
         deadline_unix=now + spec.round_timeout_seconds,
         client_parameters=dict(client_parameters),
         dropout=spec.simulation.dropout,
+        compression=CompressionPlan(
+            top_k=spec.compression.top_k, quantize_bits=spec.compression.quantize_bits,
+            error_feedback=spec.compression.error_feedback,
+            lossless=spec.compression.lossless,
+            target_upload_seconds=(spec.compression.adaptive.target_upload_seconds
+                                   if spec.compression.adaptive else None)),
         drills=drills_of(spec),
         attack=attack_plan(spec),
         secure=secure,

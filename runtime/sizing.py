@@ -25,8 +25,25 @@ def job_footprint(spec: FederatedJobSpec) -> Footprint:
         local_dp=spec.privacy.mode == "local", robust=rule_for(spec.strategy.name.value).buffered,
         clients_per_round=max(1, spec.clients_to_select(population)),
         activation_bytes_per_sample=activation_bytes(model, dataset.input_shape))
-    # No compression stage exists yet: an update travels as the float tensors it is.
-    return estimate(weights, update_bytes=wire.encoded_size(weights), shape=shape)
+    return estimate(weights, update_bytes=update_bytes(spec, weights), shape=shape)
+
+
+def update_bytes(spec: FederatedJobSpec, weights) -> int:
+    """What one update costs on the wire: raw float tensors, or under spec.compression
+    the estimate for its coarsest setting (before lossless framing, which only helps)."""
+    import torch
+
+    from .compression import CompressionConfig
+    from .compression.adaptive import estimated_bytes
+
+    raw = wire.encoded_size(weights)
+    compression = spec.compression
+    if compression.top_k is None and compression.quantize_bits == 32:
+        return raw
+    config = CompressionConfig(top_k=compression.top_k, bits=compression.quantize_bits)
+    floats = [t.numel() for t in weights.values() if t.dtype == torch.float32]
+    others = raw - 4 * sum(floats)
+    return others + estimated_bytes(config, floats)
 
 
 def format_footprint(footprint: Footprint) -> str:

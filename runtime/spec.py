@@ -167,6 +167,57 @@ class PrivacySpec(_Model):
         return self
 
 
+class AdaptiveCompressionSpec(_Model):
+    """Compression adaptive to each client's link."""
+
+    target_upload_seconds: float = Field(
+        gt=0, description="Each client picks the finest setting whose upload, at the "
+        "throughput it measured last time, takes at most this long.",
+    )
+
+
+class CompressionSpec(_Model):
+    """How clients compress their updates before upload (top-k, quantization, lossless
+    framing); the coordinator decodes each tensor as it folds it in."""
+
+    top_k: float | None = Field(
+        None, gt=0, lt=1,
+        description="Fraction of each tensor's entries sent (largest magnitude); unset: all.",
+    )
+    quantize_bits: Literal[32, 16, 8, 4, 2] = Field(
+        32, description="Bits per value: 32 sends float32; 16/8/4/2 quantize with "
+        "stochastic rounding and a per-block scale (unbiased).",
+    )
+    error_feedback: bool = Field(
+        False, description="Keep on the device what was not sent and add it next round "
+        "(needs topK or quantizeBits below 32).",
+    )
+    lossless: Literal["none", "zstd", "lz4"] = Field(
+        "none", description="Lossless framing of the encoded bytes.",
+    )
+    adaptive: AdaptiveCompressionSpec | None = Field(
+        None, description="Let each client pick its setting for its link, between fp32 and "
+        "the topK/quantizeBits above (the coarsest allowed).",
+    )
+
+    @model_validator(mode="after")
+    def _sensible(self) -> CompressionSpec:
+        lossy = self.top_k is not None or self.quantize_bits < 32
+        if self.error_feedback and not lossy:
+            raise ValueError(
+                "errorFeedback needs topK or quantizeBits below 32: without a lossy "
+                "step nothing is left over to feed back")
+        if self.adaptive is not None and not lossy:
+            raise ValueError(
+                "adaptive needs topK or quantizeBits below 32: they bound the coarsest "
+                "setting a client may pick, and fp32 leaves nothing to choose from")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k is not None or self.quantize_bits < 32 or self.lossless != "none"
+
+
 class SecureAggregationSpec(_Model):
     """Secure aggregation (Bonawitz et al. 2017 with the SecAgg+ neighbour graph of Bell et
     al. 2020): the coordinator learns only the sum of a round's updates, never one
@@ -198,6 +249,18 @@ class ResourceRequirements(_Model):
     limits: dict[str, str] | None = None
 
 
+class NetworkSpec(_Model):
+    """The link of each simulated client, enforced in its transport under `fedkube run`:
+    what compression buys in wall time."""
+
+    uplink_mbps: float | None = Field(
+        None, gt=0, description="Upload bandwidth in Mbit/s (unset: unlimited).")
+    downlink_mbps: float | None = Field(
+        None, gt=0, description="Download bandwidth in Mbit/s (unset: unlimited).")
+    latency_ms: float = Field(0.0, ge=0, le=60_000, description="One-way latency per transfer.")
+    spread: float = Field(
+        0.0, ge=0, le=3, description="Clients differ: each one's bandwidths are the ones above "
+        "times exp(N(0, spread)), drawn from the job's seed and the client's index (0: all alike).")
 class SpeedSpec(_Model):
     """Heterogeneous compute (drill): a share of the simulated clients trains slower."""
 
@@ -261,6 +324,8 @@ class SimulationSpec(_Model):
         None, description="Container resources of each agent pod; the operator's default "
         "if unset. Ignored by `fedkube run`.",
     )
+    network: NetworkSpec | None = Field(
+        None, description="Simulated links of the clients (fedkube run only).")
     attackers: AttackSpec | None = Field(
         None, description="Attack drill: a share of the simulated clients attacks."
     )
@@ -449,6 +514,7 @@ class FederatedJobSpec(_Model):
     optimizer: Literal["sgd", "adam"] = "sgd"
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
     client_selector: dict[str, str] | None = Field(
         None, description="Only clients whose labels match all of these take part."
     )
@@ -557,9 +623,13 @@ def _check_secure_aggregation(spec: FederatedJobSpec) -> None:
         raise ValueError(
             f"secureAggregation.valueRange {secure.value_range} times {most} clients does not "
             "fit the 32-bit ring: lower valueRange (or admission.maxClients)")
-    # Compression (top-k sparsification) joins here when spec.compression lands: its masks
-    # are dense, so top-k must be refused unless the sparsity pattern is shared by every
-    # client from a round seed; quantization composes (it is the fixed-point step).
+    # The masks are dense, so top-k would need a sparsity pattern shared by every client
+    # (from a round seed); quantization would be the fixed-point step. Neither is wired
+    # into the secure path yet, so compression is refused rather than silently ignored.
+    if spec.compression.enabled:
+        raise ValueError(
+            "compression cannot be combined with secureAggregation.enabled: masked updates "
+            "travel as dense ring elements (unset compression.topK, quantizeBits, lossless)")
 
 
 # The fields a running job takes up when its spec is edited (Python names); every other
@@ -717,6 +787,10 @@ class FederatedJobStatus(_Model):
     )
     bytes_up: int = 0
     bytes_down: int = 0
+    compression_ratio: float | None = Field(
+        None, ge=0, description="Last round's upload bytes as a fraction of raw float32 "
+        "updates (1: uncompressed).",
+    )
     endpoint: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
@@ -761,6 +835,7 @@ STATUS_FIELD_OWNERS: dict[str, Writer] = {
     "clientsSummary": Writer.coordinator,
     "bytesUp": Writer.coordinator,
     "bytesDown": Writer.coordinator,
+    "compressionRatio": Writer.coordinator,
     "completionTime": Writer.coordinator,
     "message": Writer.coordinator,
     "modelRef": Writer.coordinator,
@@ -911,6 +986,10 @@ class ClientNodeStatus(_Model):
         None, ge=0, le=1, description="Training accuracy it reported last round."
     )
     bytes_up: int = Field(0, ge=0, description="Update bytes accepted from it in this job.")
+    compression: str | None = Field(
+        None, description="Compression it applied to its last update (e.g. top1%+q8, fp32).")
+    uplink_bytes_per_second: float | None = Field(
+        None, ge=0, description="Upload throughput it measured on its last update.")
     selection_score: float | None = Field(
         None, ge=0, description="Its utility at the last adaptive selection (selection: adaptive)."
     )

@@ -11,9 +11,10 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -69,6 +70,17 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     max_backoff: float = 10.0
     give_up_after: float | None = None  # seconds without a coordinator; None: never
+    network: LinkLimits | None = None  # simulated link (spec.simulation.network)
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """A simulated client's link: bandwidth each way (bits/s, None: unlimited) and the
+    one-way latency added to every transfer."""
+
+    uplink_bits_per_second: float | None = None
+    downlink_bits_per_second: float | None = None
+    latency_seconds: float = 0.0
 
 
 class JobEnded(Exception):
@@ -101,6 +113,7 @@ class Agent:
         self.session = self._saved_session()
         self.registered_once = False
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
+        self.uplink_bytes_per_second = 0.0  # measured on the last upload
         self.heartbeat_seconds = 2.0  # the coordinator's Admission sets it
 
     def _session_file(self) -> Path:
@@ -234,6 +247,7 @@ class Agent:
 
     async def _handle(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
         assert self.trainer is not None
+        loop = asyncio.get_running_loop()
         if self.trainer.drops_out(plan):
             log.info("round %d: simulated dropout, not answering", plan.round)
             return
@@ -253,6 +267,9 @@ class Agent:
         try:
             # Each chunk is copied into the model's storage as it arrives: the messages
             # of a whole model are never held at once.
+            network = self.config.network
+            downlink = _Link(network.downlink_bits_per_second if network else None,
+                             network.latency_seconds if network else 0.0)
             assembler = wire.TensorAssembler(self.trainer.schema)
             # The version this update is built on: under strategy.mode async the
             # coordinator serves its newest model, which may be newer than the task's.
@@ -260,9 +277,10 @@ class Agent:
             async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
                     metadata=self._metadata()):
+                await downlink.pace(chunk.ByteSize())
                 version = chunk.model_version
                 assembler.add(chunk)
-            global_weights = assembler.finish()
+            global_weights = dict(assembler.finish())
             try:
                 started = time.monotonic()
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
@@ -277,12 +295,24 @@ class Agent:
                     epsilon=self.trainer.epsilon_spent(), delta=0.0))
                 return
             self.state = "uploading"
+            compressor = self.trainer.compressor
+            setting = compressor.setting(result.delta_weights, plan.compression,
+                                         bytes_per_second=self.uplink_bytes_per_second)
+            compressed = await asyncio.to_thread(compressor.compress, result.delta_weights,
+                                                 setting)
             header = UpdateHeader(
                 node_id=self.node_id, round=plan.round, model_version=version,
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
-                epsilon_spent=result.epsilon, delta=result.delta)
-            reply = await stub.SubmitUpdate(_update_stream(header, result.delta_weights),
-                                            metadata=self._metadata())
+                epsilon_spent=result.epsilon, delta=result.delta,
+                compression=setting.describe(),
+                uplink_bytes_per_second=self.uplink_bytes_per_second)
+            started = loop.time()
+            reply = await stub.SubmitUpdate(
+                _update_stream(header, compressed.parts, self.config.network),
+                metadata=self._metadata())
+            seconds = loop.time() - started
+            if seconds > 0:
+                self.uplink_bytes_per_second = compressed.sent_bytes / seconds
             self._contact()
             log.info("round %d: %s (loss %.4f)", plan.round, reply.message,
                      result.metrics.get("loss", float("nan")))
@@ -391,10 +421,41 @@ def _drill(phase: str, round: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def _update_stream(header: UpdateHeader, weights: dict) -> AsyncIterator[pb.UpdateChunk]:
+async def _update_stream(header: UpdateHeader, parts: Mapping[str, Any],
+                         network: LinkLimits | None = None) -> AsyncIterator[pb.UpdateChunk]:
     yield pb.UpdateChunk(header=convert.header_to_pb(header))
-    for part in wire.to_update_chunks(weights, model_version=header.model_version):
+    link = _Link(network.uplink_bits_per_second if network else None,
+                 network.latency_seconds if network else 0.0)
+    for part in wire.to_compressed_update_chunks(parts, model_version=header.model_version,
+                                                 chunk_bytes=link.chunk_bytes):
+        await link.pace(part.tensor.ByteSize())
         yield part
+
+
+class _Link:
+    """A simulated link (spec.simulation.network): a message of n bytes may leave only
+    once the link would have carried everything before it, at the link's rate after its
+    latency; chunks are made small enough for the pacing to be smooth."""
+
+    def __init__(self, bits_per_second: float | None, latency: float) -> None:
+        self.rate = bits_per_second / 8 if bits_per_second else None
+        self.latency = latency
+        self.chunk_bytes = (wire.CHUNK_BYTES if self.rate is None
+                            else max(16 << 10, min(wire.CHUNK_BYTES, int(self.rate / 10))))
+        self.started: float | None = None
+        self.sent = 0
+
+    async def pace(self, nbytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self.started is None:
+            self.started = loop.time()
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+        if self.rate is not None:
+            due = self.started + self.latency + self.sent / self.rate
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+        self.sent += nbytes
 
 
 def run_agents(configs: list[AgentConfig]) -> int:

@@ -23,6 +23,7 @@ from ..models import build_model
 from ..plan import AttackPlan, PrivacyPlan, TrainPlan
 from ..training import load_weights, make_loader, make_optimizer, train_local, weights_of
 from . import attacks
+from .compressor import ResidualStore, UpdateCompressor
 from .device import TrainingDevice
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ class LocalTrainer:
         # colluding attackers rebuild each other's partitions.
         self.simulated_index = simulated_index
         self.dataset = dataset
+        self.compressor = UpdateCompressor(
+            ResidualStore(state_dir / "compression" / node_id), job.job_name)
 
     @property
     def num_samples(self) -> int:

@@ -108,7 +108,22 @@ def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update
     finite; a non-finite norm is either a NaN/Inf (named in a ValueError after an
     element-wise look) or finite values whose squares overflow (a hostile update of huge
     values), whose norm is then redone in float64: a second pass only for those.
+
+    A mapping other than a dict (a compressed update, which decodes each tensor when it
+    is read) is measured one tensor at a time instead, so its decoded tensors never all
+    exist at once; in float64, where float32 values cannot overflow.
     """
+    if not isinstance(update, dict):
+        squares = 0.0
+        for meta in layout:
+            tensor = update[meta.name]
+            if tensor.is_floating_point():
+                norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64))
+                if not math.isfinite(norm):
+                    check_finite(layout, update, what=what, confirmed=False)
+                squares += norm * norm
+            del tensor
+        return UpdateStats(math.sqrt(squares))
     floating = [update[meta.name].detach() for meta in layout
                 if update[meta.name].is_floating_point()]
     if not floating:
@@ -131,11 +146,18 @@ def check_finite(layout: Layout, update: Mapping[str, Tensor], *, what: str = "u
     without it, straight to the element-wise look (the caller already saw a non-finite
     reduction).
     """
-    floating = [update[meta.name] for meta in layout if update[meta.name].is_floating_point()]
-    if not floating:
+    # Tensor by tensor, keeping only each sum: an update that decodes its tensors when
+    # read (a compressed one) never has two of them decoded at once.
+    partial = []
+    for meta in layout:
+        tensor = update[meta.name]
+        if tensor.is_floating_point():
+            partial.append(tensor.detach().sum().to(torch.float32))
+        del tensor
+    if not partial:
         return
     if confirmed:
-        sums = torch.stack([tensor.detach().sum().to(torch.float32) for tensor in floating])
+        sums = torch.stack(partial)
         if bool(torch.isfinite(sums).all()):
             return
     for meta in layout:

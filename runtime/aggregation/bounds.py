@@ -24,7 +24,15 @@ def update_norm(delta: Weights) -> float:
 
     Computed in the tensors' own precision with one fused per-tensor call (what
     `torch.nn.utils.clip_grad_norm_` uses), which costs half as much as a float64 pass;
-    only when that overflows (a hostile update of huge values) is it redone in float64."""
+    only when that overflows (a hostile update of huge values) is it redone in float64.
+    A mapping other than a dict (one that decodes each tensor when read) is read one
+    tensor at a time, so no two of its decoded tensors exist at once."""
+    if not isinstance(delta, dict):
+        squares = 0.0
+        for tensor in delta.values():
+            if tensor.is_floating_point():
+                squares += float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+        return math.sqrt(squares)
     floats = [t for t in delta.values() if t.is_floating_point()]
     if not floats:
         return 0.0

@@ -81,6 +81,7 @@ from .secure_round import SecureRound, distributed_noise_std, secure_config
 from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
+from .traffic import traffic
 from .uploads import UploadGuard
 
 if TYPE_CHECKING:
@@ -378,7 +379,9 @@ class RoundEngine:
         client.epsilon = max(client.epsilon, header.epsilon_spent)
         client.delta = header.delta if header.epsilon_spent else client.delta
         client.update_arrived(nbytes=nbytes, seconds=time.monotonic() - open_round.started,
-                              metrics=header.metrics)
+                              metrics=header.metrics, compression=header.compression,
+                              uplink_bytes_per_second=header.uplink_bytes_per_second)
+        open_round.bytes_up += nbytes
         self.status.bytes_up += nbytes
         self.events.publish(UpdateAccepted(header.node_id, nbytes))
 
@@ -588,7 +591,8 @@ class RoundEngine:
             clients_dropped=result.dropped, set_aside=len(result.aggregate.set_aside),
             seconds=round(time.monotonic() - opened.started, 4),
             epsilon=epsilon, bytes_up=self.status.bytes_up, bytes_down=self.status.bytes_down,
-            train_loss=result.train_loss, model_version=self.version)
+            train_loss=result.train_loss, model_version=self.version,
+            **traffic(opened, self.history, self.status.bytes_down, self.model_bytes))
         return self._record_round(record)
 
     def _record_round(self, record: RoundRecord) -> Verdict | None:

@@ -36,6 +36,11 @@ class RoundRecord:
     bytes_down: int
     train_loss: float | None
     model_version: int
+    # This round's traffic (bytes_up/bytes_down above are the job's totals so far) and
+    # its upload against the raw float32 updates it stands for (1.0: uncompressed).
+    round_bytes_up: int = 0
+    round_bytes_down: int = 0
+    compression_ratio: float | None = None
     # strategy.mode async: the mean staleness of the server step's buffered updates.
     mean_staleness: float | None = None
 

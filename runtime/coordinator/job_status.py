@@ -60,6 +60,8 @@ class StatusBook:
         status.best_accuracy = round(best_accuracy or 0.0, 4)
         if record.epsilon is not None:
             status.epsilon = round(record.epsilon, 4)
+        if record.compression_ratio is not None:
+            status.compression_ratio = round(record.compression_ratio, 4)
         status.clients = self.counts(active=record.clients_in, dropped=record.clients_dropped)
         target = spec.privacy.target_epsilon
         if spec.privacy.mode == "local" and target and len(self.registry) and all(

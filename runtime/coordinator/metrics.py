@@ -20,6 +20,7 @@ Names follow Prometheus' conventions (base units, `_total` on counters, `fedkube
 | fedkube_privacy_epsilon | gauge | DP budget spent so far |
 | fedkube_round_current | gauge | the round in progress or last closed |
 | fedkube_model_accuracy | gauge | test accuracy of the global model |
+| fedkube_compression_ratio | gauge | last round's upload bytes / raw float32 updates |
 | fedkube_client_round_duration_seconds{client} | gauge | dispatch to its accepted update, last round |
 | fedkube_client_local_loss{client} | gauge | training loss it reported last round |
 | fedkube_client_local_accuracy{client} | gauge | training accuracy it reported last round |
@@ -122,6 +123,11 @@ class CoordinatorMetrics:
         self._accuracy = Gauge(
             "fedkube_model_accuracy", "Test accuracy of the global model (0 to 1).", registry=r
         )
+        self._compression = Gauge(
+            "fedkube_compression_ratio",
+            "Last round's upload bytes as a fraction of raw float32 updates (1: uncompressed).",
+            registry=r,
+        )
         self._per_client = {
             name: Gauge(f"fedkube_client_{name}", help_text, ["client"], registry=r)
             for name, help_text in (
@@ -195,6 +201,12 @@ class CoordinatorMetrics:
             raise ValueError(f"accuracy must lie in [0, 1], got {acc}")
         self._accuracy.set(acc)
 
+    def compression_ratio(self, ratio: float) -> None:
+        """Last round's upload against raw float32 updates."""
+        if not math.isfinite(ratio) or ratio < 0:
+            raise ValueError(f"compression ratio must be a finite number >= 0, got {ratio}")
+        self._compression.set(ratio)
+
     def round(self, n: int) -> None:
         """The round now in progress (or last closed)."""
         self._round.set(_non_negative(n, "round"))
@@ -265,6 +277,8 @@ class MetricsSubscriber:
             metrics.accuracy(record.accuracy)
             if record.epsilon is not None:
                 metrics.privacy_epsilon(record.epsilon)
+            if record.compression_ratio is not None:
+                metrics.compression_ratio(record.compression_ratio)
         elif isinstance(event, UpdateAccepted):
             metrics.update_accepted()
             metrics.bytes_received(event.nbytes)

@@ -30,11 +30,14 @@ def _pyplot() -> Any:
 def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
                 target_epsilon: float | None, target_accuracy: float | None = None) -> Path:
     """Accuracy (target line, best-so-far marker), loss, privacy spent (target line) or,
-    without privacy, the round's duration, and the clients in and dropped per round."""
+    without privacy, the round's duration, the clients in and dropped per round, the
+    bytes up and down per round and the upload's compression ratio."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in history]
+    figure, grid = plt.subplots(3, 2, figsize=(13, 12.5))
+    accuracy, loss, third, clients, traffic, ratio = grid.flat
     # strategy.mode async records server steps (they carry the buffer's mean staleness).
     unit = "server step" if history and history[-1].mean_staleness is not None else "round"
     figure, grid = plt.subplots(2, 2, figsize=(13, 8.5))
@@ -78,6 +81,23 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
     clients.set(title=f"Clients per {unit}", xlabel=unit, ylabel="clients")
     clients.yaxis.set_major_locator(MaxNLocator(integer=True))
     clients.legend(loc="lower right")
+
+    mb = 1e-6
+    up = [r.round_bytes_up * mb for r in history]
+    traffic.bar([x - 0.2 for x in rounds], up, width=0.4, color="tab:blue", label="up (updates)")
+    traffic.bar([x + 0.2 for x in rounds], [r.round_bytes_down * mb for r in history],
+                width=0.4, color="tab:gray", label="down (model)")
+    traffic.set(title="Traffic per round", xlabel="round", ylabel="MB")
+    traffic.legend(loc="upper right")
+
+    ratios = [(r.round, r.compression_ratio) for r in history if r.compression_ratio is not None]
+    if ratios:
+        ratio.plot(*zip(*ratios, strict=True), marker="o", color="tab:green",
+                   label="upload / raw float32")
+        ratio.axhline(1.0, linestyle="--", color="black", label="uncompressed")
+        ratio.set_yscale("log")
+        ratio.legend(loc="upper right")
+    ratio.set(title="Compression ratio", xlabel="round", ylabel="bytes sent / fp32 bytes")
 
     for axis in grid.flat:
         axis.grid(alpha=0.3)

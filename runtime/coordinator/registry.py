@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ class Client:
     last_round_seconds: float | None = None
     local_loss: float | None = None
     local_accuracy: float | None = None
+    compression: str | None = None
+    uplink_bytes_per_second: float | None = None
     # Adaptive selection and local work: the last choice and why, the steps given, the
     # measured speed, and whether it missed the last task it was given.
     selection_score: float | None = None
@@ -51,9 +54,14 @@ class Client:
     missed_last: bool = False
 
     def update_arrived(self, *, nbytes: int, seconds: float,
-                       metrics: Mapping[str, float]) -> None:
+                       metrics: Mapping[str, float], compression: str = "",
+                       uplink_bytes_per_second: float = 0.0) -> None:
         """An update of this client was accepted `seconds` after its round's dispatch."""
         self.bytes_up += nbytes
+        # What the agent says it applied: a short label and a finite, positive rate only.
+        self.compression = compression[:64] or self.compression
+        if math.isfinite(uplink_bytes_per_second) and uplink_bytes_per_second > 0:
+            self.uplink_bytes_per_second = round(uplink_bytes_per_second, 1)
         self.last_round_seconds = round(seconds, 4)
         self.missed_last = False
         steps = metrics.get("steps")
@@ -93,6 +101,8 @@ class Client:
             local_loss=self.local_loss,
             local_accuracy=self.local_accuracy,
             bytes_up=self.bytes_up,
+            compression=self.compression,
+            uplink_bytes_per_second=self.uplink_bytes_per_second,
             selection_score=self.selection_score,
             selection=self.selection,
             local_steps=self.local_steps,

@@ -94,6 +94,7 @@ class RunReport:
             "roundSeconds": round(sum(r.seconds for r in history), 3),
             "bytesUp": history[-1].bytes_up if history else 0,
             "bytesDown": history[-1].bytes_down if history else 0,
+            "compressionRatio": compression_ratio(history),
             **(extra or {}),
             "status": self.status.to_wire() if self.status else None,
             "clients": {node: self.clients[node] for node in sorted(self.clients)},
@@ -103,3 +104,13 @@ class RunReport:
         os.replace(tmp, self.output_dir / SUMMARY)
         return summary
 
+
+
+def compression_ratio(history: Sequence[RoundRecord]) -> float | None:
+    """The job's upload bytes as a fraction of the raw float32 updates they stand for."""
+    sent = raw = 0.0
+    for record in history:
+        if record.compression_ratio:
+            sent += record.round_bytes_up
+            raw += record.round_bytes_up / record.compression_ratio
+    return round(sent / raw, 6) if raw else None

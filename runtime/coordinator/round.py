@@ -67,6 +67,7 @@ class Round:
     fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
     started: float = 0.0  # monotonic time of dispatch
+    bytes_up: int = 0  # of the updates accepted this round, as they travelled
 
     @property
     def number(self) -> int:

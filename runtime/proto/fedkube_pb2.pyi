@@ -124,7 +124,7 @@ class PrivacyPlan(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., accountant: _Optional[str] = ..., planned_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainPlan(_message.Message):
-    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "slow_fraction", "slowdown", "availability_period_seconds", "availability_online_fraction", "max_local_steps", "attack")
+    __slots__ = ("round", "model_version", "local_epochs", "batch_size", "learning_rate", "optimizer", "privacy", "deadline_unix", "client_parameters", "dropout", "secure_aggregation", "compression", "slow_fraction", "slowdown", "availability_period_seconds", "availability_online_fraction", "max_local_steps", "attack")
     class ClientParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class TrainPlan(_message.Message):
     CLIENT_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SLOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -160,13 +161,28 @@ class TrainPlan(_message.Message):
     client_parameters: _containers.ScalarMap[str, float]
     dropout: float
     secure_aggregation: SecAggPlan
+    compression: CompressionPlan
     slow_fraction: float
     slowdown: float
     availability_period_seconds: float
     availability_online_fraction: float
     max_local_steps: int
     attack: AttackDrill
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., slow_fraction: _Optional[float] = ..., slowdown: _Optional[float] = ..., availability_period_seconds: _Optional[float] = ..., availability_online_fraction: _Optional[float] = ..., max_local_steps: _Optional[int] = ..., attack: _Optional[_Union[AttackDrill, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ..., slow_fraction: _Optional[float] = ..., slowdown: _Optional[float] = ..., availability_period_seconds: _Optional[float] = ..., availability_online_fraction: _Optional[float] = ..., max_local_steps: _Optional[int] = ..., attack: _Optional[_Union[AttackDrill, _Mapping]] = ...) -> None: ...
+
+class CompressionPlan(_message.Message):
+    __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless", "target_upload_seconds")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_UPLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    top_k: float
+    quantize_bits: int
+    error_feedback: bool
+    lossless: str
+    target_upload_seconds: float
+    def __init__(self, top_k: _Optional[float] = ..., quantize_bits: _Optional[int] = ..., error_feedback: bool = ..., lossless: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ...) -> None: ...
 
 class SecAggPlan(_message.Message):
     __slots__ = ("enabled", "clip_norm", "noise_std")
@@ -213,23 +229,41 @@ class GetModelRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "offset", "data", "model_version")
+    __slots__ = ("name", "shape", "dtype", "offset", "data", "model_version", "encoding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     offset: int
     data: bytes
     model_version: int
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., model_version: _Optional[int] = ...) -> None: ...
+    encoding: TensorEncoding
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., model_version: _Optional[int] = ..., encoding: _Optional[_Union[TensorEncoding, _Mapping]] = ...) -> None: ...
+
+class TensorEncoding(_message.Message):
+    __slots__ = ("count", "sparse", "bits", "block", "lossless", "size")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    sparse: bool
+    bits: int
+    block: int
+    lossless: str
+    size: int
+    def __init__(self, count: _Optional[int] = ..., sparse: bool = ..., bits: _Optional[int] = ..., block: _Optional[int] = ..., lossless: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("node_id", "round", "model_version", "num_samples", "metrics", "epsilon_spent", "delta", "payload", "refusal_reason")
+    __slots__ = ("node_id", "round", "model_version", "num_samples", "metrics", "epsilon_spent", "delta", "payload", "refusal_reason", "compression", "uplink_bytes_per_second")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +280,8 @@ class UpdateHeader(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     round: int
     model_version: int
@@ -255,7 +291,9 @@ class UpdateHeader(_message.Message):
     delta: float
     payload: str
     refusal_reason: str
-    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., payload: _Optional[str] = ..., refusal_reason: _Optional[str] = ...) -> None: ...
+    compression: str
+    uplink_bytes_per_second: float
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., payload: _Optional[str] = ..., refusal_reason: _Optional[str] = ..., compression: _Optional[str] = ..., uplink_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "tensor")

@@ -18,6 +18,7 @@ from .tensors import (
     from_chunks,
     schema_of,
     to_chunks,
+    to_compressed_update_chunks,
     to_update_chunks,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "from_chunks",
     "schema_of",
     "to_chunks",
+    "to_compressed_update_chunks",
     "to_update_chunks",
 ]

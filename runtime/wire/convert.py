@@ -17,7 +17,7 @@ from ..messages import (
     TaskKind,
     UpdateHeader,
 )
-from ..plan import AttackPlan, Drills, PrivacyPlan, SecurePlan, TrainPlan
+from ..plan import AttackPlan, CompressionPlan, Drills, PrivacyPlan, SecurePlan, TrainPlan
 from ..proto import fedkube_pb2 as pb
 from ..secagg import messages as sa
 from ..spec import DataSpec
@@ -106,7 +106,8 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
             noise_multiplier=privacy.noise_multiplier or 0.0, accountant=privacy.accountant,
             planned_rounds=privacy.planned_rounds),
         deadline_unix=plan.deadline_unix, client_parameters=dict(plan.client_parameters),
-        dropout=plan.dropout, slow_fraction=plan.drills.slow_fraction,
+        dropout=plan.dropout, compression=compression_to_pb(plan.compression),
+        slow_fraction=plan.drills.slow_fraction,
         slowdown=plan.drills.slowdown,
         availability_period_seconds=plan.drills.availability_period_seconds,
         availability_online_fraction=plan.drills.availability_online_fraction,
@@ -130,6 +131,19 @@ def _attack_from_pb(message: pb.TrainPlan) -> AttackPlan | None:
                       attackers=tuple(drill.attackers))
 
 
+def compression_to_pb(plan: CompressionPlan) -> pb.CompressionPlan:
+    return pb.CompressionPlan(top_k=plan.top_k or 0.0, quantize_bits=plan.quantize_bits,
+                              error_feedback=plan.error_feedback, lossless=plan.lossless,
+                              target_upload_seconds=plan.target_upload_seconds or 0.0)
+
+
+def compression_from_pb(message: pb.CompressionPlan) -> CompressionPlan:
+    return CompressionPlan(top_k=message.top_k or None, quantize_bits=message.quantize_bits or 32,
+                           error_feedback=message.error_feedback,
+                           lossless=message.lossless or "none",
+                           target_upload_seconds=message.target_upload_seconds or None)
+
+
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
     privacy = message.privacy
     return TrainPlan(
@@ -144,6 +158,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
             accountant=privacy.accountant or "rdp", planned_rounds=privacy.planned_rounds),
         deadline_unix=message.deadline_unix,
         client_parameters=dict(message.client_parameters), dropout=message.dropout,
+        compression=compression_from_pb(message.compression),
         drills=Drills(
             slow_fraction=message.slow_fraction, slowdown=max(1.0, message.slowdown),
             availability_period_seconds=message.availability_period_seconds,
@@ -180,7 +195,9 @@ def header_to_pb(header: UpdateHeader) -> pb.UpdateHeader:
         node_id=header.node_id, round=header.round, model_version=header.model_version,
         num_samples=header.num_samples, metrics=dict(header.metrics),
         epsilon_spent=header.epsilon_spent, delta=header.delta,
-        payload=header.payload.value, refusal_reason=header.refusal_reason)
+        payload=header.payload.value, refusal_reason=header.refusal_reason,
+        compression=header.compression,
+        uplink_bytes_per_second=header.uplink_bytes_per_second)
 
 
 def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
@@ -194,7 +211,8 @@ def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
         node_id=message.node_id, round=message.round, model_version=message.model_version,
         payload=payload, num_samples=message.num_samples, metrics=dict(message.metrics),
         epsilon_spent=message.epsilon_spent, delta=message.delta,
-        refusal_reason=message.refusal_reason)
+        refusal_reason=message.refusal_reason, compression=message.compression,
+        uplink_bytes_per_second=message.uplink_bytes_per_second)
 
 
 # ------------------------------------------------------------ secure aggregation

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..compression import DecodedUpdate, EncodedTensor, EncodingError
 from ..messages import RejectReason
 from ..proto import fedkube_pb2 as pb
 
@@ -133,6 +134,36 @@ def to_update_chunks(
         yield part
 
 
+def to_compressed_update_chunks(
+    parts: Mapping[str, torch.Tensor | EncodedTensor],
+    *,
+    model_version: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[pb.UpdateChunk]:
+    """An update whose tensors are raw (as `to_update_chunks`) or encoded: an encoding's
+    payload travels in pieces of `chunk_bytes`, each carrying the TensorEncoding."""
+    for name, part in parts.items():
+        if isinstance(part, torch.Tensor):
+            for piece in _pieces({name: part}, chunk_bytes):
+                chunk = pb.UpdateChunk()
+                _fill(chunk.tensor, piece, model_version)
+                yield chunk
+            continue
+        payload = memoryview(part.payload)
+        for start in range(0, max(len(payload), 1), chunk_bytes):
+            chunk = pb.UpdateChunk()
+            tensor = chunk.tensor
+            tensor.name, tensor.dtype, tensor.offset = name, "float32", start
+            tensor.shape.extend(part.shape)
+            tensor.model_version = model_version
+            tensor.data = bytes(payload[start:start + chunk_bytes])
+            encoding = tensor.encoding
+            encoding.count, encoding.sparse, encoding.bits = part.count, part.sparse, part.bits
+            encoding.block, encoding.lossless, encoding.size = (
+                part.block, part.lossless, len(payload))
+            yield chunk
+
+
 def encoded_size(weights: Mapping[str, torch.Tensor]) -> int:
     """Payload bytes `to_chunks` sends for these weights."""
     return sum(t.numel() * t.element_size() for t in weights.values())
@@ -166,6 +197,16 @@ class _Incoming:
         return self.storage.view(_DTYPES[self.spec.dtype]).reshape(self.spec.shape)
 
 
+class _Encoded:
+    """One encoded tensor being received: its encoding and payload so far."""
+
+    def __init__(self, encoding: pb.TensorEncoding) -> None:
+        self.encoding = pb.TensorEncoding()
+        self.encoding.CopyFrom(encoding)  # not a view that keeps the whole chunk alive
+        self.payload = bytearray(encoding.size)
+        self.filled = 0
+
+
 class TensorAssembler:
     """Rebuilds tensors from chunks, checking each against the expected schema.
 
@@ -178,6 +219,7 @@ class TensorAssembler:
         self._max_bytes = max_bytes if max_bytes is not None else sum(
             s.nbytes for s in schema.values())
         self._incoming: dict[str, _Incoming] = {}
+        self._encoded: dict[str, _Encoded] = {}
         self._received = 0
 
     @property
@@ -185,6 +227,11 @@ class TensorAssembler:
         return self._received
 
     def add(self, chunk: pb.TensorChunk) -> None:
+        if chunk.HasField("encoding"):
+            self._add_encoded(chunk)
+            return
+        if chunk.name in self._encoded:
+            raise WireError(f"tensor {chunk.name!r}: raw chunk after encoded ones")
         expected = self._schema.get(chunk.name)
         if expected is None:
             raise WireError(f"unexpected tensor {chunk.name!r}", RejectReason.BAD_SHAPE)
@@ -214,13 +261,83 @@ class TensorAssembler:
         incoming.view[incoming.filled:end] = data  # the one copy out of the message
         incoming.filled = end
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """The tensors, in schema order, sharing the memory the chunks were written to."""
-        missing = [name for name in self._schema if name not in self._incoming]
+    def _add_encoded(self, chunk: pb.TensorChunk) -> None:
+        name = chunk.name
+        expected = self._schema.get(name)
+        if expected is None:
+            raise WireError(f"unexpected tensor {name!r}", RejectReason.BAD_SHAPE)
+        if tuple(chunk.shape) != expected.shape:
+            raise WireError(
+                f"tensor {name!r}: shape {tuple(chunk.shape)} != expected {expected.shape}",
+                RejectReason.BAD_SHAPE)
+        if expected.dtype != "float32" or chunk.dtype != "float32":
+            raise WireError(f"tensor {name!r}: only float32 tensors travel encoded",
+                            RejectReason.BAD_SHAPE)
+        if name in self._incoming:
+            raise WireError(f"tensor {name!r}: encoded chunk after raw ones")
+        encoding = chunk.encoding
+        data = chunk.data
+        self._received += len(data)
+        if self._received > self._max_bytes:
+            raise WireError(f"update exceeds {self._max_bytes} bytes", RejectReason.OVERSIZE)
+        incoming = self._encoded.get(name)
+        if incoming is None:
+            if not 0 <= encoding.size <= self._max_bytes:
+                raise WireError(f"tensor {name!r}: encoding of {encoding.size} bytes exceeds "
+                                f"the update's {self._max_bytes}", RejectReason.OVERSIZE)
+            incoming = self._encoded[name] = _Encoded(encoding)
+        elif encoding != incoming.encoding:
+            raise WireError(f"tensor {name!r}: encoding changed between chunks")
+        if chunk.offset != incoming.filled:
+            raise WireError(f"tensor {name!r}: chunk at byte {chunk.offset} out of order")
+        end = incoming.filled + len(data)
+        if end > encoding.size:
+            raise WireError(f"tensor {name!r}: {end} bytes, its encoding has {encoding.size}")
+        incoming.payload[incoming.filled:end] = data
+        incoming.filled = end
+
+    def finish(self) -> Mapping[str, torch.Tensor]:
+        """The tensors, in schema order, sharing the memory the chunks were written to.
+
+        When some arrived encoded, a `DecodedUpdate`: each encoding was checked here, and
+        is decoded whenever a tensor is read, never all at once."""
+        if self._encoded:
+            return self._finish_encoded()
+        return self._finish_raw()
+
+    def _finish_encoded(self) -> Mapping[str, torch.Tensor]:
+        raw_names = {name for name in self._schema if name in self._incoming}
+        raw = self._finish_raw(only=raw_names)
+        parts: dict[str, torch.Tensor | EncodedTensor] = {}
+        for name, spec in self._schema.items():
+            if name in raw:
+                parts[name] = raw[name]
+                continue
+            incoming = self._encoded[name]
+            if incoming.filled != incoming.encoding.size:
+                raise WireError(f"tensor {name!r}: {incoming.filled} bytes, its encoding has "
+                                f"{incoming.encoding.size}")
+            e = incoming.encoding
+            parts[name] = EncodedTensor(
+                shape=spec.shape, count=e.count, sparse=e.sparse, bits=e.bits, block=e.block,
+                lossless=e.lossless or "none",  # type: ignore[arg-type]
+                payload=bytes(incoming.payload))
+        self._encoded.clear()
+        try:
+            return DecodedUpdate(parts, {n: s.shape for n, s in self._schema.items()})
+        except EncodingError as error:
+            reason = (RejectReason.NON_FINITE if "NaN" in str(error)
+                      else RejectReason.MALFORMED)
+            raise WireError(str(error), reason) from None
+
+    def _finish_raw(self, only: set[str] | None = None) -> dict[str, torch.Tensor]:
+        schema = self._schema if only is None else {
+            n: s for n, s in self._schema.items() if n in only or n not in self._encoded}
+        missing = [name for name in schema if name not in self._incoming]
         if missing:
             raise WireError(f"missing tensors: {', '.join(missing)}", RejectReason.BAD_SHAPE)
         tensors: dict[str, torch.Tensor] = {}
-        for name, spec in self._schema.items():
+        for name, spec in schema.items():
             incoming = self._incoming[name]
             if incoming.filled != spec.nbytes:
                 raise WireError(
@@ -235,7 +352,7 @@ class TensorAssembler:
         return tensors
 
 
-def from_chunks(chunks: Iterable[pb.TensorChunk], schema: Schema) -> dict[str, torch.Tensor]:
+def from_chunks(chunks: Iterable[pb.TensorChunk], schema: Schema) -> Mapping[str, torch.Tensor]:
     """Assemble a whole message stream (the receiving side of `to_chunks`)."""
     assembler = TensorAssembler(schema)
     for chunk in chunks:

@@ -43,6 +43,13 @@ def test_defaults_and_camel_case_round_trip() -> None:
     ({"privacy": {"mode": "local", "targetEpsilon": 1, "delta": 1.5}},
      "spec.privacy.delta: Input should be less than 1"),
     ({"coordinator": {"port": 70000}}, "spec.coordinator.port"),
+    ({"compression": {"errorFeedback": True, "lossless": "zstd"}},
+     "spec.compression: errorFeedback needs topK or quantizeBits below 32"),
+    ({"compression": {"quantizeBits": 12}}, "spec.compression.quantizeBits"),
+    ({"compression": {"topK": 1.0}}, "spec.compression.topK: Input should be less than 1"),
+    ({"secureAggregation": {"enabled": True}, "minClients": 2,
+      "compression": {"quantizeBits": 8}},
+     "compression cannot be combined with secureAggregation.enabled"),
     ({"secureAggregation": {"enabled": True}, "minClients": 2, "strategy": {"name": "median"}},
      ("strategy.name 'median' cannot be combined with secureAggregation.enabled: the server "
       "sees only the masked sum")),
