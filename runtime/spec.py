@@ -1023,7 +1023,8 @@ CLIENT_STATUS_FIELD_OWNERS: dict[str, Writer] = {
         "phase", "lastHeartbeat", "roundsParticipated", "reliability", "suspicion",
         "quarantineReason", "quarantinedUntilRound", "privacy", "lastRoundSeconds",
         "localLoss", "localAccuracy", "bytesUp", "rejections", "selection",
-        "selectionScore", "localSteps", "secondsPerStep")
+        "selectionScore", "localSteps", "secondsPerStep", "compression",
+        "uplinkBytesPerSecond")
 }
 OPERATOR_CLIENT_PHASES: frozenset[str] = frozenset({"Offline"})
 """The phases the operator may write (the exception above)."""
