@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 
 from ..compression import CompressedUpdate, CompressionConfig, compress_update
 from ..compression.adaptive import choose
+from ..files import replace_atomically
 from ..plan import CompressionPlan
 
 log = logging.getLogger("fedkube.agent")
@@ -67,18 +66,8 @@ class ResidualStore:
 
     def save(self, job: str, residual: Mapping[str, torch.Tensor]) -> None:
         path = self.path_for(job)
-        self.root.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                                 dir=self.root)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                torch.save({"job": job, "residual": dict(residual)}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        replace_atomically(path, lambda handle: torch.save(
+            {"job": job, "residual": dict(residual)}, handle))
 
 
 class UpdateCompressor:

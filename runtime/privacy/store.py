@@ -8,16 +8,14 @@ can be made to spend it again; so the agent saves its accountant here after ever
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..files import replace_atomically
 from .accountant import PrivacyAccountant
 
 __all__ = ["BudgetFileError", "BudgetRecord", "BudgetStore"]
@@ -110,31 +108,5 @@ class BudgetStore:
             "extra": dict(extra),
         }
         payload = json.dumps(document, indent=2, sort_keys=True, allow_nan=False)
-        self._root.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=self._root
-        )
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self._root)
+        replace_atomically(path, lambda handle: handle.write(payload.encode("utf-8")))
 
-
-def _fsync_directory(folder: Path) -> None:
-    # The rename is only durable once the folder's entry is on disk; not every platform lets
-    # a folder be opened for that, and there the rename is as durable as it gets.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
