@@ -56,6 +56,7 @@ def test_signflip_attackers_are_quarantined_left_out_and_released(tmp_path: Path
             assert status["roundsParticipated"] == 4
 
 
+@pytest.mark.slow  # ~70 s; the signflip test keeps quarantine through real agents in the default suite
 def test_updates_the_norm_bound_refuses_count_as_outliers(tmp_path: Path) -> None:
     # Default admission: scaled updates are refused (norm_bound) before any rule or score
     # sees them; the refusals raise the attackers' suspicion all the same.

@@ -113,7 +113,7 @@ def test_helm_install_run_the_example_and_uninstall(kube_api: Any, kubectl: Any,
     assert jobs[0] == ["NAME", "PHASE", "ROUND", "ACCURACY", "EPSILON", "CLIENTS", "AGE"]
     assert jobs[1][:2] == [JOB, "Succeeded"]
     nodes = _table(_ok(kubectl("get", "cn"), "kubectl get cn"))
-    assert nodes[0] == ["NAME", "DEVICE", "PHASE", "LAST-SEEN", "ROUNDS", "AGE"]
+    assert nodes[0] == ["NAME", "DEVICE", "PHASE", "LAST-SEEN", "ROUNDS", "SUSPICION", "AGE"]
     assert len(nodes) == 1 + clients and all(row[1] == "cpu" for row in nodes[1:])
 
     # Both of fedkube's workloads really talked to the API, each as its own account.
