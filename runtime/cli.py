@@ -231,12 +231,32 @@ def _agent_tls(args: argparse.Namespace) -> dict[str, Path | None]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """The manifest, then what a run would load first: the data (path, arrays) and the
-    model (name, built for the data's shape)."""
+    """Each manifest, then what a run would load first: the data (path, arrays) and the
+    model (name, built for the data's shape). With several manifests, like `kubectl apply
+    -f a.yaml -f b.yaml`, every one is checked and each bad one gets its own error line."""
+    if len(args.job) == 1:
+        return _validate_one(args.job[0])
+    failed = 0
+    for path in args.job:
+        try:
+            _validate_one(path)
+        except Exception as error:
+            message = _user_error(error)
+            if message is None:
+                raise
+            first, *more = message.splitlines() or [""]
+            if not first.startswith(path):
+                first = f"{path}: {first}"
+            _print_error(first, more)
+            failed += 1
+    return EXIT_BAD_INPUT if failed else 0
+
+
+def _validate_one(path: str) -> int:
     from .data import load_dataset
     from .models import build_model
 
-    job = load_job(args.job)
+    job = load_job(path)
     spec = job.spec
     data = load_dataset(spec.data, seed=spec.seed)  # errors: see _user_error
     model = build_model(spec.model, input_shape=data.input_shape,
@@ -244,7 +264,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     parameters = sum(p.numel() for p in model.parameters())
     clients = (f"{spec.simulation.clients} simulated clients" if spec.simulation.clients
                else "no simulated clients: real agents must join")
-    print(f"{args.job}: FederatedJob {job.metadata.name} is valid: model {spec.model} "
+    print(f"{path}: FederatedJob {job.metadata.name} is valid: model {spec.model} "
           f"({parameters:,} parameters), data {spec.data.dataset} ({len(data.y_train)} "
           f"training, {len(data.y_test)} test examples of {'x'.join(map(str, data.input_shape))},"
           f" {data.num_classes} classes), {clients}")
@@ -375,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a FederatedJob manifest, its data and its model",
         description="Check a manifest as a run would: every field, the data (path exists, "
         "holds the expected arrays) and the model (name resolves, builds for the data).")
-    validate.add_argument("job", help="FederatedJob manifest (YAML)")
+    validate.add_argument("job", nargs="+", help="FederatedJob manifest(s) (YAML)")
     validate.set_defaults(func=cmd_validate)
 
     from .planning import register as register_privacy
@@ -460,10 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         first, *more = message.splitlines() or [""]
-        # One `error:` line; further problems (pydantic lists each) follow, indented.
-        print("\n".join([f"error: {first}", *(f"       {line}" for line in more)]),
-              file=sys.stderr)
+        _print_error(first, more)
         return EXIT_BAD_INPUT
+
+
+def _print_error(first: str, more: list[str]) -> None:
+    """One `error:` line; further problems (pydantic lists each) follow, indented."""
+    print("\n".join([f"error: {first}", *(f"       {line}" for line in more)]),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -170,9 +170,26 @@ def test_missing_manifest_and_not_yaml(tmp_path: Path) -> None:
 
 
 def test_examples_are_valid() -> None:
-    for example in sorted((REPO / "examples").glob("*.yaml")):
-        result = _fedkube("validate", str(example), timeout=60)
-        assert result.returncode == 0, (example.name, result.stderr)
+    examples = sorted(str(path) for path in (REPO / "examples").glob("*.yaml"))
+    result = _fedkube("validate", *examples, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(" is valid: ") == len(examples), result.stdout
+
+
+def test_validate_several_reports_each_bad_manifest(tmp_path: Path) -> None:
+    """`fedkube validate a.yaml b.yaml c.yaml`: every manifest is checked, each bad one
+    gets its own `error:` line naming its file, and the good ones still print."""
+    good = _quick_job(tmp_path / "good.yaml")
+    bad_rounds = write_job(tmp_path / "rounds.yaml", "bad", model="mlp", rounds=0)
+    missing = tmp_path / "missing.yaml"
+    result = _fedkube("validate", str(bad_rounds), str(good), str(missing), timeout=60)
+    assert result.returncode == 2, result
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, result.stderr
+    assert str(bad_rounds) in errors[0] and "rounds" in errors[0], errors
+    assert str(missing) in errors[1] and "no such file" in errors[1], errors
+    assert f"{good}: FederatedJob quick is valid" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr
 
 
 class _Run:
