@@ -168,6 +168,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             except wire.WireError as error:
                 raise Rejected(error.reason, str(error)) from None
             await self.engine.accept_update(header, delta, assembler.bytes_received)
+            del delta, assembler  # released before the next upload takes the slot
         return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted")
 
     # ------------------------------------------------------ secure aggregation

@@ -1,7 +1,14 @@
 """Upload slots that stalled or hostile clients cannot hold: at most one upload in
-flight per node, a bounded number in all (they bound the memory of half-assembled
-updates), an idle deadline between messages and a total deadline per upload. A slot is
-freed however the upload ends."""
+flight per node, a bounded number in all, an idle deadline between messages and a total
+deadline per upload. A slot is freed however the upload ends.
+
+The slots are what bounds the coordinator's memory: an upload is assembled whole (a norm
+bound needs its whole norm before it may be folded) and held until its fold is done, so
+`slots` assembled uploads at most exist at once, however many clients upload together.
+The coordinator uses one slot (`ASSEMBLING`): its peak is then the running sum, the model
+and one upload. Others wait for the slot in order before a byte of theirs is read (gRPC's
+flow control holds their chunks back on the client), within the total deadline.
+`peak_held` counts the most slots ever held at once, so tests can check the bound."""
 
 from __future__ import annotations
 
@@ -14,6 +21,11 @@ from ..messages import Rejected, RejectReason
 
 T = TypeVar("T")
 
+#: Uploads assembled at once by the coordinator: one, so its memory stays at the running
+#: sum + the model + one upload (3x the model) with any number of clients. On one machine
+#: receiving is CPU-bound, so more slots would not make a round faster.
+ASSEMBLING = 1
+
 
 class UploadGuard:
     def __init__(self, *, slots: int, idle_seconds: float, total_seconds: float) -> None:
@@ -21,6 +33,8 @@ class UploadGuard:
         self.total_seconds = total_seconds
         self._slots = asyncio.Semaphore(slots)
         self._in_flight: set[str] = set()
+        self.held = 0
+        self.peak_held = 0
 
     def in_flight(self) -> frozenset[str]:
         return frozenset(self._in_flight)
@@ -41,9 +55,12 @@ class UploadGuard:
             except TimeoutError:
                 raise Rejected(RejectReason.UPLOAD_BUSY,
                                "every upload slot is busy; retry later") from None
+            self.held += 1
+            self.peak_held = max(self.peak_held, self.held)
             try:
                 yield
             finally:
+                self.held -= 1
                 self._slots.release()
         finally:
             self._in_flight.discard(node_id)
