@@ -72,19 +72,20 @@ def tune(glibc_defaults: bool) -> None:
 def serve(port_queue: Any, stop: Any, chunk_bytes: int, glibc_defaults: bool) -> None:
     """The server process: the coordinator-shaped service and the raw one, one port."""
     from fedkube.runtime import wire
-    from fedkube.runtime.coordinator.server import GRPC_OPTIONS
+    from fedkube.runtime.coordinator.server import GRPC_OPTIONS, add_servicer
     from fedkube.runtime.proto import fedkube_pb2 as pb
     from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
 
     tune(glibc_defaults)
     weights = update()
     schema = wire.schema_of(weights)
-    model_chunks = list(wire.to_chunks(weights, model_version=1, chunk_bytes=chunk_bytes))
+    model_chunks = list(wire.serialized_chunks(weights, model_version=1,
+                                               chunk_bytes=chunk_bytes))
     raw = _raw_payload(weights, chunk_bytes)
 
     class Coordinator(pb_grpc.CoordinatorServicer):
         async def GetModel(self, request: pb.GetModelRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TensorChunk]:
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             for chunk in model_chunks:
                 yield chunk
 
@@ -97,7 +98,7 @@ def serve(port_queue: Any, stop: Any, chunk_bytes: int, glibc_defaults: bool) ->
             assembler = wire.TensorAssembler(schema)
             try:
                 async for part in iterator:
-                    assembler.add(part.tensor)
+                    assembler.add(part)  # a wire.ReceivedChunk, as the coordinator's
                 delta = assembler.finish()
             except wire.WireError as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -117,7 +118,7 @@ def serve(port_queue: Any, stop: Any, chunk_bytes: int, glibc_defaults: bool) ->
 
     async def main() -> None:
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_CoordinatorServicer_to_server(Coordinator(), server)
+        add_servicer(Coordinator(), server)
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Raw", {
             "Download": grpc.unary_stream_rpc_method_handler(
                 download, request_deserializer=_identity, response_serializer=_identity),
@@ -145,6 +146,9 @@ async def measure(port: int, *, repeats: int, chunk_bytes: int,
     raw = _raw_payload(weights, chunk_bytes)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
+        stub.SubmitUpdate = channel.stream_unary(  # as the agent: pre-serialised chunks
+            "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
+            response_deserializer=pb.SubmitReply.FromString)
         raw_download = channel.unary_stream(RAW_DOWNLOAD, request_serializer=_identity,
                                             response_deserializer=_identity)
         raw_upload = channel.stream_unary(RAW_UPLOAD, request_serializer=_identity,
@@ -158,10 +162,10 @@ async def measure(port: int, *, repeats: int, chunk_bytes: int,
             assert torch.equal(assembler.finish()["scale"], weights["scale"])
 
         async def fedkube_upload() -> None:
-            async def parts() -> AsyncIterator[pb.UpdateChunk]:
+            async def parts() -> AsyncIterator[pb.UpdateChunk | bytes]:
                 yield pb.UpdateChunk(header=pb.UpdateHeader(node_id="bench", round=1,
                                                             payload="delta"))
-                for part in wire.to_update_chunks(weights, chunk_bytes=chunk_bytes):
+                for part in wire.serialized_update_chunks(weights, chunk_bytes=chunk_bytes):
                     yield part
 
             reply = await stub.SubmitUpdate(parts())

@@ -154,6 +154,10 @@ class Agent:
             try:
                 async with _channel(self.config) as channel:
                     stub = pb_grpc.CoordinatorStub(channel)
+                    # Update chunks travel pre-serialised (wire.serialized_update_chunks).
+                    stub.SubmitUpdate = channel.stream_unary(
+                        "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
+                        response_deserializer=pb.SubmitReply.FromString)
                     await self._register(stub)
                     backoff = 0.5
                     await self._serve(stub)
@@ -422,13 +426,14 @@ def _drill(phase: str, round: int) -> None:
 
 
 async def _update_stream(header: UpdateHeader, parts: Mapping[str, Any],
-                         network: LinkLimits | None = None) -> AsyncIterator[pb.UpdateChunk]:
+                         network: LinkLimits | None = None
+                         ) -> AsyncIterator[pb.UpdateChunk | bytes]:
     yield pb.UpdateChunk(header=convert.header_to_pb(header))
     link = _Link(network.uplink_bits_per_second if network else None,
                  network.latency_seconds if network else 0.0)
-    for part in wire.to_compressed_update_chunks(parts, model_version=header.model_version,
-                                                 chunk_bytes=link.chunk_bytes):
-        await link.pace(part.tensor.ByteSize())
+    for part in wire.serialized_update_chunks(parts, model_version=header.model_version,
+                                              chunk_bytes=link.chunk_bytes):
+        await link.pace(len(part))
         yield part
 
 

@@ -41,15 +41,55 @@ HEALTH_SERVICES = ("", "fedkube.v1.Coordinator")
 
 
 class ModelChunks:
-    """The global model as chunks, encoded once per version however many clients ask."""
+    """The global model as chunks, serialised once per version however many clients ask:
+    GetModel sends these bytes as they are (its serializer is `wire.serialize`)."""
 
     def __init__(self) -> None:
-        self._cached: tuple[int, list[pb.TensorChunk]] | None = None
+        self._cached: tuple[int, list[bytes]] | None = None
 
-    def of(self, version: int, weights: dict) -> list[pb.TensorChunk]:
+    def of(self, version: int, weights: dict) -> list[bytes]:
         if self._cached is None or self._cached[0] != version:
-            self._cached = (version, list(wire.to_chunks(weights, model_version=version)))
+            self._cached = None  # the old version's bytes go before the new ones are built
+            self._cached = (version, list(wire.serialized_chunks(weights,
+                                                                 model_version=version)))
         return self._cached[1]
+
+
+#: Methods whose responses may be pre-serialised bytes (`wire.serialized_chunks`).
+PRESERIALISED = ("GetModel",)
+#: Methods whose requests are parsed without copying tensor payloads.
+ZERO_COPY = {"SubmitUpdate": wire.parse_update_chunk}
+
+
+class _Handlers:
+    """Collects what the generated `add_CoordinatorServicer_to_server` registers, so
+    `add_servicer` can change a method's serializer before the real server sees it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple) -> None:
+        self.calls.append(("add_generic_rpc_handlers", (handlers,)))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.calls.append(("add_registered_method_handlers", (service, handlers)))
+
+
+def add_servicer(servicer: pb_grpc.CoordinatorServicer, server: grpc.aio.Server) -> None:
+    """`add_CoordinatorServicer_to_server`, with the methods in PRESERIALISED taking
+    `wire.serialize` as their response serializer (bytes pass as they are) and those in
+    ZERO_COPY their request deserializer (SubmitUpdate's chunks: `wire.ReceivedChunk`)."""
+    handlers = _Handlers()
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, handlers)
+    by_method = next(args[1] for name, args in handlers.calls
+                     if name == "add_registered_method_handlers")
+    for method in PRESERIALISED:
+        by_method[method] = by_method[method]._replace(response_serializer=wire.serialize)
+    for method, parse in ZERO_COPY.items():
+        by_method[method] = by_method[method]._replace(request_deserializer=parse)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "fedkube.v1.Coordinator", by_method),))
+    server.add_registered_method_handlers("fedkube.v1.Coordinator", by_method)
 
 
 async def _abort(context: grpc.aio.ServicerContext, rejection: Rejected) -> NoReturn:
@@ -123,7 +163,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.engine.close_stream(request.node_id, queue)
 
     async def GetModel(self, request: pb.GetModelRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TensorChunk]:
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
             self._authenticate(request.node_id, context)
             version, weights = self.engine.model_for(request.node_id, request.model_version)
@@ -133,7 +173,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for chunk in self.model.of(version, weights):
             yield chunk
 
-    async def SubmitUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk],
+    async def SubmitUpdate(self, request_iterator: AsyncIterator[wire.ReceivedChunk],
                            context: grpc.aio.ServicerContext) -> pb.SubmitReply:
         node_id = ""
         try:
@@ -151,7 +191,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await _abort(context, rejection)
 
     async def _submit(self, header: UpdateHeader,
-                      chunks: AsyncIterator[pb.UpdateChunk]) -> pb.SubmitReply:
+                      chunks: AsyncIterator[wire.ReceivedChunk]) -> pb.SubmitReply:
         self.engine.admit(header)
         if header.payload is Payload.REFUSAL:
             self.engine.record_refusal(header)
@@ -163,7 +203,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     if not part.HasField("tensor"):
                         raise Rejected(RejectReason.MALFORMED,
                                        "a second UpdateHeader in one update")
-                    assembler.add(part.tensor)
+                    assembler.add(part)
                 delta = assembler.finish()
             except wire.WireError as error:
                 raise Rejected(error.reason, str(error)) from None
@@ -261,8 +301,7 @@ async def serve(
     logs.bind(job=engine.name)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     mutual = tls is not None and tls.client_ca is not None
-    pb_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorServicer(engine, client_certificates=mutual), server)
+    add_servicer(CoordinatorServicer(engine, client_certificates=mutual), server)
     # grpc.health.v1 for the pod's probes: SERVING while the job runs, and still after it
     # ends (the server stays up to hand out STOP tasks), NOT_SERVING while shutting down.
     checks = health.aio.HealthServicer()

@@ -115,6 +115,53 @@ def test_update_chunks_carry_exactly_the_model_chunks() -> None:
     assert all(torch.equal(back[name], tensor) for name, tensor in weights.items())
 
 
+def test_preserialised_chunks_parse_to_exactly_the_messages() -> None:
+    from fedkube.runtime.proto import fedkube_pb2 as pb
+
+    weights = _weights()
+    for chunk_bytes in (16, 1 << 20):
+        plain = list(wire.to_chunks(weights, model_version=3, chunk_bytes=chunk_bytes))
+        encoded = list(wire.serialized_chunks(weights, model_version=3,
+                                              chunk_bytes=chunk_bytes))
+        assert [pb.TensorChunk.FromString(data) for data in encoded] == plain
+        wrapped = list(wire.to_update_chunks(weights, model_version=3,
+                                             chunk_bytes=chunk_bytes))
+        updates = list(wire.serialized_update_chunks(weights, model_version=3,
+                                                     chunk_bytes=chunk_bytes))
+        assert [pb.UpdateChunk.FromString(data) for data in updates] == wrapped
+        assert wire.serialize(updates[0]) is updates[0]
+        assert wire.serialize(wrapped[0]) == wrapped[0].SerializeToString()
+
+
+def test_received_chunks_assemble_without_copying_the_message_first() -> None:
+    from fedkube.runtime.proto import fedkube_pb2 as pb
+
+    weights = _weights()
+    schema = wire.schema_of(weights)
+    for encoded in (list(wire.serialized_update_chunks(weights, chunk_bytes=16)),
+                    [m.SerializeToString() for m in wire.to_update_chunks(weights)]):
+        assembler = wire.TensorAssembler(schema)
+        for data in encoded:
+            part = wire.parse_update_chunk(data)
+            assert part.HasField("tensor")
+            # (protobuf's own encoder leaves an empty payload out altogether)
+            assert isinstance(part.data, memoryview) or part.tensor.name == "empty"
+            assert part.tensor.data == b""  # the payload was never copied into it
+            assembler.add(part)
+        back = assembler.finish()
+        assert all(torch.equal(back[name], tensor) for name, tensor in weights.items())
+    header = wire.parse_update_chunk(
+        pb.UpdateChunk(header=pb.UpdateHeader(node_id="n", round=2)).SerializeToString())
+    assert header.HasField("header") and header.header.round == 2 and header.data is None
+    # The split parser keeps every check: a stray tensor and a cut message are refused.
+    stray = next(wire.serialized_update_chunks({"other": torch.ones(2)}))
+    with pytest.raises(wire.WireError, match="unexpected tensor 'other'"):
+        wire.TensorAssembler(schema).add(wire.parse_update_chunk(stray))
+    inner = pb.TensorChunk(name="fc.bias").SerializeToString() + b"\x2a\x64" + bytes(10)
+    with pytest.raises(wire.WireError, match="truncated"):  # data claims 100 bytes, has 10
+        wire.parse_update_chunk(b"\x12" + bytes([len(inner)]) + inner)
+
+
 def test_the_allocator_tuning_defers_to_the_users_own_settings() -> None:
     from fedkube.runtime.wire.allocator import keep_large_buffers_mapped
 
