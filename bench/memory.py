@@ -10,7 +10,8 @@ aggregate.py) scales a copy of each by its sample count and sums them: about 2 x
 models at the peak (Flower also keeps each update's serialised bytes until then, so
 this baseline is, if anything, kind to it). Uploads are assembled `--concurrency` at a
 time, interleaved chunk by chunk, as the coordinator's upload slots allow
-(RoundEngine._upload_slots, 4). Both sides must produce the same mean; the script
+(runtime/coordinator/uploads.py ASSEMBLING: 1; `--concurrency 4` is what it was before).
+Each row's `peak_memory_over_model` is the peak added over the model's bytes. Both sides must produce the same mean; the script
 checks that they do.
 
 Part 2 sends a 100 MB model through `wire.to_chunks` / `TensorAssembler` (every message
@@ -49,11 +50,12 @@ import numpy as np
 import torch
 from fedkube.runtime import wire
 from fedkube.runtime.aggregation import AggregationConfig, RoundAggregator
+from fedkube.runtime.coordinator.uploads import ASSEMBLING
 from torch import nn
 
 MB = 1 << 20
-# RoundEngine lets this many uploads be assembled at once (engine.py, _upload_slots).
-UPLOAD_SLOTS = 4
+# The coordinator assembles this many uploads at once (coordinator/uploads.py).
+UPLOAD_SLOTS = ASSEMBLING
 # Distinct client updates encoded up front and reused round-robin: the coordinator's
 # work per update is the same, and set-up stays small next to what is measured.
 DISTINCT_UPDATES = 4
@@ -204,6 +206,7 @@ def measure_fold(path: str, *, clients: int, model_bytes: int, concurrency: int)
         mean = fold(encoded, template, clients, concurrency)
     return {"path": path, "clients": clients, "model_bytes": wire.encoded_size(template),
             "concurrency": concurrency, "peak_added_bytes": peak.added,
+            "peak_memory_over_model": round(peak.added / wire.encoded_size(template), 2),
             "rss_before_bytes": peak.before, "seconds": peak.seconds,
             "fingerprint": fingerprint(mean)}
 
