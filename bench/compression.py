@@ -142,6 +142,25 @@ def _raw_path(repeats: int = 3) -> dict[str, float]:
     return figures
 
 
+_STEP = 1e-3
+
+
+def _downlink(args: argparse.Namespace) -> dict[str, float]:
+    """Bytes of `compression.downlink`'s exact delta against the fp32 model, for two
+    versions one synthetic SGD-sized step apart (every float entry moved by
+    _STEP * mean|w| * N(0, 1)): a stand-in until GetModel serves deltas (not wired yet)."""
+    from fedkube.runtime.compression.downlink import model_delta
+
+    shapes = {"mnist5k": (1, 28, 28), "digits": (1, 8, 8)}.get(args.dataset, (1, 28, 28))
+    old = build_model(args.model, input_shape=shapes, num_classes=10, seed=0).state_dict()
+    torch.manual_seed(1)
+    new = {k: v + _STEP * v.abs().mean() * torch.randn_like(v) if v.is_floating_point()
+           else v for k, v in old.items()}
+    raw = sum(v.numel() * v.element_size() for v in new.values())
+    return {lossless: sum(d.nbytes for d in model_delta(old, new, lossless=lossless).values())
+            / raw for lossless in ("zstd", "lz4")}
+
+
 def _throughput_table(settings: list[tuple[str, dict[str, Any], bool]],
                       delta: dict[str, torch.Tensor], args: argparse.Namespace) -> int:
     rows = []
@@ -155,8 +174,13 @@ def _throughput_table(settings: list[tuple[str, dict[str, Any], bool]],
         rows.append({"setting": name, "encode_mb_per_s": encode, "decode_mb_per_s": decode})
         if encode is not None and decode is not None:
             print(f"{name:34} {encode:9.0f} {decode:9.0f}")
+    downlink = _downlink(args)
+    print(f"\ndownlink, exact delta (XOR + byte shuffle) of a global model after a step of "
+          f"{_STEP:g} x mean|w|, bytes vs fp32: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in downlink.items()))
     if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "throughput": rows},
+        Path(args.output).write_text(json.dumps({"args": vars(args), "throughput": rows,
+                                                 "downlink_bytes_vs_fp32": downlink},
                                                 indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
