@@ -20,6 +20,12 @@ and what the coordinator costs per round at 10, 100 and 1,000 registered clients
     resident memory added over the engine alone, against the target 3x the model + 1 MB
     per 100 clients, and the time per update and per round's selection, against N = 10.
 
+(c) `fedkube run` at 10, 100 and 1,000 simulated clients (100 per round, 2 rounds, mlp
+    on digits): the coordinator's own resident memory (this process: before the run and
+    its peak) apart from the agent processes' (their summed peak), and the shut-down time
+    (job end to files written) from summary.json. The coordinator's growth from 10 to
+    N clients is held against 1 MB per 100 clients plus 3x the model.
+
 Figures are from one run on whatever machine runs it (a shared, loaded one moves the
 wall times; the ratios are taken within the run).
 
@@ -208,6 +214,99 @@ def coordinator_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[
     return rows
 
 
+# ------------------------------------------------------------------ (c) fedkube run at scale
+
+
+def _rss_of(pid: str = "self") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _children() -> list[str]:
+    me, kids = str(__import__("os").getpid()), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("PPid:"):
+                        if line.split()[1] == me:
+                            kids.append(entry.name)
+                        break
+            except OSError:
+                pass
+    return kids
+
+
+def run_scale_once(clients: int, *, per_round: int, rounds: int) -> dict[str, Any]:
+    import threading
+
+    from fedkube.runtime.local import RunOptions, run_job
+    from fedkube.runtime.spec import FederatedJob
+
+    job = FederatedJob.model_validate({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+        "metadata": {"name": f"run-scale-{clients}"},
+        "spec": {"model": "mlp", "data": {"dataset": "digits"}, "rounds": rounds,
+                 "clientsPerRound": min(per_round, clients),
+                 "minClients": min(per_round, clients), "localEpochs": 1, "batchSize": 16,
+                 "roundTimeoutSeconds": 300, "simulation": {"clients": clients},
+                 "admission": {"maxClients": max(1000, clients),
+                               "registrationsPerSecond": 1e6, "registrationBurst": 100000}}})
+    peak = {"coordinator": 0, "agents": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peak["coordinator"] = max(peak["coordinator"], _rss_of())
+            peak["agents"] = max(peak["agents"], sum(_rss_of(k) for k in _children()))
+
+    gc.collect()
+    before = _rss_of()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory(prefix="fedkube-bench-scale-") as scratch:
+        summary = asyncio.run(run_job(job, RunOptions(output=Path(scratch), quiet=True)))
+    done.set()
+    sampler.join()
+    return {"clients": clients, "coordinator_before_bytes": before,
+            "coordinator_peak_bytes": max(peak["coordinator"], before),
+            "agents_peak_bytes": peak["agents"], "phase": summary["phase"],
+            "startup_seconds": summary["startupSeconds"],
+            "shutdown_seconds": summary["shutdownSeconds"],
+            "wall_seconds": summary["wallSeconds"]}
+
+
+def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for clients in sizes:
+        row = run_scale_once(clients, per_round=per_round, rounds=rounds)
+        rows.append(row)
+        print(f"  {clients:5d} clients: coordinator {row['coordinator_before_bytes'] / 2**20:.0f}"
+              f" -> peak {row['coordinator_peak_bytes'] / 2**20:.0f} MiB, agents (all "
+              f"processes) peak {row['agents_peak_bytes'] / 2**20:.0f} MiB, start-up "
+              f"{row['startup_seconds']:.1f} s, shut-down {row['shutdown_seconds']:.1f} s "
+              f"({row['phase']})", flush=True)
+    from fedkube.runtime.models import build_model
+
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    base = rows[0]["coordinator_peak_bytes"]
+    for row in rows[1:]:
+        grown = row["coordinator_peak_bytes"] - base
+        budget = 3 * model_bytes + (row["clients"] - rows[0]["clients"]) / 100 * 2**20
+        row["coordinator_growth_over_smallest_bytes"] = grown
+        row["growth_budget_bytes"] = int(budget)
+        row["within_budget"] = grown <= budget
+        print(f"  {row['clients']:5d} vs {rows[0]['clients']}: coordinator grew "
+              f"{grown / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits and fewer rounds")
@@ -215,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--target", type=float, default=None,
                         help="target accuracy (default 0.85 on mnist5k, 0.80 on digits)")
-    parser.add_argument("--skip-accuracy", action="store_true", help="only the scale part")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the scale parts")
+    parser.add_argument("--skip-run-scale", action="store_true",
+                        help="skip (c), fedkube run with 1,000 clients (minutes)")
+    parser.add_argument("--run-sizes", default="10,100,1000",
+                        help="client counts of (c), comma-separated")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     target = args.target or (0.80 if args.quick else 0.85)
@@ -231,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                   "faster than sync-random (target 2x)")
     print("(b) coordinator per round (in-process, no gRPC):")
     out["coordinator_scale"] = coordinator_scale([10, 100, 1000], per_round=100, rounds=5)
+    if not args.skip_run_scale:
+        print("(c) fedkube run, coordinator and agent processes apart:")
+        out["run_scale"] = run_scale([int(n) for n in args.run_sizes.split(",")],
+                                     per_round=100, rounds=2)
     if args.output:
         args.output.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.output}")
