@@ -21,10 +21,11 @@ and what the coordinator costs per round at 10, 100 and 1,000 registered clients
     per 100 clients, and the time per update and per round's selection, against N = 10.
 
 (c) `fedkube run` at 10, 100 and 1,000 simulated clients (100 per round, 2 rounds, mlp
-    on digits): the coordinator's own resident memory (this process: before the run and
-    its peak) apart from the agent processes' (their summed peak), and the shut-down time
-    (job end to files written) from summary.json. The coordinator's growth from 10 to
-    N clients is held against 1 MB per 100 clients plus 3x the model.
+    on digits), each in a fresh interpreter: the coordinator's own resident memory (that
+    process: before the run and its peak) apart from the agent processes' (their summed
+    peak), and the shut-down time (job end to files written) from summary.json. The
+    growth of the coordinator's added memory (peak - before) from 10 to N clients is held
+    against 1 MB per 100 clients plus 3x the model.
 
 Figures are from one run on whatever machine runs it (a shared, loaded one moves the
 wall times; the ratios are taken within the run).
@@ -282,9 +283,18 @@ def run_scale_once(clients: int, *, per_round: int, rounds: int) -> dict[str, An
 
 
 def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict[str, Any]]:
+    """Each size in a fresh interpreter (this script with --run-scale-child), so no run
+    inherits the heap of the one before."""
+    import subprocess
+    import sys
+
     rows = []
     for clients in sizes:
-        row = run_scale_once(clients, per_round=per_round, rounds=rounds)
+        done = subprocess.run(
+            [sys.executable, "-P", __file__, "--run-scale-child", str(clients),
+             "--per-round", str(per_round), "--run-rounds", str(rounds)],
+            check=True, capture_output=True, text=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"  {clients:5d} clients: coordinator {row['coordinator_before_bytes'] / 2**20:.0f}"
               f" -> peak {row['coordinator_peak_bytes'] / 2**20:.0f} MiB, agents (all "
@@ -295,15 +305,20 @@ def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict[str
 
     model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, seed=0)
     model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    base = rows[0]["coordinator_peak_bytes"]
+    def added(row: dict[str, Any]) -> int:
+        return row["coordinator_peak_bytes"] - row["coordinator_before_bytes"]
+
+    for row in rows:
+        row["coordinator_added_bytes"] = added(row)
     for row in rows[1:]:
-        grown = row["coordinator_peak_bytes"] - base
+        grown = added(row) - added(rows[0])
         budget = 3 * model_bytes + (row["clients"] - rows[0]["clients"]) / 100 * 2**20
         row["coordinator_growth_over_smallest_bytes"] = grown
         row["growth_budget_bytes"] = int(budget)
         row["within_budget"] = grown <= budget
-        print(f"  {row['clients']:5d} vs {rows[0]['clients']}: coordinator grew "
-              f"{grown / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB)", flush=True)
+        print(f"  {row['clients']:5d} vs {rows[0]['clients']} clients: the coordinator's added "
+              f"memory (peak - before) grew {grown / 2**20:.1f} MiB (budget "
+              f"{budget / 2**20:.1f} MiB)", flush=True)
     return rows
 
 
@@ -320,7 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-sizes", default="10,100,1000",
                         help="client counts of (c), comma-separated")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument("--run-scale-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run-rounds", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_scale_child:  # one size of (c), in its own interpreter
+        print(json.dumps(run_scale_once(args.run_scale_child, per_round=args.per_round,
+                                        rounds=args.run_rounds)))
+        return 0
     target = args.target or (0.80 if args.quick else 0.85)
     out: dict[str, Any] = {"target_accuracy": target, "clients": args.clients,
                            "per_round": args.per_round, "slow_fraction": 0.3, "slowdown": 10}
@@ -337,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_run_scale:
         print("(c) fedkube run, coordinator and agent processes apart:")
         out["run_scale"] = run_scale([int(n) for n in args.run_sizes.split(",")],
-                                     per_round=100, rounds=2)
+                                     per_round=100, rounds=args.run_rounds)
     if args.output:
         args.output.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.output}")
