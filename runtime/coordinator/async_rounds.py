@@ -67,9 +67,9 @@ class AsyncEngine(RoundEngine):
                                      staleness_exponent=strategy.staleness_exponent,
                                      max_staleness=strategy.max_staleness)
         self.losses: list[float] = []
+        self.flushes: asyncio.Queue[Flush] = asyncio.Queue()
         self.buffer = self._saved_buffer() or FedBuffBuffer(self.weights, self.fedbuff)
         self.in_flight: dict[str, InFlight] = {}
-        self.flushes: asyncio.Queue[Flush] = asyncio.Queue()
         self.wake = asyncio.Event()
         self.fold_lock = asyncio.Lock()
         # Task numbers start at a random point: after a restart, an update for a task of
@@ -82,14 +82,24 @@ class AsyncEngine(RoundEngine):
 
     def _saved_buffer(self) -> FedBuffBuffer | None:
         """The partly filled buffer of the checkpointed model version, if one was saved
-        (and the job has not ended); a buffer that does not fit the job is an error."""
+        (and the job has not ended); one already full under a lowered bufferSize is
+        queued as the next step; a buffer that does not fit the model is an error."""
         if self.output_dir is None or self._ended() \
                 or not (self.output_dir / checkpoint.CHECKPOINT).exists():
             return None
         state = checkpoint.load_buffer(self.output_dir, version=self.version)
         if state is None:
             return None
+        held = len(state.get("node_ids", ()))
         try:
+            if held >= self.fedbuff.buffer_size:  # bufferSize was lowered: step on it now
+                buffer = FedBuffBuffer.restore(
+                    self.weights, replace(self.fedbuff, buffer_size=held + 1), state)
+                self.flushes.put_nowait(buffer.flush())
+                self.losses = [float(x) for x in state.get("losses", [])]
+                log.info("resumed a FedBuff buffer of %d updates (bufferSize now %d): "
+                         "stepping on it", held, self.fedbuff.buffer_size)
+                return None
             buffer = FedBuffBuffer.restore(self.weights, self.fedbuff, state)
         except ValueError as error:
             raise checkpoint.CheckpointError(

@@ -160,3 +160,20 @@ def test_a_partly_filled_fedbuff_buffer_survives_a_coordinator_restart(tmp_path)
     # with an empty buffer.
     third = engine_for(job, output_dir=tmp_path)
     assert third.round == 2 and third.buffer.count == 0
+
+    # Restarted with a smaller bufferSize than the saved buffer holds: it steps on it.
+    async def lowered() -> AsyncEngine:
+        wide = _job(clientsPerRound=2, strategy={"name": "fedavg", "mode": "async",
+                                                 "bufferSize": 3})
+        engine = engine_for(wide, output_dir=tmp_path)
+        _register(engine, 2)
+        engine._fill()
+        for node in ("node-0", "node-1"):
+            await engine.accept_update(header(engine, node), _delta(engine), 10)
+        narrow = engine_for(_job(clientsPerRound=2, strategy={
+            "name": "fedavg", "mode": "async", "bufferSize": 2}), output_dir=tmp_path)
+        assert narrow.buffer.count == 0 and narrow.flushes.qsize() == 1
+        await narrow._next_round()
+        return narrow
+
+    assert asyncio.run(lowered()).round == 3
