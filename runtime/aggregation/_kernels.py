@@ -1,0 +1,101 @@
+"""Compiled loops for the FedAvg fold: one pass over float32 data into a float64 sum.
+
+torch has no fused "float64 += w * float32" kernel: ``acc64.add_(x32, alpha=w)`` goes
+through a type-promoting element loop that runs at a fraction of memory speed, and a
+cast to a float64 temporary first costs a write and a read of twice the update's size.
+These numba loops read each float32 value once, widen it in a register and add it to
+the float64 sum in the same order as the plain sequential sum (so results are bit for
+bit those of ``sum(w * x.double())``).
+
+`fold_group` folds up to four updates per pass, so the float64 sum (16 bytes of traffic
+per element: a read and a write) is read and written once for several updates instead
+of once each: that, not the arithmetic, is what bounds a fold.
+
+Functions take flat numpy views of contiguous CPU tensors (``tensor.numpy()`` shares
+memory, it does not copy). Compiled on first use and cached on disk when numba can
+find a writable cache directory (``NUMBA_CACHE_DIR`` to choose one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numba
+import numpy as np
+
+
+def _jit(function: Callable[..., Any]) -> Any:
+    try:
+        return numba.njit(cache=True, boundscheck=False, nogil=True)(function)
+    except RuntimeError:  # no writable cache location: compile per process instead
+        return numba.njit(boundscheck=False, nogil=True)(function)
+
+
+@_jit
+def _sum_of_squares(x: np.ndarray) -> float:
+    # Four float64 partial sums: independent chains the CPU overlaps. A float32 value's
+    # square cannot overflow float64, so a non-finite result means a NaN or an Inf.
+    s0 = s1 = s2 = s3 = 0.0
+    n = x.size
+    i = 0
+    while i + 4 <= n:
+        a = np.float64(x[i])
+        b = np.float64(x[i + 1])
+        c = np.float64(x[i + 2])
+        d = np.float64(x[i + 3])
+        s0 += a * a
+        s1 += b * b
+        s2 += c * c
+        s3 += d * d
+        i += 4
+    while i < n:
+        a = np.float64(x[i])
+        s0 += a * a
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@_jit
+def _fold1(acc: np.ndarray, x0: np.ndarray, w0: float) -> None:
+    for i in range(acc.size):
+        acc[i] += w0 * np.float64(x0[i])
+
+
+@_jit
+def _fold2(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, w0: float, w1: float) -> None:
+    for i in range(acc.size):
+        s = acc[i] + w0 * np.float64(x0[i])
+        acc[i] = s + w1 * np.float64(x1[i])
+
+
+@_jit
+def _fold4(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: np.ndarray,
+           w0: float, w1: float, w2: float, w3: float) -> None:
+    for i in range(acc.size):
+        s = acc[i] + w0 * np.float64(x0[i])
+        s += w1 * np.float64(x1[i])
+        s += w2 * np.float64(x2[i])
+        acc[i] = s + w3 * np.float64(x3[i])
+
+
+def sum_of_squares(x: np.ndarray) -> float:
+    """The sum of squares of a flat float32 array, in float64 (NaN/Inf if it holds one)."""
+    return float(_sum_of_squares(x))
+
+
+def fold_group(acc: np.ndarray, xs: Sequence[np.ndarray], weights: Sequence[float]) -> None:
+    """``acc += weights[0] * xs[0]; acc += weights[1] * xs[1]; ...`` element by element in
+    float64, in that order, with ``acc`` (flat float64) read and written once per four
+    arrays (flat float32, each as long as ``acc``)."""
+    if len(xs) != len(weights):
+        raise ValueError(f"{len(xs)} arrays but {len(weights)} weights")
+    start = 0
+    while len(xs) - start >= 4:
+        _fold4(acc, *xs[start:start + 4], *(float(w) for w in weights[start:start + 4]))
+        start += 4
+    if len(xs) - start >= 2:
+        _fold2(acc, *xs[start:start + 2], *(float(w) for w in weights[start:start + 2]))
+        start += 2
+    if len(xs) - start == 1:
+        _fold1(acc, xs[start], float(weights[start]))
