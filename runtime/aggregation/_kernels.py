@@ -99,3 +99,34 @@ def fold_group(acc: np.ndarray, xs: Sequence[np.ndarray], weights: Sequence[floa
         start += 2
     if len(xs) - start == 1:
         _fold1(acc, xs[start], float(weights[start]))
+
+
+@_jit
+def _order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
+    # Each comparator swaps two rows' values column by column where they are out of
+    # order (a select per element: no branch, vectorised), so every column keeps its
+    # values exactly, only reordered. Then the kept ranks are summed in float64.
+    columns = block.shape[1]
+    for c in range(network.shape[0]):
+        low = network[c, 0]
+        high = network[c, 1]
+        for j in range(columns):
+            a = block[low, j]
+            b = block[high, j]
+            ordered = a <= b
+            block[low, j] = a if ordered else b
+            block[high, j] = b if ordered else a
+    kept = ranks.size
+    for j in range(columns):
+        total = np.float64(block[ranks[0], j])
+        for r in range(1, kept):
+            total += np.float64(block[ranks[r], j])
+        out[j] = np.float32(total / kept)
+
+
+def order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
+    """Apply the comparators ``network`` (int64 ``[m, 2]``: low, high rows) to every
+    column of ``block`` (float32 ``[n, columns]``, reordered in place), then write to
+    ``out`` (float32 ``[columns]``) each column's mean of the rows ``ranks`` (int64),
+    summed in float64 in that order and rounded once."""
+    _order_block(block, network, ranks, out)
