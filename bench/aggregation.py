@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many (fedavg, read)")
     parser.add_argument("--robust-repeats", type=int, default=1, help="best of this many (robust)")
     parser.add_argument("--beta", type=float, default=0.1, help="trimmed mean's beta")
-    parser.add_argument("--hold", type=int, default=3,
+    parser.add_argument("--hold", type=int, default=7,
                         help="updates the held fold keeps by reference (fold_held_*)")
     parser.add_argument("--quick", action="store_true", help="10 updates of 2M, best of 2")
     parser.add_argument("--output", help="write the figures as JSON here")
@@ -194,8 +194,8 @@ def main() -> None:
     as_numpy = [([t.numpy() for t in update.values()], 100 + i) for i, update in enumerate(updates)]
 
     # Compile (or load from numba's cache) the kernels before anything is timed.
-    tiny = [{name: t[:1].clone() for name, t in u.items()} for u in updates[:8]]
-    fold(tiny, hold=7)
+    tiny = [{name: t[:1].clone() for name, t in u.items()} for u in updates[:15]]
+    fold(tiny, hold=14)
     coordinate_median(tiny)
     # First, before anything else allocates: memory freed later stays resident in the
     # allocator's pools and would hide what the fold adds.

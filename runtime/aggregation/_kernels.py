@@ -7,9 +7,9 @@ These numba loops read each float32 value once, widen it in a register and add i
 the float64 sum in the same order as the plain sequential sum (so results are bit for
 bit those of ``sum(w * x.double())``).
 
-`fold_group` folds up to four updates per pass, so the float64 sum (16 bytes of traffic
-per element: a read and a write) is read and written once for several updates instead
-of once each: that, not the arithmetic, is what bounds a fold.
+`fold_group` folds up to eight updates per pass, so the float64 sum (16 bytes of traffic
+per element: a read and a write) is read and written once for up to eight updates
+instead of once each: that, not the arithmetic, is what bounds a fold.
 
 Functions take flat numpy views of contiguous CPU tensors (``tensor.numpy()`` shares
 memory, it does not copy). Compiled on first use and cached on disk when numba can
@@ -25,35 +25,33 @@ import numba
 import numpy as np
 
 
-def _jit(function: Callable[..., Any]) -> Any:
-    try:
-        return numba.njit(cache=True, boundscheck=False, nogil=True)(function)
-    except RuntimeError:  # no writable cache location: compile per process instead
-        return numba.njit(boundscheck=False, nogil=True)(function)
+def _jit(function: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """numba.njit, cached on disk where numba finds a writable place (it raises at
+    decoration otherwise: then compiled once per process)."""
+    def wrap(function: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, boundscheck=False, nogil=True, **options)(function)
+        except RuntimeError:
+            return numba.njit(boundscheck=False, nogil=True, **options)(function)
+    return wrap if function is None else wrap(function)
+
+
+@_jit(fastmath={"reassoc", "contract"})
+def _sum_of_squares(x: np.ndarray) -> float:
+    # Reassociation lets LLVM vectorise the reduction (a norm needs no fixed order). A
+    # float32 value's square cannot overflow float64, and NaN/Inf still propagate (no
+    # "nnan"/"ninf" flags), so a non-finite result means the array holds one.
+    total = 0.0
+    for i in range(x.size):
+        value = np.float64(x[i])
+        total += value * value
+    return total
 
 
 @_jit
-def _sum_of_squares(x: np.ndarray) -> float:
-    # Four float64 partial sums: independent chains the CPU overlaps. A float32 value's
-    # square cannot overflow float64, so a non-finite result means a NaN or an Inf.
-    s0 = s1 = s2 = s3 = 0.0
-    n = x.size
-    i = 0
-    while i + 4 <= n:
-        a = np.float64(x[i])
-        b = np.float64(x[i + 1])
-        c = np.float64(x[i + 2])
-        d = np.float64(x[i + 3])
-        s0 += a * a
-        s1 += b * b
-        s2 += c * c
-        s3 += d * d
-        i += 4
-    while i < n:
-        a = np.float64(x[i])
-        s0 += a * a
-        i += 1
-    return (s0 + s1) + (s2 + s3)
+def _divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:
+    for i in range(acc.size):
+        out[i] = np.float32(acc[i] / divisor)
 
 
 @_jit
@@ -79,19 +77,44 @@ def _fold4(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: 
         acc[i] = s + w3 * np.float64(x3[i])
 
 
+@_jit
+def _fold8(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: np.ndarray,
+           x4: np.ndarray, x5: np.ndarray, x6: np.ndarray, x7: np.ndarray,
+           w0: float, w1: float, w2: float, w3: float,
+           w4: float, w5: float, w6: float, w7: float) -> None:
+    for i in range(acc.size):
+        s = acc[i] + w0 * np.float64(x0[i])
+        s += w1 * np.float64(x1[i])
+        s += w2 * np.float64(x2[i])
+        s += w3 * np.float64(x3[i])
+        s += w4 * np.float64(x4[i])
+        s += w5 * np.float64(x5[i])
+        s += w6 * np.float64(x6[i])
+        acc[i] = s + w7 * np.float64(x7[i])
+
+
 def sum_of_squares(x: np.ndarray) -> float:
     """The sum of squares of a flat float32 array, in float64 (NaN/Inf if it holds one)."""
     return float(_sum_of_squares(x))
 
 
+def divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:
+    """``out = float32(acc / divisor)`` element by element (flat float32 out, float64 acc):
+    one rounding, as ``(acc / divisor).to(torch.float32)``."""
+    _divide_into(out, acc, float(divisor))
+
+
 def fold_group(acc: np.ndarray, xs: Sequence[np.ndarray], weights: Sequence[float]) -> None:
     """``acc += weights[0] * xs[0]; acc += weights[1] * xs[1]; ...`` element by element in
-    float64, in that order, with ``acc`` (flat float64) read and written once per four
+    float64, in that order, with ``acc`` (flat float64) read and written once per eight
     arrays (flat float32, each as long as ``acc``)."""
     if len(xs) != len(weights):
         raise ValueError(f"{len(xs)} arrays but {len(weights)} weights")
     start = 0
-    while len(xs) - start >= 4:
+    while len(xs) - start >= 8:
+        _fold8(acc, *xs[start:start + 8], *(float(w) for w in weights[start:start + 8]))
+        start += 8
+    if len(xs) - start >= 4:
         _fold4(acc, *xs[start:start + 4], *(float(w) for w in weights[start:start + 4]))
         start += 4
     if len(xs) - start >= 2:

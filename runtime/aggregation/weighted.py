@@ -5,17 +5,20 @@ Decentralized Data", Algorithm 1) averages client models weighted by their numbe
 training examples. Clients send deltas, so the coordinator averages deltas the same way
 and the server optimizer (`server.py`) applies the mean.
 
-`WeightedSum` folds updates in as they arrive and keeps only one float64 accumulator per
-tensor: memory is O(model), whatever the number of clients. The fold runs over slices of
-`FOLD_CHUNK` elements, so the float64 copy of each slice lives in cache instead of a
-float64 copy of the whole update in memory, and each update is checked for NaN/Inf in
-one read before anything is committed. `weighted_mean` computes the
+`WeightedSum` folds updates in as they arrive and keeps only one float64 accumulator (one
+flat buffer for the whole model): memory is O(model), whatever the number of clients.
+Each update is checked for NaN/Inf, and its norm taken, in one read before anything is
+committed; float32 tensors are then folded by compiled loops (`_kernels`) that widen each
+value in a register, so no float64 copy of the update ever exists (other dtypes: torch,
+slice by slice). With `hold`, several accepted updates are folded in one pass over the
+sum. `weighted_mean` computes the
 same thing from a list in one go; it is the reference the streaming sum is tested against.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -41,6 +44,21 @@ FOLD_CHUNK = 1 << 16
 """Elements per slice of the fold: its float64 temporary (512 KiB) stays in L2 cache."""
 
 
+_SPARE: list[Tensor] = []
+"""Float64 sums of finished rounds, kept for reuse (at most `_SPARE_LIMIT`)."""
+_SPARE_LIMIT = 1
+
+
+def _zeroed(numel: int) -> Tensor:
+    """A zeroed flat float64 buffer: a spare one of that size when there is one."""
+    for index, spare in enumerate(_SPARE):
+        if spare.numel() == numel:
+            del _SPARE[index]
+            return spare.zero_()
+    del _SPARE[: max(0, len(_SPARE) - _SPARE_LIMIT + 1)]
+    return torch.zeros(numel, dtype=ACCUMULATOR_DTYPE)
+
+
 class EmptyAggregationError(ValueError):
     """A mean was asked of no updates."""
 
@@ -64,7 +82,7 @@ class WeightedSum:
     by slice. With `hold` > 0, up to `hold` accepted updates are kept by reference (not
     copied; callers must not modify them afterwards) and folded together in one pass
     over the sum: the sum's own reads and writes, which dominate a fold, are shared by
-    up to four updates. That costs up to `hold` updates of memory; 0 folds each update
+    up to eight updates (`hold` 7). That costs up to `hold` updates of memory; 0 folds each update
     as it arrives and keeps nothing.
     """
 
@@ -75,7 +93,10 @@ class WeightedSum:
         self._hold = hold
         self._sums: dict[str, Tensor] = {}
         cpu = [meta for meta in self._layout if meta.device.type == "cpu"]
-        flat = torch.zeros(sum(meta.numel for meta in cpu), dtype=ACCUMULATOR_DTYPE)
+        flat = _zeroed(sum(meta.numel for meta in cpu))
+        # Back to the pool when this sum is gone: the next round's sum then reuses its
+        # pages instead of faulting in fresh ones (which cost as much as a fold).
+        weakref.finalize(self, _SPARE.append, flat)
         offset = 0
         for meta in self._layout:
             if meta.device.type == "cpu":
@@ -153,6 +174,9 @@ class WeightedSum:
         total = self._sums[name]
         out = torch.empty(total.shape, dtype=dtype, device=total.device)
         flat_out = out.view(-1)
+        if dtype == torch.float32 and total.device.type == "cpu":
+            _kernels.divide_into(flat_out.numpy(), total.view(-1).numpy(), self._total_weight)
+            return out
         for start in range(0, total.numel(), FOLD_CHUNK):
             part = total.view(-1)[start : start + FOLD_CHUNK] / self._total_weight
             flat_out[start : start + FOLD_CHUNK] = cast_back(part, dtype)

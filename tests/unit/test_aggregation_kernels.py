@@ -28,8 +28,8 @@ def _reference(updates: list[dict[str, torch.Tensor]], weights: list[float], nam
     return total / sum(weights)
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 9])
-@pytest.mark.parametrize("hold", [0, 1, 3, 8])
+@pytest.mark.parametrize("count", [1, 3, 9, 15])
+@pytest.mark.parametrize("hold", [0, 3, 14])
 def test_held_fold_is_bit_identical_to_the_sequential_float64_sum(count: int, hold: int) -> None:
     updates = _updates(count)
     weights = [float(3 + 2 * i) for i in range(count)]
