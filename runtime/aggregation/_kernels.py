@@ -139,12 +139,17 @@ def _order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out:
             ordered = a <= b
             block[low, j] = a if ordered else b
             block[high, j] = b if ordered else a
+    # Row by row (contiguous, vectorised), each column's sum still in rank order.
     kept = ranks.size
+    total = np.empty(columns, dtype=np.float64)
     for j in range(columns):
-        total = np.float64(block[ranks[0], j])
-        for r in range(1, kept):
-            total += np.float64(block[ranks[r], j])
-        out[j] = np.float32(total / kept)
+        total[j] = np.float64(block[ranks[0], j])
+    for r in range(1, kept):
+        row = ranks[r]
+        for j in range(columns):
+            total[j] += np.float64(block[row, j])
+    for j in range(columns):
+        out[j] = np.float32(total[j] / kept)
 
 
 def order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
