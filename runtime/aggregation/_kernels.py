@@ -125,36 +125,50 @@ def fold_group(acc: np.ndarray, xs: Sequence[np.ndarray], weights: Sequence[floa
 
 
 @_jit
-def _order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
-    # Each comparator swaps two rows' values column by column where they are out of
-    # order (a select per element: no branch, vectorised), so every column keeps its
-    # values exactly, only reordered. Then the kept ranks are summed in float64.
+def _order_block(block: np.ndarray, count: int, network: np.ndarray, ranks: np.ndarray,
+                 out: np.ndarray) -> None:
+    # Each comparator writes the min and max of two wires' rows into two spare rows,
+    # which become those wires (the old rows become the spares): every store is then
+    # unconditional. Updating in place lets LLVM turn the store of an unchanged value
+    # into a masked store, which AMD's Zen cores run several times slower. Min and max
+    # only move values, so each column keeps its values exactly.
+    wires = np.arange(count)
+    spare_low = count
+    spare_high = count + 1
     columns = block.shape[1]
     for c in range(network.shape[0]):
         low = network[c, 0]
         high = network[c, 1]
+        row_a = block[wires[low]]
+        row_b = block[wires[high]]
+        to_low = block[spare_low]
+        to_high = block[spare_high]
         for j in range(columns):
-            a = block[low, j]
-            b = block[high, j]
+            a = row_a[j]
+            b = row_b[j]
             ordered = a <= b
-            block[low, j] = a if ordered else b
-            block[high, j] = b if ordered else a
+            to_low[j] = a if ordered else b
+            to_high[j] = b if ordered else a
+        spare_low, wires[low] = wires[low], spare_low
+        spare_high, wires[high] = wires[high], spare_high
     # Row by row (contiguous, vectorised), each column's sum still in rank order.
     kept = ranks.size
     total = np.empty(columns, dtype=np.float64)
+    first = block[wires[ranks[0]]]
     for j in range(columns):
-        total[j] = np.float64(block[ranks[0], j])
+        total[j] = np.float64(first[j])
     for r in range(1, kept):
-        row = ranks[r]
+        row = block[wires[ranks[r]]]
         for j in range(columns):
-            total[j] += np.float64(block[row, j])
+            total[j] += np.float64(row[j])
     for j in range(columns):
         out[j] = np.float32(total[j] / kept)
 
 
 def order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
-    """Apply the comparators ``network`` (int64 ``[m, 2]``: low, high rows) to every
-    column of ``block`` (float32 ``[n, columns]``, reordered in place), then write to
-    ``out`` (float32 ``[columns]``) each column's mean of the rows ``ranks`` (int64),
-    summed in float64 in that order and rounded once."""
-    _order_block(block, network, ranks, out)
+    """Apply the comparators ``network`` (int64 ``[m, 2]``: low, high wires) to every
+    column of the first ``n`` rows of ``block`` (float32 ``[n + 2, columns]``: two spare
+    rows; its contents are scrambled), then write to ``out`` (float32 ``[columns]``) each
+    column's mean of the wires ``ranks`` (int64), summed in float64 in that order and
+    rounded once."""
+    _order_block(block, block.shape[0] - 2, network, ranks, out)

@@ -123,12 +123,13 @@ def _compiled_statistic(flats: Sequence[Tensor], meta: TensorMeta,
     comparators = np.array(network, dtype=np.int64).reshape(-1, 2)
     kept = np.array(list(ranks), dtype=np.int64)
     out = torch.empty(meta.numel, dtype=torch.float32)
-    buffer = torch.empty((len(flats), min(COMPILED_SLICE, meta.numel)), dtype=torch.float32)
+    # Two spare rows below the updates' (see `_kernels.order_block`).
+    buffer = torch.empty((len(flats) + 2, min(COMPILED_SLICE, meta.numel)), dtype=torch.float32)
     for start in range(0, meta.numel, COMPILED_SLICE):
         stop = min(start + COMPILED_SLICE, meta.numel)
         # The last slice may be narrower: a fresh block then, since out= must be whole.
         block = buffer if stop - start == buffer.shape[1] else torch.empty(
-            (len(flats), stop - start), dtype=torch.float32)
-        torch.stack([flat[start:stop] for flat in flats], out=block)
+            (len(flats) + 2, stop - start), dtype=torch.float32)
+        torch.stack([flat[start:stop] for flat in flats], out=block[: len(flats)])
         _kernels.order_block(block.numpy(), comparators, kept, out[start:stop].numpy())
     return out.reshape(meta.shape)
