@@ -9,7 +9,11 @@ N client updates of P float32 parameters (default: the issue's case, 50 updates 
   float64-grade, but the least memory traffic any fold that keeps a sum can have (read
   the update, read and write the sum), so the practical ceiling beside the read limit.
 - fold: fedkube's FedAvg, as the coordinator runs it: a fedavg `RoundAggregator`
-  (finiteness check, float64 running sum, mean). GB/s counts update bytes.
+  (finiteness check and norm in one read, float64 running sum, mean). GB/s counts
+  update bytes. "fold, hold=H" is the same with `hold=H`: up to H + 1 accepted updates
+  folded in one pass over the float64 sum, for H updates of memory.
+- Threads: torch's figures use `--threads`; fedkube's compiled loops (numba) always run
+  on one thread, so only `--threads 1` (the default) compares like with like.
 - Flower: `flwr.server.strategy.aggregate.aggregate` on the same updates as numpy
   arrays, when `flwr` is importable (null otherwise, with a note). A faithful copy of
   Flower's function (`flower_style_*`, numpy, from framework/py/flwr/server/strategy/
@@ -217,7 +221,7 @@ def main() -> None:
 
     figures = {
         "updates": args.updates, "params": sum(t.numel() for t in updates[0].values()),
-        "threads": args.threads, "model_bytes": model_bytes,
+        "threads": args.threads, "compiled_loop_threads": 1, "model_bytes": model_bytes,
         "fold_seconds": fold_s, "fold_gb_per_s": total_gb / fold_s,
         "read_limit_gb_per_s": total_gb / read_s,
         "float32_add_loop_gb_per_s": total_gb / add_loop_s,
