@@ -321,7 +321,8 @@ class RoundEngine:
         self._client(header.node_id)
         if self.open_round is None:
             raise Rejected(RejectReason.WRONG_ROUND,
-                           f"round {header.round} is not open (current round {self.round})")
+                           f"round {header.round} is not open: no round is open now "
+                           f"(the last was {self.round})")
         if self.secure_config is not None and header.payload is Payload.DELTA:
             raise Rejected(RejectReason.MALFORMED, "this job runs secure aggregation: an "
                            "update must be a masked input (SecAggMaskedInput), never plain")
