@@ -135,7 +135,8 @@ def flower_aggregate() -> tuple[Callable[..., Any] | None, str]:
     try:
         from flwr.server.strategy.aggregate import aggregate
     except ImportError as error:
-        return None, (f"flwr is not importable here ({error}); flower_aggregate_gb_per_s is null. "
+        return None, (f"flwr is not importable here ({error}; flwr 1.4x pins protobuf below 7, "
+                      "which fedkube's stubs need today); flower_aggregate_gb_per_s is null. "
                       "flower_style_* time a copy of Flower's function instead.")
     return aggregate, "flwr's own aggregate"
 
