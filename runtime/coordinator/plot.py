@@ -40,8 +40,6 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
     accuracy, loss, third, clients, traffic, ratio = grid.flat
     # strategy.mode async records server steps (they carry the buffer's mean staleness).
     unit = "server step" if history and history[-1].mean_staleness is not None else "round"
-    figure, grid = plt.subplots(2, 2, figsize=(13, 8.5))
-    accuracy, loss, third, clients = grid.flat
 
     accuracy.plot(rounds, [r.accuracy for r in history], marker="o", label="test accuracy")
     best = max(history, key=lambda r: r.accuracy)
