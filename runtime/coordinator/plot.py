@@ -15,6 +15,9 @@ FIGURE_DPI = 110
 # shut-down of every run.
 PNG_OPTIONS = {"compress_level": 1}
 FONT_SIZE = 11
+# metrics.png's 3 x 2 panels on 13 x 12.5 inches, as tight_layout placed them.
+ROUNDS_MARGINS = {"left": 0.075, "right": 0.985, "bottom": 0.045, "top": 0.94,
+                  "wspace": 0.25, "hspace": 0.32}
 
 
 def _pyplot() -> Any:
@@ -101,7 +104,10 @@ def plot_rounds(history: Sequence[RoundRecord], path: Path, *, title: str,
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(title, fontsize=FONT_SIZE + 3)
-    figure.tight_layout()
+    # Fixed margins, not tight_layout: the panels and their labels are always the same,
+    # and tight_layout measures every tick label by drawing the figure once more (about
+    # 40% of this function's CPU, paid at every run's shut-down).
+    figure.subplots_adjust(**ROUNDS_MARGINS)
     figure.savefig(path, dpi=FIGURE_DPI, pil_kwargs=PNG_OPTIONS)
     plt.close(figure)
     return path
