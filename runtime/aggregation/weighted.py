@@ -103,6 +103,36 @@ class WeightedSum:
         self._total_weight += scale
         return stats
 
+    def state_dict(self) -> dict[str, object]:
+        """The running sum as plain data (its float64 accumulators, count, total weight):
+        what a checkpoint stores to continue this sum after a restart. O(model)."""
+        return {"sums": {name: total.clone() for name, total in self._sums.items()},
+                "count": self._count, "total_weight": self._total_weight}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Continue the sum `state_dict` saved. ValueError, naming the tensor, when the
+        saved accumulators do not match this sum's template (another model)."""
+        sums = state.get("sums")
+        count, total = state.get("count"), state.get("total_weight")
+        if not isinstance(sums, Mapping) or set(sums) != set(self._sums):
+            raise ValueError("saved sum: its tensors are not the model's "
+                             f"({sorted(sums) if isinstance(sums, Mapping) else sums!r})")
+        for name, mine in self._sums.items():
+            saved = sums[name]
+            if not isinstance(saved, Tensor) or saved.shape != mine.shape:
+                raise ValueError(f"saved sum: tensor {name!r} is not shaped "
+                                 f"{list(mine.shape)}")
+            if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+                raise ValueError(f"saved sum: tensor {name!r} holds NaN or Inf")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"saved sum: count must be an integer >= 0, got {count!r}")
+        if not isinstance(total, (int, float)) or not math.isfinite(total) or total < 0 \
+                or (count > 0) != (total > 0):
+            raise ValueError(f"saved sum: total_weight {total!r} does not fit count {count}")
+        for name, mine in self._sums.items():
+            mine.copy_(sums[name])
+        self._count, self._total_weight = count, float(total)
+
     def mean(self) -> Weights:
         """The weighted mean so far, as new tensors in the template's dtypes."""
         if self._count == 0:
