@@ -164,6 +164,8 @@ def reduce(vector: np.ndarray, ring_bits: int) -> np.ndarray:
 
 def to_wire(vector: np.ndarray, width: int) -> np.ndarray:
     """The low `width` bytes of each ring element, little-endian, as one uint8 array."""
+    if width in (1, 2, 4):
+        return np.ascontiguousarray(vector, dtype="<u4").astype(f"<u{width}").view(np.uint8)
     data = np.ascontiguousarray(vector, dtype="<u4").view(np.uint8).reshape(-1, 4)
     return np.ascontiguousarray(data[:, :width]).reshape(-1)
 
@@ -174,6 +176,8 @@ def from_wire(data: np.ndarray, width: int, length: int) -> np.ndarray:
     if raw.size != width * length:
         raise ValueError(f"a masked input of {raw.size} bytes is not {length} ring elements "
                          f"of {width} bytes")
+    if width in (1, 2, 4):  # whole little-endian words: one widening copy
+        return raw.view(f"<u{width}").astype(RING)
     out = np.zeros((length, 4), dtype=np.uint8)
     out[:, :width] = raw.reshape(length, width)
     return out.reshape(-1).view("<u4").astype(RING, copy=False)
