@@ -178,6 +178,8 @@ def from_wire(data: np.ndarray, width: int, length: int) -> np.ndarray:
                          f"of {width} bytes")
     if width in (1, 2, 4):  # whole little-endian words: one widening copy
         return raw.view(f"<u{width}").astype(RING)
-    out = np.zeros((length, 4), dtype=np.uint8)
-    out[:, :width] = raw.reshape(length, width)
-    return out.reshape(-1).view("<u4").astype(RING, copy=False)
+    bytes_ = raw.reshape(length, width)
+    out = bytes_[:, 0].astype(RING)
+    for index in range(1, width):
+        out |= bytes_[:, index].astype(RING) << RING(8 * index)
+    return out

@@ -89,6 +89,8 @@ def test_wire_bytes_round_trip_and_refuse_the_wrong_length() -> None:
     data = to_wire(vector, 2)
     assert data.dtype == np.uint8 and data.size == 2 * LENGTH
     assert np.array_equal(from_wire(data, 2, LENGTH), vector)
+    three = np.random.default_rng(2).integers(0, 1 << 23, LENGTH).astype(np.uint32)
+    assert np.array_equal(from_wire(to_wire(three, 3), 3, LENGTH), three)
     full = np.random.default_rng(1).integers(0, 1 << 32, LENGTH, dtype=np.uint64)
     assert np.array_equal(from_wire(to_wire(full.astype(np.uint32), 4), 4, LENGTH), full)
     with pytest.raises(ValueError, match="not 301 ring elements"):
