@@ -135,9 +135,8 @@ class Quantized:
         ring = np.asarray(codes)
         if ring.dtype != RING:
             raise ValueError(f"ring elements must be {np.dtype(RING).name}, got {ring.dtype}")
-        reduced = reduce(ring.copy(), self.ring_bits).astype(np.int64)
-        half = 1 << (self.ring_bits - 1)
-        signed = np.where(reduced >= half, reduced - (1 << self.ring_bits), reduced)
+        shift = RING(RING_BITS - self.ring_bits)  # sign-extend the r-bit two's complement
+        signed = (ring << shift).view(np.int32) >> np.int32(shift)
         return signed.astype(np.float64) / self.scale
 
     def decode(self, total: np.ndarray) -> np.ndarray:
