@@ -76,11 +76,13 @@ def _tune_process(role: Role) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    # Imported after the manifest is read: a spec error is reported without loading torch.
     from .local import RunOptions, run_job, with_clients
     from .progress import outcome_line
 
     _tune_process("local")
-    job = with_clients(load_job(args.job), args.clients)
+    job = with_clients(job, args.clients)
     bind_log_context(job=job.metadata.name)
     output = Path(args.output or Path("runs") / job.metadata.name)
     existing = "resume" if args.resume else "fresh" if args.fresh else "refuse"
@@ -253,10 +255,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _validate_one(path: str) -> int:
+    job = load_job(path)
+    # Imported after the manifest is read: a spec error is reported without loading torch.
     from .data import load_dataset
     from .models import build_model
 
-    job = load_job(path)
     spec = job.spec
     data = load_dataset(spec.data, seed=spec.seed)  # errors: see _user_error
     model = build_model(spec.model, input_shape=data.input_shape,

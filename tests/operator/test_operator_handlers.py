@@ -260,12 +260,12 @@ def test_failing_coordinator_degrades_the_job_until_it_recovers(kube_api: Any,
         time.sleep(0.2)  # polling interval
 
 
-def _register_node(kube_api: Any, name: str, heartbeat: str) -> None:
+def _register_node(kube_api: Any, name: str, heartbeat: str, phase: str = "Ready") -> None:
     """A ClientNode as the coordinator writes it: the object, then its status."""
     kube_api.apply({"apiVersion": "fedkube.io/v1alpha1", "kind": "ClientNode",
                     "metadata": {"name": name, "namespace": NS},
                     "spec": {"nodeId": name, "device": "mps"}})
-    kube_api.patch("cn", name, {"status": {"phase": "Ready", "lastHeartbeat": heartbeat}},
+    kube_api.patch("cn", name, {"status": {"phase": phase, "lastHeartbeat": heartbeat}},
                    namespace=NS, subresource="status")
 
 
@@ -280,9 +280,8 @@ def _iso(seconds_ago: float) -> str:
 def test_silent_client_nodes_go_offline(kube_api: Any, operator: Operator) -> None:
     # Quarantined is the coordinator's alone (spec.CLIENT_STATUS_FIELD_OWNERS): a silent
     # quarantined node is left as it is.
-    _register_node(kube_api, "held", heartbeat=_iso(120))
-    kube_api.patch("cn", "held", {"status": {"phase": "Quarantined"}}, namespace=NS,
-                   subresource="status")
+    # (Written Quarantined in one status patch: a Ready status first would race the timer.)
+    _register_node(kube_api, "held", heartbeat=_iso(120), phase="Quarantined")
     _register_node(kube_api, "stale", heartbeat=_iso(120))
     node = _wait(kube_api, "cn", "stale", _phase("Offline"), operator)
     assert node["status"]["lastHeartbeat"]  # the last sighting stays for `kubectl get cn`
