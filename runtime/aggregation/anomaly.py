@@ -12,12 +12,7 @@ Computed on the decoded update, from what the coordinator holds anyway, so that 
 
 Each signal becomes a robust z-score within the round (median and 1.4826 x MAD, with a
 floor so a round of near-identical honest updates does not turn tiny differences into
-large scores): the norm's logarithm from above, the cosine from below, the distance from
-above. Norms are compared as ratios (log): an honest update twice the median norm is as
-ordinary as one half of it, and honest norms spread multiplicatively when the model is
-poor (up to 4.7x the median in bench/robustness.py once scaling attackers had wrecked
-FedAvg, where linear z-scores gave honest clients suspicion 0.49). A small norm is not
-suspicious (it moves the model little; clients given fewer local steps send them). An
+large scores): the norm two-sided, the cosine from below, the distance from above. An
 update's score is its largest z mapped to [0, 1]: 0 up to z = 4, 1 from z = 8. The
 coordinator folds the scores into each client's exponentially weighted suspicion.
 """
@@ -39,10 +34,7 @@ Z_FLOOR = 4.0
 Z_FULL = 8.0
 """From this z on an update scores 1."""
 RELATIVE_SCALE_FLOOR = 0.25
-"""Distance z-scores use at least this share of the median as their scale."""
-LOG_NORM_SCALE_FLOOR = 0.3
-"""Log-norm z-scores use at least this as their scale: z = 4 at 3.3x the round's median
-norm, a full score from 11x."""
+"""Norm and distance z-scores use at least this share of the median as their scale."""
 COSINE_SCALE_FLOOR = 0.15
 """Cosine z-scores use at least this as their scale."""
 
@@ -132,15 +124,6 @@ def robust_z(values: Sequence[float], *, floor: float) -> list[float]:
     return [(v - centre) / scale for v in values]
 
 
-def _log_norm_z(norms: Sequence[float]) -> list[float]:
-    """Robust z-scores of log(norm), from above; zero norms (nothing moved) score 0."""
-    positive = [n for n in norms if n > 0]
-    if len(positive) < 3:
-        return [0.0] * len(norms)
-    z = iter(robust_z([math.log(n) for n in positive], floor=LOG_NORM_SCALE_FLOOR))
-    return [max(0.0, next(z)) if n > 0 else 0.0 for n in norms]
-
-
 def _score(z: float) -> float:
     return min(1.0, max(0.0, (z - Z_FLOOR) / (Z_FULL - Z_FLOOR)))
 
@@ -164,7 +147,10 @@ def anomaly_scores(norms: Sequence[float], cosines: Sequence[float | None],
         raise ValueError("norms, cosines and distances must have one entry per update")
     if count < 3:
         return Scores((0.0,) * count, ("",) * count)
-    signals: list[tuple[str, list[float]]] = [("norm", _log_norm_z(norms))]
+    median_norm = statistics.median(norms)
+    signals: list[tuple[str, list[float]]] = [
+        ("norm", [abs(z) for z in robust_z(norms, floor=RELATIVE_SCALE_FLOOR * median_norm)]),
+    ]
     known = [i for i, c in enumerate(cosines) if c is not None]
     if len(known) >= 3:
         z = robust_z([-float(cosines[i]) for i in known], floor=COSINE_SCALE_FLOOR)  # type: ignore[arg-type]
