@@ -22,6 +22,7 @@ off no slower than before (bench/wire.py measures the raw path).
     python -P bench/compression.py                    # mnist5k, cnn28, 10 clients, 20 rounds
     python -P bench/compression.py --quick            # digits, mlp, 4 clients, 4 rounds
     python -P bench/compression.py --output compression.json
+    python -P bench/compression.py --throughput-only  # encode/decode MB/s, no runs
 """
 
 from __future__ import annotations
@@ -141,6 +142,50 @@ def _raw_path(repeats: int = 3) -> dict[str, float]:
     return figures
 
 
+_STEP = 1e-3
+
+
+def _downlink(args: argparse.Namespace) -> dict[str, float]:
+    """Bytes of `compression.downlink`'s exact delta against the fp32 model, for two
+    versions one synthetic SGD-sized step apart (every float entry moved by
+    _STEP * mean|w| * N(0, 1)): a stand-in until GetModel serves deltas (not wired yet)."""
+    from fedkube.runtime.compression.downlink import model_delta
+
+    shapes = {"mnist5k": (1, 28, 28), "digits": (1, 8, 8)}.get(args.dataset, (1, 28, 28))
+    old = build_model(args.model, input_shape=shapes, num_classes=10, seed=0).state_dict()
+    torch.manual_seed(1)
+    new = {k: v + _STEP * v.abs().mean() * torch.randn_like(v) if v.is_floating_point()
+           else v for k, v in old.items()}
+    raw = sum(v.numel() * v.element_size() for v in new.values())
+    return {lossless: sum(d.nbytes for d in model_delta(old, new, lossless=lossless).values())
+            / raw for lossless in ("zstd", "lz4")}
+
+
+def _throughput_table(settings: list[tuple[str, dict[str, Any], bool]],
+                      delta: dict[str, torch.Tensor], args: argparse.Namespace) -> int:
+    rows = []
+    print(f"{args.model} delta of {sum(t.numel() for t in delta.values()):,} float32, "
+          f"one torch thread, best of {args.repeats}")
+    print(f"{'setting':34} {'enc MB/s':>9} {'dec MB/s':>9}")
+    for name, compression, private in settings:
+        if private:  # the codec does not know about DP: the same as the row without it
+            continue
+        encode, decode = _throughput(_config(compression), delta, repeats=args.repeats)
+        rows.append({"setting": name, "encode_mb_per_s": encode, "decode_mb_per_s": decode})
+        if encode is not None and decode is not None:
+            print(f"{name:34} {encode:9.0f} {decode:9.0f}")
+    downlink = _downlink(args)
+    print(f"\ndownlink, exact delta (XOR + byte shuffle) of a global model after a step of "
+          f"{_STEP:g} x mean|w|, bytes vs fp32: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in downlink.items()))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"args": vars(args), "throughput": rows,
+                                                 "downlink_bytes_vs_fp32": downlink},
+                                                indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _records(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / METRICS).read_text().splitlines() if line]
 
@@ -157,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=8.0, help="local DP target")
     parser.add_argument("--only", action="append", default=[],
                         help="run only settings whose name holds this text (repeatable)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only encode/decode MB/s per setting (no federated runs)")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="encode/decode timings: best of this many (a loaded machine)")
     parser.add_argument("--output", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -170,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     delta = {k: torch.randn_like(v) * 0.01 for k, v in model.state_dict().items()
              if v.dtype == torch.float32}
+    if args.throughput_only:
+        return _throughput_table(settings, delta, args)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedkube-bench-compression-") as tmp:
         for name, compression, private in settings:
@@ -179,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             summary = asyncio.run(run_job(job, RunOptions(output=folder, quiet=True)))
             records = _records(folder)
-            encode, decode = _throughput(_config(compression), delta, repeats=3)
+            encode, decode = _throughput(_config(compression), delta, repeats=args.repeats)
             seconds = [r["seconds"] for r in records[1:]] or [r["seconds"] for r in records]
             results.append({
                 "setting": name, "phase": summary["phase"], "rounds": len(records),

@@ -20,6 +20,13 @@ and what the coordinator costs per round at 10, 100 and 1,000 registered clients
     resident memory added over the engine alone, against the target 3x the model + 1 MB
     per 100 clients, and the time per update and per round's selection, against N = 10.
 
+(c) `fedkube run` at 10, 100 and 1,000 simulated clients (100 per round, 2 rounds, mlp
+    on digits), each in a fresh interpreter: the coordinator's own resident memory (that
+    process: before the run and its peak) apart from the agent processes' (their summed
+    peak), and the shut-down time (job end to files written) from summary.json. The
+    growth of the coordinator's added memory (peak - before) from 10 to N clients is held
+    against 1 MB per 100 clients plus 3x the model.
+
 Figures are from one run on whatever machine runs it (a shared, loaded one moves the
 wall times; the ratios are taken within the run).
 
@@ -208,6 +215,113 @@ def coordinator_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[
     return rows
 
 
+# ------------------------------------------------------------------ (c) fedkube run at scale
+
+
+def _rss_of(pid: str = "self") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _children() -> list[str]:
+    me, kids = str(__import__("os").getpid()), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("PPid:"):
+                        if line.split()[1] == me:
+                            kids.append(entry.name)
+                        break
+            except OSError:
+                pass
+    return kids
+
+
+def run_scale_once(clients: int, *, per_round: int, rounds: int) -> dict[str, Any]:
+    import threading
+
+    from fedkube.runtime.local import RunOptions, run_job
+    from fedkube.runtime.spec import FederatedJob
+
+    job = FederatedJob.model_validate({
+        "apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+        "metadata": {"name": f"run-scale-{clients}"},
+        "spec": {"model": "mlp", "data": {"dataset": "digits"}, "rounds": rounds,
+                 "clientsPerRound": min(per_round, clients),
+                 "minClients": min(per_round, clients), "localEpochs": 1, "batchSize": 16,
+                 "roundTimeoutSeconds": 300, "simulation": {"clients": clients},
+                 "admission": {"maxClients": max(1000, clients),
+                               "registrationsPerSecond": 1e6, "registrationBurst": 100000}}})
+    peak = {"coordinator": 0, "agents": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peak["coordinator"] = max(peak["coordinator"], _rss_of())
+            peak["agents"] = max(peak["agents"], sum(_rss_of(k) for k in _children()))
+
+    gc.collect()
+    before = _rss_of()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with tempfile.TemporaryDirectory(prefix="fedkube-bench-scale-") as scratch:
+        summary = asyncio.run(run_job(job, RunOptions(output=Path(scratch), quiet=True)))
+    done.set()
+    sampler.join()
+    return {"clients": clients, "coordinator_before_bytes": before,
+            "coordinator_peak_bytes": max(peak["coordinator"], before),
+            "agents_peak_bytes": peak["agents"], "phase": summary["phase"],
+            "startup_seconds": summary["startupSeconds"],
+            "shutdown_seconds": summary["shutdownSeconds"],
+            "wall_seconds": summary["wallSeconds"]}
+
+
+def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict[str, Any]]:
+    """Each size in a fresh interpreter (this script with --run-scale-child), so no run
+    inherits the heap of the one before."""
+    import subprocess
+    import sys
+
+    rows = []
+    for clients in sizes:
+        done = subprocess.run(
+            [sys.executable, "-P", __file__, "--run-scale-child", str(clients),
+             "--per-round", str(per_round), "--run-rounds", str(rounds)],
+            check=True, capture_output=True, text=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {clients:5d} clients: coordinator {row['coordinator_before_bytes'] / 2**20:.0f}"
+              f" -> peak {row['coordinator_peak_bytes'] / 2**20:.0f} MiB, agents (all "
+              f"processes) peak {row['agents_peak_bytes'] / 2**20:.0f} MiB, start-up "
+              f"{row['startup_seconds']:.1f} s, shut-down {row['shutdown_seconds']:.1f} s "
+              f"({row['phase']})", flush=True)
+    from fedkube.runtime.models import build_model
+
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    def added(row: dict[str, Any]) -> int:
+        return row["coordinator_peak_bytes"] - row["coordinator_before_bytes"]
+
+    for row in rows:
+        row["coordinator_added_bytes"] = added(row)
+    for row in rows[1:]:
+        grown = added(row) - added(rows[0])
+        budget = 3 * model_bytes + (row["clients"] - rows[0]["clients"]) / 100 * 2**20
+        row["coordinator_growth_over_smallest_bytes"] = grown
+        row["growth_budget_bytes"] = int(budget)
+        row["within_budget"] = grown <= budget
+        print(f"  {row['clients']:5d} vs {rows[0]['clients']} clients: the coordinator's added "
+              f"memory (peak - before) grew {grown / 2**20:.1f} MiB (budget "
+              f"{budget / 2**20:.1f} MiB)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits and fewer rounds")
@@ -215,9 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--target", type=float, default=None,
                         help="target accuracy (default 0.85 on mnist5k, 0.80 on digits)")
-    parser.add_argument("--skip-accuracy", action="store_true", help="only the scale part")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the scale parts")
+    parser.add_argument("--skip-run-scale", action="store_true",
+                        help="skip (c), fedkube run with 1,000 clients (minutes)")
+    parser.add_argument("--run-sizes", default="10,100,1000",
+                        help="client counts of (c), comma-separated")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.add_argument("--run-scale-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run-rounds", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_scale_child:  # one size of (c), in its own interpreter
+        print(json.dumps(run_scale_once(args.run_scale_child, per_round=args.per_round,
+                                        rounds=args.run_rounds)))
+        return 0
     target = args.target or (0.80 if args.quick else 0.85)
     out: dict[str, Any] = {"target_accuracy": target, "clients": args.clients,
                            "per_round": args.per_round, "slow_fraction": 0.3, "slowdown": 10}
@@ -231,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                   "faster than sync-random (target 2x)")
     print("(b) coordinator per round (in-process, no gRPC):")
     out["coordinator_scale"] = coordinator_scale([10, 100, 1000], per_round=100, rounds=5)
+    if not args.skip_run_scale:
+        print("(c) fedkube run, coordinator and agent processes apart:")
+        out["run_scale"] = run_scale([int(n) for n in args.run_sizes.split(",")],
+                                     per_round=100, rounds=args.run_rounds)
     if args.output:
         args.output.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.output}")

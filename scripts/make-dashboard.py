@@ -26,6 +26,14 @@ def rate(metric: str, by: str = "pod") -> str:
     return f"sum by ({by}) (rate({metric}{{{SCOPE}}}[$__rate_interval]))"
 
 
+def per_round(metric: str) -> str:
+    """Bytes per round: the counter's growth over the rounds closed in the same window
+    (no point where no round closed)."""
+    window = "[5m]"
+    return (f"sum by (pod) (increase({metric}{{{SCOPE}}}{window})) / "
+            f"sum by (pod) (increase(fedkube_rounds_total{{{SCOPE}}}{window}))")
+
+
 def quantile(q: float) -> str:
     return f"histogram_quantile({q}, {rate('fedkube_round_duration_seconds_bucket', 'le, pod')})"
 
@@ -49,6 +57,11 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
     ("Bytes on the wire (per second)", "Bps", [
         (rate("fedkube_bytes_received_total"), "up {{pod}}"),
         (rate("fedkube_bytes_sent_total"), "down {{pod}}")], 12, "timeseries"),
+    ("Compression: bytes per round (up, down)", "bytes", [
+        (per_round("fedkube_bytes_received_total"), "up {{pod}}"),
+        (per_round("fedkube_bytes_sent_total"), "down {{pod}}")], 12, "timeseries"),
+    ("Compression: upload bytes vs raw float32 (1 = uncompressed)", "percentunit",
+     [(f"fedkube_compression_ratio{{{SCOPE}}}", "{{pod}}")], 12, "timeseries"),
     ("Time per client (last round, slowest 20)", "s",
      [(f"topk(20, fedkube_client_round_duration_seconds{{{SCOPE}}})", "{{client}}")],
      12, "bargauge"),

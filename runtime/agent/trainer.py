@@ -4,11 +4,14 @@ here, and no spec: the job's identity builds model and data, each plan drives a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import random
+import threading
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,17 +108,67 @@ class LocalPrivacy:
                                                      if k != "accountant"})
 
 
+class ModelPool:
+    """Models of one architecture, lent to a task while it trains. Agents packed many to a
+    process (`fedkube run`) then hold no model each between tasks: as many models exist
+    as tasks train at once (at most the executor's threads), not one per agent. Every
+    task loads the global weights into the model it borrows, so which one it gets does
+    not matter."""
+
+    def __init__(self, build: Callable[[], torch.nn.Module]) -> None:
+        self._build = build
+        self._free: list[torch.nn.Module] = []
+        self._lock = threading.Lock()
+        self.created = 0
+
+    @contextlib.contextmanager
+    def borrowed(self) -> Iterator[torch.nn.Module]:
+        with self._lock:
+            model = self._free.pop() if self._free else None
+        if model is None:
+            model = self._build()
+            with self._lock:
+                self.created += 1
+        try:
+            yield model
+        finally:
+            with self._lock:
+                self._free.append(model)
+
+    def sample(self) -> torch.nn.Module:
+        """A model of the pool to read its structure or copy (not to train in place)."""
+        with self.borrowed() as model:
+            return model
+
+
+_POOLS: dict[tuple, ModelPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def model_pool(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int
+               ) -> ModelPool:
+    """The process's pool for this architecture (shared by the agents it hosts)."""
+    key = (name, tuple(input_shape), num_classes, seed)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ModelPool(lambda: build_model(
+                name, input_shape=input_shape,  # type: ignore[arg-type]
+                num_classes=num_classes, seed=seed))
+        return pool
+
+
 class LocalTrainer:
     def __init__(self, *, job: JobIdentity, node_id: str, device: torch.device,
-                 model: torch.nn.Module, x: np.ndarray, y: np.ndarray, seed: int,
+                 models: ModelPool, x: np.ndarray, y: np.ndarray, seed: int,
                  state_dir: Path, simulated_index: int | None = None,
                  dataset: Dataset | None = None) -> None:
         self.job = job
         self.node_id = node_id
         self.device = TrainingDevice(device)
-        self.model = model
+        self.models = models
         self.x, self.y = x, y
-        self.schema = wire.schema_of(weights_of(model))
+        self.schema = wire.schema_of(weights_of(models.sample()))
         self.seed = seed
         self.state_dir = state_dir
         self.rng = random.Random(seed)
@@ -127,6 +180,11 @@ class LocalTrainer:
         self.dataset = dataset
         self.compressor = UpdateCompressor(
             ResidualStore(state_dir / "compression" / node_id), job.job_name)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The job's model (one of the pool's): for its structure and weights only."""
+        return self.models.sample()
 
     @property
     def num_samples(self) -> int:
@@ -146,14 +204,14 @@ class LocalTrainer:
         if tuple(x.shape[1:]) != shape:
             raise ValueError(f"local data has examples of shape {tuple(x.shape[1:])}, "
                              f"the job's model takes {shape}")
-        model = build_model(job.model, input_shape=shape,  # type: ignore[arg-type]
+        models = model_pool(job.model, input_shape=shape,
                             num_classes=job.num_classes or dataset.num_classes, seed=job.seed)
         seed = job.seed * 1_000_003 + (simulated_index if simulated_index is not None
                                        else zlib.crc32(node_id.encode()) % 1_000_003)
         # The first optimizer of a process imports torch._dynamo under the import lock;
         # pay that now rather than inside round 1, where agents sharing a process queue on it.
-        make_optimizer("sgd", model.parameters(), 0.1)
-        return cls(job=job, node_id=node_id, device=device, model=model, x=x, y=y, seed=seed,
+        make_optimizer("sgd", models.sample().parameters(), 0.1)
+        return cls(job=job, node_id=node_id, device=device, models=models, x=x, y=y, seed=seed,
                    state_dir=state_dir, simulated_index=simulated_index,
                    dataset=dataset if simulated_index is not None else None)
 
@@ -216,14 +274,15 @@ class LocalTrainer:
         privacy = self._privacy_for(plan)
         proximal = global_weights if plan.proximal_mu else None
         if privacy is None:
-            model = self.model
-            load_weights(model, global_weights)
-            optimizer = make_optimizer(plan.optimizer, model.parameters(),  # type: ignore[arg-type]
-                                       plan.learning_rate)
-            result = train_local(model, loader, optimizer, epochs=plan.local_epochs,
-                                 device=device, proximal_mu=plan.proximal_mu,
-                                 global_weights=proximal, max_steps=plan.max_local_steps or None)
-            trained = weights_of(model)
+            with self.models.borrowed() as model:
+                load_weights(model, global_weights)
+                optimizer = make_optimizer(plan.optimizer, model.parameters(),  # type: ignore[arg-type]
+                                           plan.learning_rate)
+                result = train_local(model, loader, optimizer, epochs=plan.local_epochs,
+                                     device=device, proximal_mu=plan.proximal_mu,
+                                     global_weights=proximal,
+                                     max_steps=plan.max_local_steps or None)
+                trained = weights_of(model)
         else:
             from ..privacy.dpsgd import private_training, unwrap
 
@@ -284,11 +343,12 @@ class LocalTrainer:
         seed = self.job.seed * 1_000_003 + index
         torch.manual_seed(seed + plan.round)
         loader = make_loader(x, y, batch_size=plan.batch_size, seed=seed + plan.round)
-        load_weights(self.model, global_weights)
-        optimizer = make_optimizer(plan.optimizer, self.model.parameters(),  # type: ignore[arg-type]
-                                   plan.learning_rate)
-        train_local(self.model, loader, optimizer, epochs=plan.local_epochs, device=device,
-                    proximal_mu=plan.proximal_mu,
-                    global_weights=global_weights if plan.proximal_mu else None)
-        trained = weights_of(self.model)
+        with self.models.borrowed() as model:
+            load_weights(model, global_weights)
+            optimizer = make_optimizer(plan.optimizer, model.parameters(),  # type: ignore[arg-type]
+                                       plan.learning_rate)
+            train_local(model, loader, optimizer, epochs=plan.local_epochs, device=device,
+                        proximal_mu=plan.proximal_mu,
+                        global_weights=global_weights if plan.proximal_mu else None)
+            trained = weights_of(model)
         return {name: trained[name] - global_weights[name] for name in global_weights}

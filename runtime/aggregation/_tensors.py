@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _kernels
+
 Weights = dict[str, Tensor]
 """A model's tensors by name, in state_dict order (a model, or a delta from one)."""
 
@@ -103,7 +105,8 @@ class UpdateStats(NamedTuple):
 def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> UpdateStats:
     """Finiteness and norm of `update` in one read of each floating tensor.
 
-    One fused call (``torch._foreach_norm``, what `torch.nn.utils.clip_grad_norm_` uses)
+    float32 tensors on the CPU go through one compiled loop each (`_kernels`), squares
+    summed in float64. Other floating dtypes: one fused call (``torch._foreach_norm``, what `torch.nn.utils.clip_grad_norm_` uses)
     gives each tensor's norm in its own precision. Every norm finite proves every element
     finite; a non-finite norm is either a NaN/Inf (named in a ValueError after an
     element-wise look) or finite values whose squares overflow (a hostile update of huge
@@ -124,16 +127,27 @@ def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update
                 squares += norm * norm
             del tensor
         return UpdateStats(math.sqrt(squares))
-    floating = [update[meta.name].detach() for meta in layout
-                if update[meta.name].is_floating_point()]
+    # float32 on the CPU (nearly every model): one compiled pass per tensor, summing
+    # squares in float64, where they cannot overflow, so a non-finite sum is a NaN/Inf.
+    compiled = 0.0
+    floating = []
+    for meta in layout:
+        tensor = update[meta.name].detach()
+        if tensor.dtype == torch.float32 and tensor.device.type == "cpu":
+            squares_of = _kernels.sum_of_squares(tensor.reshape(-1).numpy())
+            if not math.isfinite(squares_of):
+                check_finite(layout, update, what=what, confirmed=False)
+            compiled += squares_of
+        elif tensor.is_floating_point():
+            floating.append(tensor)
     if not floating:
-        return UpdateStats(0.0)
+        return UpdateStats(math.sqrt(compiled))
     norms = torch._foreach_norm(floating)
     squares = torch.stack([n.to(torch.float64) for n in norms]).square()
     if bool(torch.isfinite(squares).all()):
-        return UpdateStats(math.sqrt(float(squares.sum())))
+        return UpdateStats(math.sqrt(compiled + float(squares.sum())))
     check_finite(layout, update, what=what, confirmed=False)
-    return UpdateStats(math.sqrt(sum(
+    return UpdateStats(math.sqrt(compiled + sum(
         float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in floating)))
 
 

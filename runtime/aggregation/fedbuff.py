@@ -9,7 +9,8 @@ holds K updates:
     delta = (1/K) * sum_i w(s_i) * delta_i,    w(s) = 1 / (1 + s) ** exponent
 
 (exponent 0.5 is the paper's 1/sqrt(1+s)). Updates staler than `max_staleness` are
-refused. Memory is one running sum, O(model), whatever K is.
+refused. Memory is one running sum, O(model), whatever K is; `state_dict` /
+`FedBuffBuffer.restore` carry a partly filled buffer across a coordinator restart.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -102,6 +104,34 @@ class FedBuffBuffer:
         self._nodes.append(node_id)
         self._staleness.append(staleness)
         return self.full
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was added so far, as plain data (the running sum, who, how stale)."""
+        if self._flushed:
+            raise RuntimeError("this buffer was flushed; its successor holds the state")
+        return {"sum": self._sum.state_dict(), "node_ids": list(self._nodes),
+                "staleness": list(self._staleness)}
+
+    @classmethod
+    def restore(cls, template: Mapping[str, Tensor], config: FedBuffConfig,
+                state: Mapping[str, Any]) -> FedBuffBuffer:
+        """A buffer continuing the one whose `state_dict` is `state`. ValueError when
+        `state` does not fit the model or the config (e.g. already full under a smaller
+        bufferSize: then it is refused, not flushed with more than K)."""
+        buffer = cls(template, config)
+        nodes, staleness = list(state.get("node_ids", ())), list(state.get("staleness", ()))
+        if len(nodes) != len(staleness) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in staleness):
+            raise ValueError("saved buffer: node_ids and staleness do not pair up")
+        buffer._sum.load_state_dict(state.get("sum", {}))
+        if buffer._sum.count != len(nodes):
+            raise ValueError(f"saved buffer: its sum holds {buffer._sum.count} updates, "
+                             f"its list {len(nodes)}")
+        if len(nodes) >= config.buffer_size:
+            raise ValueError(f"saved buffer holds {len(nodes)} updates, bufferSize is "
+                             f"{config.buffer_size}")
+        buffer._nodes, buffer._staleness = [str(n) for n in nodes], staleness
+        return buffer
 
     def flush(self) -> Flush:
         """(1/K) sum w(s_i) delta_i over what was added (K: the count added)."""

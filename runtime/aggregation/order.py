@@ -21,13 +21,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from . import _kernels
 from ._tensors import ACCUMULATOR_DTYPE, TensorMeta, cast_back
 
 SLICE = 1 << 13
 """Columns per slice: n rows of 8192 float32 values (1.6 MB for 50 updates) stay in cache."""
+
+COMPILED_SLICE = 1 << 12
+"""Columns per slice of the compiled path (float32): 800 KB for 50 updates, in L2."""
 
 Comparator = tuple[int, int]
 
@@ -87,6 +92,8 @@ def coordinate_statistic(
     work = meta.dtype if meta.dtype.is_floating_point else ACCUMULATOR_DTYPE
     flats = [update[meta.name].detach().to(meta.device).reshape(-1) for update in updates]
     network = network_placing(count, tuple(ranks))
+    if meta.dtype == torch.float32 and meta.device.type == "cpu":
+        return _compiled_statistic(flats, meta, network, ranks)
     out = torch.empty(meta.numel, dtype=meta.dtype, device=meta.device)
     spare = torch.empty(min(SLICE, meta.numel), dtype=work, device=meta.device)
     for start in range(0, meta.numel, SLICE):
@@ -105,4 +112,24 @@ def coordinate_statistic(
         for rank in ranks[1:]:
             total.add_(rows[rank])
         out[start:stop] = cast_back(total.div_(len(ranks)), meta.dtype)
+    return out.reshape(meta.shape)
+
+
+def _compiled_statistic(flats: Sequence[Tensor], meta: TensorMeta,
+                        network: Sequence[Comparator], ranks: range) -> Tensor:
+    """`coordinate_statistic` for float32 on the CPU: the same network and the same
+    float64 sums (so bit for bit the same result), in one compiled loop per slice instead
+    of two torch calls per comparator."""
+    comparators = np.array(network, dtype=np.int64).reshape(-1, 2)
+    kept = np.array(list(ranks), dtype=np.int64)
+    out = torch.empty(meta.numel, dtype=torch.float32)
+    # Two spare rows below the updates' (see `_kernels.order_block`).
+    buffer = torch.empty((len(flats) + 2, min(COMPILED_SLICE, meta.numel)), dtype=torch.float32)
+    for start in range(0, meta.numel, COMPILED_SLICE):
+        stop = min(start + COMPILED_SLICE, meta.numel)
+        # The last slice may be narrower: a fresh block then, since out= must be whole.
+        block = buffer if stop - start == buffer.shape[1] else torch.empty(
+            (len(flats) + 2, stop - start), dtype=torch.float32)
+        torch.stack([flat[start:stop] for flat in flats], out=block[: len(flats)])
+        _kernels.order_block(block.numpy(), comparators, kept, out[start:stop].numpy())
     return out.reshape(meta.shape)

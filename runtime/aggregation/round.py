@@ -66,7 +66,9 @@ class RoundAggregator:
 
     `max_buffered` bounds how many updates a robust round holds (ignored, and may be 0,
     for averaging strategies). Buffered deltas are kept by reference, never modified;
-    callers must not modify a delta after handing it over.
+    callers must not modify a delta after handing it over. `hold` (fedavg's family
+    only) lets the weighted sum keep up to that many accepted deltas by reference and
+    fold them together (`WeightedSum`): faster, for that much more memory.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class RoundAggregator:
         transform: UpdateTransform | None = None,
         uniform_weights: bool = False,
         history: RoundHistory | None = None,
+        hold: int = 0,
     ) -> None:
         robust = rule_for(config.rule).buffered
         # Averaging strategies buffer nothing, so 0 is fine for them; a robust round
@@ -107,7 +110,7 @@ class RoundAggregator:
         elif not robust and config.rule == "fednova":
             self._sum = NormalizedSum(template)
         elif not robust:
-            self._sum = WeightedSum(template)
+            self._sum = WeightedSum(template, hold=hold)
         self._stats: list[anomaly.UpdateStats] = []
         self._buffer: list[Weights] = []
         self._nodes: list[str] = []

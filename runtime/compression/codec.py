@@ -120,61 +120,83 @@ def _blocks(count: int, block: int) -> int:
 # ------------------------------------------------------------------ quantization
 
 
-def quantize(values: torch.Tensor, *, bits: int, block: int, generator: np.random.Generator | None
+def quantize(values: torch.Tensor | np.ndarray, *, bits: int, block: int,
+             generator: np.random.Generator | None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lows, steps, codes) of a flat float32 tensor: per block of `block` entries, codes
     in [0, 2**bits - 1] with lows + codes * steps an unbiased estimate of `values`."""
-    count = values.numel()
-    levels = (1 << bits) - 1
+    lows, steps, codes = _quantize(_flat_numpy(values), bits=bits, block=block,
+                                   generator=generator)
+    return lows, steps, _pack(codes, bits)
+
+
+def _flat_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.reshape(-1).astype(np.float32, copy=False)
+    return values.detach().reshape(-1).to("cpu", torch.float32).numpy()
+
+
+def _blockwise(flat: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The full blocks as a (blocks, block) view, and the shorter last block (or None)."""
+    full = len(flat) // block
+    head = flat[:full * block].reshape(full, block)
+    return head, (flat[full * block:] if full * block < len(flat) else None)
+
+
+def _quantize(flat: np.ndarray, *, bits: int, block: int,
+              generator: np.random.Generator | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lows, steps, unpacked codes: uint8, or uint16 for 16 bits). Numpy, in place where
+    it can be: a few passes over float32, no float64, no per-element Python."""
+    count = len(flat)
+    levels = np.float32((1 << bits) - 1)
     blocks = _blocks(count, block)
-    flat = values.detach().reshape(-1).to(torch.float32)
-    full = count // block
-    lows = torch.empty(blocks, dtype=torch.float32)
-    highs = torch.empty(blocks, dtype=torch.float32)
+    head, tail = _blockwise(flat, block)
+    full = len(head)
+    lows = np.empty(blocks, dtype=np.float32)
+    highs = np.empty(blocks, dtype=np.float32)
     if full:
-        grid = flat[:full * block].view(full, block)
-        torch.amin(grid, dim=1, out=lows[:full])
-        torch.amax(grid, dim=1, out=highs[:full])
-    if full < blocks:  # the last, shorter block
-        lows[full], highs[full] = flat[full * block:].min(), flat[full * block:].max()
+        np.min(head, axis=1, out=lows[:full])
+        np.max(head, axis=1, out=highs[:full])
+    if tail is not None:
+        lows[full], highs[full] = tail.min(), tail.max()
     steps = (highs - lows) / levels
-    inverse = torch.where(steps > 0, 1.0 / steps, torch.zeros_like(steps))
-    # In place, one pass each: x / step - low / step + U[0, 1), truncated, is floor with
-    # stochastic rounding (everything is >= 0); the clamp catches x == high with noise.
+    inverse = np.zeros(blocks, dtype=np.float32)
+    np.divide(np.float32(1.0), steps, out=inverse, where=steps > 0)
+    # (x - low) / step + U[0, 1), truncated, is floor with stochastic rounding (it is
+    # >= 0), so E[code] = (x - low) / step exactly; the min catches x == high with noise.
     rng = generator if generator is not None else np.random.default_rng()
-    scaled = torch.from_numpy(rng.random(count, dtype=np.float32))
-    offsets = lows * inverse
+    scaled = rng.random(count, dtype=np.float32)
+    s_head, s_tail = _blockwise(scaled, block)
     if full:
-        head = scaled[:full * block].view(full, block)
-        head.addcmul_(flat[:full * block].view(full, block), inverse[:full, None])
-        head.sub_(offsets[:full, None])
-    if full < blocks:
-        tail = scaled[full * block:]
-        tail.addcmul_(flat[full * block:], inverse[full]).sub_(offsets[full])
-    codes = scaled.clamp_(0, levels)
-    dtype = torch.int32 if bits == 16 else torch.uint8
-    return lows.numpy(), steps.numpy(), _pack(codes.to(dtype).numpy(), bits)
+        shifted = np.subtract(head, lows[:full, None])
+        shifted *= inverse[:full, None]
+        s_head += shifted
+    if tail is not None:
+        assert s_tail is not None
+        s_tail += (tail - lows[full]) * inverse[full]
+    np.minimum(scaled, levels, out=scaled)
+    return lows, steps, scaled.astype(np.uint16 if bits == 16 else np.uint8)
 
 
 def dequantize(lows: np.ndarray, steps: np.ndarray, codes: np.ndarray, *, count: int,
                block: int) -> torch.Tensor:
     """float32 values lows + codes * steps, blockwise (the inverse of `quantize`)."""
-    out = torch.empty(count, dtype=torch.float32)
-    source = torch.from_numpy(codes.astype(np.int32) if codes.dtype != np.uint8 else codes)
-    out.copy_(source)  # the cast to float32 in the same pass
-    full = count // block
-    low, step = torch.from_numpy(lows), torch.from_numpy(steps)
+    out = codes[:count].astype(np.float32)  # the cast, one pass
+    head, tail = _blockwise(out, block)
+    full = len(head)
     if full:
-        head = out[:full * block].view(full, block)
-        head.mul_(step[:full, None]).add_(low[:full, None])
-    if full * block < count:
-        out[full * block:].mul_(step[full]).add_(low[full])
-    return out
+        head *= steps[:full, None]
+        head += lows[:full, None]
+    if tail is not None:
+        tail *= steps[full]
+        tail += lows[full]
+    return torch.from_numpy(out)
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 16:
-        return codes.astype("<u2")
+        return codes.astype("<u2", copy=False)
     if bits == 8:
         return codes
     per_byte = 8 // bits
@@ -250,35 +272,43 @@ def unframe(data: bytes, lossless: str, *, expected: int) -> bytes:
 # ------------------------------------------------------------------ one tensor
 
 
-def top_k_indices(values: torch.Tensor, fraction: float) -> torch.Tensor:
+def top_k_indices(values: torch.Tensor | np.ndarray, fraction: float) -> torch.Tensor:
+    """The indices (int64, increasing) of the top-k entries by magnitude (`_top_k`)."""
+    return torch.from_numpy(_top_k(_flat_numpy(values), fraction).astype(np.int64))
+
+
+def _top_k(flat: np.ndarray, fraction: float) -> np.ndarray:
     """The indices (int64, increasing) of the ceil(fraction * n) entries of largest
-    magnitude of a flat tensor; at least one for a non-empty tensor."""
-    n = values.numel()
+    magnitude of a flat tensor; at least one for a non-empty tensor. Ties at the k-th
+    magnitude go to the lowest indices."""
+    n = len(flat)
     k = min(n, max(1, math.ceil(fraction * n))) if n else 0
     if k == n:
-        return torch.arange(n)
-    magnitude = values.abs()
+        return np.arange(n)
+    magnitude = np.abs(flat)
+    candidates: np.ndarray | None = None
     if n >= _SAMPLED_TOP_K:
         # A threshold from a strided sample, set loose enough that at least k entries
         # pass it (checked): the k largest are then all among those candidates, so the
-        # exact top-k costs one comparison pass instead of a selection over all n.
+        # exact selection below runs over a few k entries instead of all n.
         step = max(1, n // _SAMPLE)
         sample = magnitude[::step]
-        rank = max(1, sample.numel() - math.ceil(2 * k / step) - 8)
-        threshold = torch.kthvalue(sample, rank).values
-        candidates = (magnitude >= threshold).nonzero().squeeze(1)
-        if candidates.numel() >= k:
-            chosen = torch.topk(magnitude[candidates], k, sorted=False).indices
-            return candidates[_in_order(chosen, candidates.numel())]
-    return _in_order(torch.topk(magnitude, k, sorted=False).indices, n)
-
-
-def _in_order(chosen: torch.Tensor, n: int) -> torch.Tensor:
-    """Distinct indices into range(n), increasing; through a mask, because torch.sort of
-    a few ten thousand integers takes a large part of a second on some CPUs."""
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[chosen] = True
-    return mask.nonzero().squeeze(1)
+        rank = max(0, len(sample) - math.ceil(2 * k / step) - 8)
+        threshold = np.partition(sample, rank)[rank]
+        candidates = np.flatnonzero(magnitude >= threshold)
+        if len(candidates) < k:
+            candidates = None
+    pool = magnitude if candidates is None else magnitude[candidates]
+    # The k-th largest magnitude by selection (no sort); everything above it is kept,
+    # and as many entries equal to it as are needed, first come first kept. Indices
+    # come out increasing because masks keep order.
+    kth = np.partition(pool, len(pool) - k)[len(pool) - k]
+    keep = pool > kth
+    missing = k - int(np.count_nonzero(keep))
+    if missing:
+        keep[np.flatnonzero(pool == kth)[:missing]] = True
+    chosen = np.flatnonzero(keep)
+    return chosen if candidates is None else candidates[chosen]
 
 
 _SAMPLED_TOP_K = 1 << 16  # tensors this large pick top-k through a sampled threshold
@@ -288,31 +318,58 @@ _SAMPLE = 1 << 14
 def encode(tensor: torch.Tensor, config: CompressionConfig, *,
            generator: np.random.Generator | None = None) -> EncodedTensor:
     """`tensor` (floating point) encoded as `config` says."""
-    flat = tensor.detach().reshape(-1).to("cpu", torch.float32)
+    return encode_with_sent(tensor, config, generator=generator, sent=False)[0]
+
+
+def encode_with_sent(tensor: torch.Tensor, config: CompressionConfig, *,
+                     generator: np.random.Generator | None = None, sent: bool = True
+                     ) -> tuple[EncodedTensor, torch.Tensor | None]:
+    """`tensor` encoded, and (when `sent`) the dense float32 tensor the encoding decodes
+    to, bit for bit what `decode` returns, built from the parts in hand instead of by
+    decoding the payload again (error feedback needs it every round)."""
+    flat = _flat_numpy(tensor)
     sparse = config.top_k is not None and config.top_k < 1.0
-    parts: list[bytes] = []
+    parts: list[bytes | np.ndarray] = []
+    indices = None
     if sparse:
         assert config.top_k is not None
-        indices = top_k_indices(flat, config.top_k)
-        parts.append(indices.to(torch.int32).numpy().tobytes())
+        indices = _top_k(flat, config.top_k)
+        parts.append(indices.astype("<i4"))
         values = flat[indices]
     else:
         values = flat
-    count = values.numel()
+    count = len(values)
+    decoded = None
     if config.bits < 32 and count:
-        lows, steps, codes = quantize(values, bits=config.bits, block=config.block,
-                                      generator=generator)
-        parts += [lows.tobytes(), steps.tobytes(), codes.tobytes()]
+        lows, steps, codes = _quantize(values, bits=config.bits, block=config.block,
+                                       generator=generator)
+        parts += [lows, steps, _pack(codes, config.bits)]
+        if sent:
+            decoded = dequantize(lows, steps, codes, count=count, block=config.block).numpy()
     elif count:
-        parts.append(values.contiguous().numpy().tobytes())
-    raw = b"".join(parts)
+        parts.append(values)
+        decoded = values
+    raw = b"".join(np.ascontiguousarray(part).data if isinstance(part, np.ndarray) else part
+                   for part in parts)
     lossless = config.lossless
     payload = frame(raw, lossless)
     if lossless != "none" and len(payload) >= len(raw):  # incompressible: send it as is
         payload, lossless = raw, "none"
-    return EncodedTensor(shape=tuple(tensor.shape), count=count, sparse=sparse,
-                         bits=config.bits, block=config.block, lossless=lossless,
-                         payload=payload)
+    encoded = EncodedTensor(shape=tuple(tensor.shape), count=count, sparse=sparse,
+                            bits=config.bits, block=config.block, lossless=lossless,
+                            payload=payload)
+    if not sent:
+        return encoded, None
+    if indices is None:
+        # A copy where `decoded` is the caller's own values (32 bits, dense).
+        dense = decoded.copy() if decoded is values else decoded
+        if dense is None:
+            dense = np.zeros(0, dtype=np.float32)
+    else:
+        dense = np.zeros(len(flat), dtype=np.float32)
+        if decoded is not None:
+            dense[indices] = decoded
+    return encoded, torch.from_numpy(dense).reshape(tensor.shape)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codec import CompressionConfig, EncodedTensor, decode, encode
+from .codec import CompressionConfig, EncodedTensor, decode, encode_with_sent
 
 Weights = dict[str, torch.Tensor]
 Part = EncodedTensor | torch.Tensor  # an encoding, or a tensor sent as raw elements
@@ -62,15 +62,17 @@ def compress_update(update: Mapping[str, torch.Tensor], config: CompressionConfi
         target = tensor
         if config.error_feedback and residual is not None and name in residual:
             target = tensor + residual[name].to(tensor.device, tensor.dtype)
-        encoded = encode(target, config, generator=generator)
+        # The decoded values come with the encoding (no second decode pass).
+        encoded, decoded = encode_with_sent(target, config, generator=generator,
+                                            sent=config.error_feedback)
         if encoded.nbytes >= size:
             parts[name], sent = target, sent + size
             decoded = target
         else:
             parts[name], sent = encoded, sent + encoded.nbytes
-            decoded = decode(encoded).to(target.device) if config.error_feedback else target
         if config.error_feedback:
-            kept[name] = target - decoded
+            assert decoded is not None
+            kept[name] = target - decoded.to(target.device)
     return CompressedUpdate(parts=parts, residual=kept if config.error_feedback else None,
                             sent_bytes=sent, raw_bytes=raw)
 

@@ -9,7 +9,9 @@ refused (`RejectReason.STALE`). Every bufferSize updates the server steps: the s
 optimizer applies the buffer, the model is evaluated, the policy judges, a checkpoint is
 written and the step is published as a round record. `rounds` and status.round count
 server steps here (status.serverSteps says so); a resumed job continues from the last
-server step (a partly filled buffer is lost, like an open round).
+server step with the partly filled buffer it had (checkpoint.save_buffer after each fold:
+one O(model) write per update); only the tasks out at the restart are lost, and their
+clients are given new ones.
 
 The synchronous path is untouched: this class replaces only how the next "round" is run
 and what the client calls admit, on top of `RoundEngine`.
@@ -28,6 +30,7 @@ from ..aggregation import FedBuffBuffer, FedBuffConfig, Flush, StaleUpdateError,
 from ..messages import Payload, Rejected, RejectReason, Task, UpdateHeader
 from ..plan import plan_for
 from ..spec import FederatedJob
+from . import checkpoint
 from .engine import RoundEngine, Weights
 from .events import ModelSent, RoundRecord, UpdateAccepted
 from .policy import Verdict
@@ -63,19 +66,49 @@ class AsyncEngine(RoundEngine):
         self.fedbuff = FedBuffConfig(buffer_size=strategy.buffer_size,
                                      staleness_exponent=strategy.staleness_exponent,
                                      max_staleness=strategy.max_staleness)
-        self.buffer = FedBuffBuffer(self.weights, self.fedbuff)
-        self.in_flight: dict[str, InFlight] = {}
+        self.losses: list[float] = []
         self.flushes: asyncio.Queue[Flush] = asyncio.Queue()
+        self.buffer = self._saved_buffer() or FedBuffBuffer(self.weights, self.fedbuff)
+        self.in_flight: dict[str, InFlight] = {}
         self.wake = asyncio.Event()
         self.fold_lock = asyncio.Lock()
         # Task numbers start at a random point: after a restart, an update for a task of
         # the previous coordinator must not match a new task's number.
         self.tasks_sent = secrets.randbelow(2**30)
         self.dropped = 0  # tasks that timed out since the last server step
-        self.losses: list[float] = []
         self.step_started = self.last_accepted = time.monotonic()
         self.stepping = False
         self.status.server_steps = self.round
+
+    def _saved_buffer(self) -> FedBuffBuffer | None:
+        """The partly filled buffer of the checkpointed model version, if one was saved
+        (and the job has not ended); one already full under a lowered bufferSize is
+        queued as the next step; a buffer that does not fit the model is an error."""
+        if self.output_dir is None or self._ended() \
+                or not (self.output_dir / checkpoint.CHECKPOINT).exists():
+            return None
+        state = checkpoint.load_buffer(self.output_dir, version=self.version)
+        if state is None:
+            return None
+        held = len(state.get("node_ids", ()))
+        try:
+            if held >= self.fedbuff.buffer_size:  # bufferSize was lowered: step on it now
+                buffer = FedBuffBuffer.restore(
+                    self.weights, replace(self.fedbuff, buffer_size=held + 1), state)
+                self.flushes.put_nowait(buffer.flush())
+                self.losses = [float(x) for x in state.get("losses", [])]
+                log.info("resumed a FedBuff buffer of %d updates (bufferSize now %d): "
+                         "stepping on it", held, self.fedbuff.buffer_size)
+                return None
+            buffer = FedBuffBuffer.restore(self.weights, self.fedbuff, state)
+        except ValueError as error:
+            raise checkpoint.CheckpointError(
+                f"{self.output_dir / checkpoint.BUFFER}: {error}; move it away to drop the "
+                "partly filled buffer") from None
+        self.losses = [float(x) for x in state.get("losses", [])]
+        log.info("resumed the FedBuff buffer with %d of %d updates", buffer.count,
+                 self.fedbuff.buffer_size)
+        return buffer
 
     # ------------------------------------------------------------ client calls
 
@@ -166,6 +199,11 @@ class AsyncEngine(RoundEngine):
         if self.buffer.add(header.node_id, delta, staleness):
             self.flushes.put_nowait(self.buffer.flush())
             self.buffer = FedBuffBuffer(self.weights, self.fedbuff)
+        elif self.output_dir is not None:
+            loss = header.metrics.get("loss")
+            checkpoint.save_buffer(self.output_dir, version=self.version, buffer={
+                **self.buffer.state_dict(),
+                "losses": [*self.losses, *([loss] if loss is not None else [])]})
         self.bounds.record(bounded)
 
     # ----------------------------------------------------------------- the job

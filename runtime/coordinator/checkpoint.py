@@ -21,8 +21,10 @@ from .. import wire
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
+# strategy.mode async: the partly filled FedBuff buffer, beside the checkpoint.
+BUFFER = "fedbuff-buffer.pt"
 # A run's files and folders in its output folder (report.py and local.py name the rest).
-RUN_FILES = (CHECKPOINT, MODEL, "metrics.jsonl", "summary.json", "metrics.png")
+RUN_FILES = (CHECKPOINT, MODEL, BUFFER, "metrics.jsonl", "summary.json", "metrics.png")
 RUN_FOLDERS = ("agents", "agent-state")
 FINISHED_PHASES = ("Succeeded", "Failed")
 
@@ -150,6 +152,40 @@ def clear(output_dir: Path) -> None:
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def save_buffer(output_dir: Path, *, version: int, buffer: dict[str, Any]) -> None:
+    """The FedBuff buffer being filled on model `version` (its running sum, O(model)),
+    written atomically after each update folded into it: a restarted coordinator keeps
+    the updates of a server step not yet taken instead of asking for them again."""
+    _atomic_save({"version": version, "buffer": buffer}, output_dir / BUFFER)
+
+
+def load_buffer(output_dir: Path, *, version: int) -> dict[str, Any] | None:
+    """The saved buffer if it was being filled on model `version` (the checkpoint's);
+    None when there is none or it belongs to an earlier step (already taken)."""
+    path = output_dir / BUFFER
+    if not path.exists():
+        return None
+    raw = _read_plain(path)
+    if raw.get("version") != version:
+        return None
+    buffer = raw.get("buffer")
+    if not isinstance(buffer, dict):
+        raise CheckpointError(f"{path}: not a fedkube FedBuff buffer; move it away to drop "
+                              "the partly filled buffer")
+    return buffer
+
+
+def _read_plain(path: Path) -> dict[str, Any]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- torch raises many kinds for a bad file
+        raise CheckpointError(f"{path}: not readable ({error}); move it away to drop the "
+                              "partly filled buffer") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a fedkube FedBuff buffer; move it away")
+    return raw
 
 
 def save_model(output_dir: Path, weights: dict[str, torch.Tensor]) -> Path:

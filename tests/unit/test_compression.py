@@ -239,3 +239,18 @@ def test_top_k_of_a_large_tensor_is_exact(fraction):
     assert got.numel() == k and bool((got[1:] > got[:-1]).all())
     expected = torch.topk(x.abs(), k).values
     torch.testing.assert_close(torch.sort(x.abs()[got]).values, torch.sort(expected).values)
+
+
+@FAST
+@given(vectors, st.sampled_from([None, 0.5, 0.05]), st.sampled_from([32, 16, 8, 4, 2]),
+       st.sampled_from([1, 7, 1024]))
+def test_the_sent_values_error_feedback_keeps_are_what_decode_returns(x, top_k, bits, block):
+    from fedkube.runtime.compression.codec import encode_with_sent
+
+    config = CompressionConfig(top_k=top_k, bits=bits, block=block)
+    encoded, sent = encode_with_sent(x, config, generator=np.random.default_rng(3))
+    assert sent is not None
+    assert torch.equal(sent, decode(encoded))  # bit for bit, no second decode needed
+    if bits == 32 and top_k is None:
+        x[0] += 1.0  # the sent tensor is not a view of the caller's
+        assert not torch.equal(sent, x)

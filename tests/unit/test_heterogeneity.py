@@ -115,6 +115,41 @@ def test_fedbuff_refuses_stale_and_overflowing_updates_without_change() -> None:
         buffer.add("c", d, 0)
 
 
+def test_fedbuff_buffer_state_round_trip_continues_the_same_sum() -> None:
+    deltas = [_delta(i) for i in range(3)]
+    config = FedBuffConfig(buffer_size=3, max_staleness=10)
+    whole = FedBuffBuffer(deltas[0], config)
+    half = FedBuffBuffer(deltas[0], config)
+    for i, (d, s) in enumerate(zip(deltas[:2], [0, 3], strict=True)):
+        whole.add(f"n{i}", d, s)
+        half.add(f"n{i}", d, s)
+    state = torch_round_trip(half.state_dict())
+    resumed = FedBuffBuffer.restore(deltas[0], config, state)
+    assert resumed.count == 2
+    whole.add("n2", deltas[2], 1)
+    assert resumed.add("n2", deltas[2], 1)  # full now, like the uninterrupted one
+    a, b = whole.flush(), resumed.flush()
+    assert a.node_ids == b.node_ids and a.staleness == b.staleness
+    for name in a.mean_delta:
+        torch.testing.assert_close(a.mean_delta[name], b.mean_delta[name], rtol=0, atol=0)
+    # A saved buffer of another model, or one already full under a smaller K, is refused.
+    other = {"w": torch.zeros(2, 2), "b": torch.zeros(4)}
+    with pytest.raises(ValueError, match="tensor 'w'"):
+        FedBuffBuffer.restore(other, config, state)
+    with pytest.raises(ValueError, match="bufferSize is 2"):
+        FedBuffBuffer.restore(deltas[0], FedBuffConfig(buffer_size=2), state)
+
+
+def torch_round_trip(state: dict) -> dict:
+    """What torch.save then torch.load(weights_only=True) gives back, as a checkpoint."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 # ------------------------------------------------------------------ selection
 
 def _fleet() -> list[Candidate]:
