@@ -10,7 +10,13 @@ at a smaller model, `--large`), the same updates go through:
   phases (keys, encrypted Shamir shares over the SecAgg+ graph, masked input, unmasking),
   with `--drop` of the clients leaving after sharing so their masks are recovered
   (default 5%: the expensive path the coordinator must be able to take). The masked input
-  travels through the same chunk encoding as a plain update (one uint32 tensor).
+  travels through the same chunk encoding as a plain update (one uint8 tensor of 4 bytes
+  per coordinate).
+- secure qB (`--quantize-bits`, default 8): the same, with B-bit stochastic quantization
+  as the fixed-point step (compression.quantizeBits): codes on a scale of
+  `--quantized-value-range`/(2^(B-1)-1), masked in the smallest ring holding n clients'
+  sum, ceil(ring bits/8) bytes per coordinate on the wire. Its bytes are reported against
+  plain fp32 and plain secure aggregation.
 
 Client time is the mean per client (its share of all four phases, serialization
 included); coordinator time is everything the coordinator does for the round (assembling,
@@ -22,6 +28,7 @@ plain sum to the fixed-point resolution.
     python -P bench/secagg.py                 # 10, 50, 100 clients x 1M params
     python -P bench/secagg.py --quick         # 10, 20 clients x 100k params
     python -P bench/secagg.py --large --output secagg.json
+    python -P bench/secagg.py --quantize-bits 8,16,4,2
 """
 
 from __future__ import annotations
@@ -37,12 +44,14 @@ import torch
 from fedkube.runtime import wire
 from fedkube.runtime.aggregation import AggregationConfig, RoundAggregator
 from fedkube.runtime.secagg import (
-    FixedPoint,
     MaskedInput,
     SecAggClient,
     SecAggConfig,
     SecAggServer,
+    encoding_for,
+    from_wire,
     neighbour_count,
+    to_wire,
 )
 
 
@@ -87,12 +96,14 @@ def plain_round(updates: list[np.ndarray]) -> dict[str, float]:
             "mean": mean.numpy()}
 
 
-def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float) -> dict[str, Any]:
+def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float, bits: int = 32,
+                 value_range: float = 4.0) -> dict[str, Any]:
     n, length = len(updates), updates[0].size
     nodes = [f"node-{i:04d}" for i in range(n)]
-    config = SecAggConfig(threshold=threshold)
+    config = SecAggConfig(threshold=threshold, quantize_bits=bits, value_range=value_range)
     leaving = set(nodes[:: max(1, round(1 / drop))][: int(drop * n)]) if drop > 0 else set()
-    schema = {"masked": wire.TensorSpec((length,), "int32")}
+    encoding = encoding_for(value_range, n, bits)
+    schema = {"masked": wire.TensorSpec((length * encoding.width,), "uint8")}
     client_time = dict.fromkeys(nodes, 0.0)
     up = dict.fromkeys(nodes, 0)
     down = dict.fromkeys(nodes, 0)
@@ -113,7 +124,7 @@ def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float) ->
 
     server = on_server(lambda: SecAggServer(round=1, selected=nodes, length=length,
                                             config=config, seed=1))
-    clients = {node: SecAggClient(node, 1) for node in nodes}
+    clients = {node: SecAggClient(node, 1, quantize_bits=bits) for node in nodes}
     for node in nodes:
         advert = on_client(node, clients[node].advertise)
         up[node] += payload_bytes(advert)
@@ -134,7 +145,7 @@ def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float) ->
         def mask(c=clients[node], d=delivery, u=updates[index]):
             masked = c.mask(d, u)
             return list(wire.to_update_chunks(
-                {"masked": torch.from_numpy(masked.vector.view(np.int32))}))
+                {"masked": torch.from_numpy(to_wire(masked.vector, encoding.width))}))
 
         chunks = on_client(node, mask)
         up[node] += sum(c.ByteSize() for c in chunks)
@@ -143,7 +154,7 @@ def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float) ->
             assembler = wire.TensorAssembler(schema)
             for chunk in chunks:
                 assembler.add(chunk.tensor)
-            vector = assembler.finish()["masked"].numpy().view(np.uint32)
+            vector = from_wire(assembler.finish()["masked"].numpy(), encoding.width, length)
             server.receive_masked(MaskedInput(node, 1, vector))
 
         on_server(receive)
@@ -155,9 +166,10 @@ def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float) ->
         on_server(lambda r=response: server.receive_unmask(r))
     result = on_server(server.finish)
     stayed = [i for i, node in enumerate(nodes) if node not in leaving]
-    expected = sum(np.clip(updates[i].astype(np.float64), -4, 4) for i in stayed)
+    expected = sum(np.clip(updates[i].astype(np.float64), -value_range, value_range)
+                   for i in stayed)
     error = float(np.abs(result.total - expected).max())
-    bound = len(stayed) * FixedPoint(config.value_range, n).resolution
+    bound = len(stayed) * encoding.resolution
     survivors = [node for node in nodes if node not in leaving]
     return {
         "client_seconds": float(np.mean([client_time[s] for s in survivors])),
@@ -165,8 +177,22 @@ def secure_round(updates: list[np.ndarray], *, drop: float, threshold: float) ->
         "client_bytes_up": float(np.mean([up[s] for s in survivors])),
         "client_bytes_down": float(np.mean([down[s] for s in survivors])),
         "neighbours": neighbour_count(n, None), "dropped": len(leaving),
+        "ring_bits": encoding.ring_bits, "wire_bytes_per_coordinate": encoding.width,
         "max_error": error, "error_bound": bound, "exact_to_quantization": error <= bound,
     }
+
+
+def _print_row(n: int, params: int, kind: str, plain: dict, secure: dict,
+               secure32: dict | None = None) -> None:
+    to_secure = (f"{secure['client_bytes_up'] / secure32['client_bytes_up']:>7.3f}"
+                 if secure32 else f"{'':>7}")
+    print(f"{n:>7} {params:>9} {kind:>6} {secure['neighbours']:>3} {secure['ring_bits']:>4} | "
+          f"{plain['coordinator_seconds']:>13.3f} {secure['coordinator_seconds']:>8.3f} "
+          f"{secure['coordinator_seconds'] / plain['coordinator_seconds']:>5.2f} | "
+          f"{plain['client_seconds']:>14.4f} {secure['client_seconds']:>8.4f} | "
+          f"{plain['client_bytes_up']:>14.0f} {secure['client_bytes_up']:>10.0f} "
+          f"{secure['client_bytes_up'] / plain['client_bytes_up']:>5.3f} {to_secure} "
+          f"{secure['client_bytes_down']:>8.0f} | {secure['exact_to_quantization']}", flush=True)
 
 
 def main() -> None:
@@ -180,8 +206,14 @@ def main() -> None:
                         help="share of clients that leave after sharing their keys")
     parser.add_argument("--threshold", type=float, default=0.67)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quantize-bits", default="8",
+                        help="comma-separated quantizeBits for the quantized secure rows "
+                        "(16, 8, 4, 2; empty: none)")
+    parser.add_argument("--quantized-value-range", type=float, default=0.25,
+                        help="valueRange of the quantized rows (the updates are N(0, 0.05))")
     parser.add_argument("--output")
     args = parser.parse_args()
+    quantized = [int(b) for b in args.quantize_bits.split(",") if b.strip()]
     torch.set_num_threads(1)
     cases = [(int(n), args.params) for n in args.clients.split(",")]
     if args.quick:
@@ -191,9 +223,9 @@ def main() -> None:
     plain_round([np.zeros(1000, np.float32)] * 2)  # warm-up: first-call costs out
     secure_round([np.zeros(1000, np.float32)] * 3, drop=0.0, threshold=args.threshold)
     rows = []
-    print(f"{'clients':>7} {'params':>9} {'k':>3} | {'coord s plain':>13} {'secure':>8} "
-          f"{'x':>5} | {'client s plain':>14} {'secure':>8} | {'bytes up plain':>14} "
-          f"{'secure':>10} {'x':>5} {'down':>8} | exact")
+    print(f"{'clients':>7} {'params':>9} {'kind':>6} {'k':>3} {'ring':>4} | "
+          f"{'coord s plain':>13} {'secure':>8} {'x':>5} | {'client s plain':>14} {'secure':>8} | "
+          f"{'bytes up plain':>14} {'secure':>10} {'x':>5} {'x sec32':>7} {'down':>8} | exact")
     for n, params in cases:
         rng = np.random.default_rng(n)
         updates = [rng.normal(0, 0.05, params).astype(np.float32) for _ in range(n)]
@@ -204,14 +236,21 @@ def main() -> None:
                "coordinator_ratio": secure["coordinator_seconds"] / plain["coordinator_seconds"],
                "client_bytes_ratio": secure["client_bytes_up"] / plain["client_bytes_up"]}
         rows.append(row)
-        print(f"{n:>7} {params:>9} {secure['neighbours']:>3} | "
-              f"{plain['coordinator_seconds']:>13.3f} {secure['coordinator_seconds']:>8.3f} "
-              f"{row['coordinator_ratio']:>5.2f} | {plain['client_seconds']:>14.4f} "
-              f"{secure['client_seconds']:>8.4f} | {plain['client_bytes_up']:>14.0f} "
-              f"{secure['client_bytes_up']:>10.0f} {row['client_bytes_ratio']:>5.3f} "
-              f"{secure['client_bytes_down']:>8.0f} | {secure['exact_to_quantization']}",
-              flush=True)
-    print("targets: coordinator <= 2x plain at 100 clients; client bytes up <= 1.2x plain")
+        _print_row(n, params, "secure", plain, secure)
+        for bits in quantized:
+            coded = secure_round(updates, drop=args.drop, threshold=args.threshold, bits=bits,
+                                 value_range=args.quantized_value_range)
+            rows.append({"clients": n, "params": params, "quantize_bits": bits,
+                         "value_range": args.quantized_value_range, "plain": plain,
+                         "secure": coded,
+                         "coordinator_ratio": coded["coordinator_seconds"]
+                         / plain["coordinator_seconds"],
+                         "client_bytes_ratio": coded["client_bytes_up"] / plain["client_bytes_up"],
+                         "client_bytes_ratio_to_secure": coded["client_bytes_up"]
+                         / secure["client_bytes_up"]})
+            _print_row(n, params, f"q{bits}", plain, coded, secure)
+    print("targets: coordinator <= 2x plain at 100 clients; client bytes up <= 1.2x plain "
+          "(x: against plain fp32; x sec32: quantized against plain secure aggregation)")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"drop": args.drop, "threshold": args.threshold, "rows": rows}, handle,

@@ -151,7 +151,7 @@ class Task:
 class Payload(enum.Enum):
     DELTA = "delta"  # new minus global weights follow as tensor chunks
     REFUSAL = "refusal"  # no tensors: the agent declines the task
-    MASKED = "masked"  # secure aggregation: one int32 tensor "masked" follows
+    MASKED = "masked"  # secure aggregation: one uint8 tensor "masked" (ring bytes) follows
 
 
 @dataclass(frozen=True)

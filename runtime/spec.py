@@ -238,7 +238,9 @@ class SecureAggregationSpec(_Model):
     value_range: float = Field(
         4.0, gt=0,
         description="Each coordinate of an update is clipped to ±valueRange before its "
-        "fixed-point encoding in a 32-bit ring (resolution valueRange*n/2^31).",
+        "fixed-point encoding in a 32-bit ring (resolution valueRange*n/2^31); with "
+        "compression.quantizeBits b < 32, to b-bit codes of step valueRange/(2^(b-1)-1) in "
+        "the smallest ring holding n clients' sum.",
     )
 
 
@@ -623,13 +625,35 @@ def _check_secure_aggregation(spec: FederatedJobSpec) -> None:
         raise ValueError(
             f"secureAggregation.valueRange {secure.value_range} times {most} clients does not "
             "fit the 32-bit ring: lower valueRange (or admission.maxClients)")
-    # The masks are dense, so top-k would need a sparsity pattern shared by every client
-    # (from a round seed); quantization would be the fixed-point step. Neither is wired
-    # into the secure path yet, so compression is refused rather than silently ignored.
-    if spec.compression.enabled:
+    # Quantization is the fixed-point step (secagg.ring.Quantized); the masks are dense,
+    # so top-k would need a sparsity pattern every client shares, and masked bytes are
+    # uniform, so lossless framing has nothing to gain.
+    compression = spec.compression
+    if compression.top_k is not None:
         raise ValueError(
-            "compression cannot be combined with secureAggregation.enabled: masked updates "
-            "travel as dense ring elements (unset compression.topK, quantizeBits, lossless)")
+            "compression.topK cannot be combined with secureAggregation.enabled: the masks "
+            "are dense, so a sparse update would be masked back to a dense one (unset topK)")
+    if compression.lossless != "none":
+        raise ValueError(
+            f"compression.lossless {compression.lossless} cannot be combined with "
+            "secureAggregation.enabled: masked bytes are uniform, there is nothing to "
+            "compress (set lossless: none)")
+    if compression.error_feedback:
+        raise ValueError(
+            "compression.errorFeedback cannot be combined with secureAggregation.enabled: "
+            "a secure round quantizes without a client-side residual (its rounding is "
+            "unbiased); unset errorFeedback")
+    if compression.adaptive is not None:
+        raise ValueError(
+            "compression.adaptive cannot be combined with secureAggregation.enabled: every "
+            "client of a secure round must use the same quantizeBits (unset adaptive)")
+    if compression.quantize_bits < 32:
+        levels = 2 ** (compression.quantize_bits - 1) - 1
+        if 2 * most * levels + 1 > 2**32:
+            raise ValueError(
+                f"compression.quantizeBits {compression.quantize_bits} with {most} clients "
+                "under secureAggregation.enabled needs a ring over 32 bits for the sum of "
+                "codes: lower quantizeBits (or admission.maxClients)")
 
 
 # The fields a running job takes up when its spec is edited (Python names); every other

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import torch
 
 from .. import logs, wire
@@ -26,7 +25,7 @@ from ..plan import TrainPlan
 from ..privacy.central import add_gaussian_noise, clip_update
 from ..proto import fedkube_pb2 as pb
 from ..proto import fedkube_pb2_grpc as pb_grpc
-from ..secagg import ProtocolError, SecAggClient
+from ..secagg import ProtocolError, SecAggClient, to_wire
 from ..training import TrainingDiverged, pick_device
 from ..wire import convert
 from .facts import device_facts
@@ -338,7 +337,8 @@ class Agent:
         assert self.trainer is not None and plan.secure is not None
         meta = self._metadata()
         wait = max(30.0, plan.deadline_unix - time.time()) + 60.0  # phases close server-side
-        client = SecAggClient(self.node_id, plan.round)
+        client = SecAggClient(self.node_id, plan.round,
+                              quantize_bits=plan.compression.quantize_bits)
         try:
             _drill("advertise", plan.round)
             roster = convert.roster_from_pb(await stub.SecAggAdvertise(
@@ -374,8 +374,8 @@ class Agent:
                 epsilon_spent=result.epsilon, delta=result.delta)
             _drill("masked", plan.round)
             request = convert.unmask_request_from_pb(await stub.SecAggMaskedInput(
-                _update_stream(header, {"masked": torch.from_numpy(
-                    masked.vector.view(np.int32))}), metadata=meta, timeout=wait))
+                _update_stream(header, {"masked": torch.from_numpy(to_wire(
+                    masked.vector, client.encoding.width))}), metadata=meta, timeout=wait))
             _drill("unmask", plan.round)
             reply = await stub.SecAggUnmask(convert.unmask_response_to_pb(
                 client.unmask(request)), metadata=meta, timeout=wait)

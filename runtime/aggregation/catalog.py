@@ -215,7 +215,7 @@ RULES: tuple[StrategyRule, ...] = (
         summary="Coordinate-wise median (Yin et al., 2018).",
         buffered=True, server_step="fedavg",
         cost="memory: every update (n models) plus an n-row slice of the model; "
-        "time: a sorting network over model slices, 2-8x FedAvg at 50 updates (bench/aggregation.py)",
+        "time: a sorting network over model slices, about 3x FedAvg at 50 updates (bench/aggregation.py)",
         incompatible_with=_ROBUST_REFUSALS,
     ),
     StrategyRule(
@@ -223,7 +223,7 @@ RULES: tuple[StrategyRule, ...] = (
         summary="Coordinate-wise trimmed mean (Yin et al., 2018): drop the extremes, average.",
         buffered=True, server_step="fedavg",
         cost="memory: every update (n models) plus an n-row slice of the model; "
-        "time: a sorting network over model slices, 2-15x FedAvg at 50 updates (bench/aggregation.py)",
+        "time: a sorting network over model slices, about 3.5x FedAvg at 50 updates (bench/aggregation.py)",
         incompatible_with=_ROBUST_REFUSALS,
     ),
     StrategyRule(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class State:
     accountant: dict[str, Any] | None
     # The status (wire form) of a job that ended; None while it can still go on.
     final_status: dict[str, Any] | None = None
+    # Per client (node id): suspicion and quarantine (coordinator/quarantine.py
+    # `robustness_state`), so a restart neither forgets an attacker nor frees it early.
+    # Checkpoints written before it lack the key: they load with no client state.
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -108,7 +112,8 @@ def load(output_dir: Path, *, schema: wire.Schema) -> State | None:
                               "holds a different model than spec.model builds; start afresh "
                               "(fedkube run --fresh) or use another output folder")
     raw["rng_state"] = _as_tuple(raw["rng_state"])
-    return State(**raw)
+    known = State.__dataclass_fields__
+    return State(**{k: v for k, v in raw.items() if k in known})
 
 
 def _schema_difference(found: wire.Schema, expected: wire.Schema) -> str:

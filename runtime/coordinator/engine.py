@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,7 +74,13 @@ from .events import (
 from .job_status import StatusBook
 from .local_work import plan_local_work
 from .policy import JobPolicy, Verdict
-from .quarantine import Change, Quarantine, ReleaseSource
+from .quarantine import (
+    Change,
+    Quarantine,
+    ReleaseSource,
+    restore_robustness,
+    robustness_state,
+)
 from .registry import Client, ClientRegistry
 from .round import Round, RoundResult, select_clients
 from .secure_round import SecureRound, distributed_noise_std, secure_config
@@ -189,6 +195,9 @@ class RoundEngine:
         self.quarantine = Quarantine(self.spec.robustness, self.registry)
         self.releases = releases
         self.refusal_scores: dict[str, float] = {}  # this round's, e.g. norm-bound refusals
+        # Suspicion and quarantine from the checkpoint, for clients not yet registered
+        # again after a restart (given back in register, kept in the next checkpoint).
+        self.restored_clients: dict[str, dict[str, Any]] = {}
         self.open_round: Round | None = None
         # Secure aggregation: the coordinator sees only each round's masked sum.
         self.secure_config = (secure_config(self.spec) if self.spec.secure_aggregation.enabled
@@ -215,6 +224,7 @@ class RoundEngine:
         self.server_optimizer.load_state_dict(state.server_optimizer)
         if self.central is not None and state.accountant is not None:
             self.central.budget.load_state_dict(state.accountant)
+        self.restored_clients = dict(state.clients)
         if self.history:
             last = self.history[-1]
             self.status.accuracy, self.status.loss = last.accuracy, last.loss
@@ -243,7 +253,16 @@ class RoundEngine:
             server_optimizer=self.server_optimizer.state_dict(),
             accountant=self.central.budget.state_dict() if self.central else None,
             final_status=self.status.to_wire() if self._ended() else None,
+            clients=self._clients_state(),
         ))
+
+    def _clients_state(self) -> dict[str, dict[str, Any]]:
+        saved = dict(self.restored_clients)  # not back yet: still theirs
+        for client in self.registry.all():
+            state = robustness_state(client)
+            if state is not None:
+                saved[client.node_id] = state
+        return saved
 
     def _ended(self) -> bool:
         """Succeeded or Failed: a restart must not train on. (Stopped can be resumed.)"""
@@ -254,6 +273,12 @@ class RoundEngine:
     def register(self, registration: Registration, *, certified: bool = False) -> Admission:
         """`certified`: a client certificate proved the node id (mTLS)."""
         client, session = self.enrolment.enrol(registration, certified=certified)
+        saved = self.restored_clients.pop(client.node_id, None)
+        if saved is not None:
+            restore_robustness(client, saved)
+            log.info("restored %s's suspicion %.2f%s from the checkpoint", client.node_id,
+                     client.suspicion, f", quarantined until round {client.quarantined_until}"
+                     if client.quarantined else "", extra={"node": client.node_id})
         log.info("registered %s (%s, %d samples)", client.node_id, client.spec.device.value,
                  client.spec.data_size, extra={"job": self.name, "node": client.node_id})
         self.book.publish_client(client)

@@ -6,9 +6,9 @@ suspicion reset; a user releases it sooner by removing the ClientNode's
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..spec import RobustnessSpec
 from .registry import Client, ClientRegistry
@@ -88,3 +88,23 @@ class Quarantine:
 
     def held_ids(self) -> list[str]:
         return sorted(c.node_id for c in self.registry.all() if c.quarantined)
+
+
+def robustness_state(client: Client) -> dict[str, Any] | None:
+    """What of `client` a checkpoint keeps for a restarted coordinator: its suspicion
+    and quarantine; None for a client that was never scored nor quarantined."""
+    if not client.scored and not client.quarantined:
+        return None
+    return {"suspicion": client.suspicion, "scored": client.scored,
+            "quarantinedUntil": client.quarantined_until,
+            "quarantineReason": client.quarantine_reason}
+
+
+def restore_robustness(client: Client, saved: Mapping[str, Any]) -> None:
+    """Give a client that registered with a restarted coordinator back what
+    `robustness_state` saved of it."""
+    client.suspicion = float(saved.get("suspicion", 0.0))
+    client.scored = int(saved.get("scored", 0))
+    until = saved.get("quarantinedUntil")
+    client.quarantined_until = None if until is None else int(until)
+    client.quarantine_reason = saved.get("quarantineReason") if until is not None else None

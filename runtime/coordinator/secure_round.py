@@ -39,6 +39,7 @@ from ..secagg import (
     ShareDelivery,
     UnmaskRequest,
     UnmaskResponse,
+    from_wire,
 )
 from ..spec import FederatedJobSpec
 from ..wire import Schema
@@ -69,7 +70,8 @@ def secure_config(spec: FederatedJobSpec) -> SecAggConfig:
         threshold=secure.threshold, neighbours=secure.neighbours,
         value_range=secure.value_range, min_clients=max(2, spec.min_clients),
         deadlines=PhaseDeadlines(advertise=short, share=short,
-                                 masked_input=spec.round_timeout_seconds, unmask=short))
+                                 masked_input=spec.round_timeout_seconds, unmask=short),
+        quantize_bits=spec.compression.quantize_bits)
 
 
 def distributed_noise_std(*, noise_multiplier: float, clip_norm: float,
@@ -102,6 +104,22 @@ class SecureRound:
     @property
     def length(self) -> int:
         return self.server.length
+
+    def wire_width(self) -> int:
+        """Bytes per coordinate of a masked input on the wire: the fewest the round's ring
+        allows (known once advertising has closed)."""
+        encoding = self.server.encoding
+        if encoding is None:
+            raise Rejected(RejectReason.SECAGG_PHASE, "a masked input before the roster: "
+                           "advertising has not closed")
+        return encoding.width
+
+    def from_wire(self, data: np.ndarray) -> np.ndarray:
+        """Ring elements from a masked input's bytes (see `wire_width`)."""
+        try:
+            return from_wire(data, self.wire_width(), self.length)
+        except ValueError as error:
+            raise Rejected(RejectReason.BAD_SHAPE, str(error)) from None
 
     # ------------------------------------------------------------ client calls
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .. import logs, wire
@@ -251,7 +250,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise Rejected(RejectReason.MALFORMED, "SecAggMaskedInput takes payload 'masked'")
             self.engine.admit(header)
             stage = self.engine.secure_stage(node_id)
-            schema = {"masked": wire.TensorSpec((stage.length,), "int32")}
+            width = stage.wire_width()
+            schema = {"masked": wire.TensorSpec((stage.length * width,), "uint8")}
             async with self.engine.uploads.slot(node_id):
                 assembler = wire.TensorAssembler(schema)
                 try:
@@ -260,7 +260,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                             raise Rejected(RejectReason.MALFORMED,
                                            "a second UpdateHeader in one masked input")
                         assembler.add(part.tensor)
-                    vector = assembler.finish()["masked"].numpy().view(np.uint32)
+                    vector = stage.from_wire(assembler.finish()["masked"].numpy())
                 except wire.WireError as error:
                     raise Rejected(error.reason, str(error)) from None
             request = await self.engine.accept_masked(header, vector, assembler.bytes_received)

@@ -33,14 +33,10 @@ from functools import lru_cache
 from typing import Literal, NamedTuple
 
 import numpy as np
-from opacus.accountants.analysis.prv import (
-    Domain,
-    PoissonSubsampledGaussianPRV,
-    TruncatedPrivacyRandomVariable,
-    compose_heterogeneous,
-    discretize,
-)
-from opacus.accountants.analysis.rdp import compute_rdp
+
+# Opacus is imported where it is used: importing it pulls in torch.distributed, SymPy and
+# SciPy (seconds of CPU), which every agent process and `fedkube run` would otherwise pay
+# at start-up whether or not the job uses differential privacy.
 
 Mechanism = Literal["rdp", "prv"]
 MECHANISMS: tuple[Mechanism, ...] = ("rdp", "prv")
@@ -92,6 +88,8 @@ def validated_step(step: Step) -> Step:
 def _rdp_of_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     # RDP is additive over steps, so one vector per mechanism serves every step count;
     # cached because calibration and budget searches revisit the same mechanism many times.
+    from opacus.accountants.analysis.rdp import compute_rdp
+
     rdp = np.asarray(
         compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS),
         dtype=np.float64,
@@ -130,6 +128,14 @@ def rdp_epsilon_floor(delta: float) -> float:
 def _prv_epsilon(steps: Sequence[Step], delta: float) -> float:
     """Gopi et al. 2021 as Opacus' ``PRVAccountant.get_epsilon`` runs it: discretise each
     mechanism's PRV on one safe domain, compose by FFT, read off the upper bound."""
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
+
     eps_error = PRV_EPS_ERROR
     delta_error = delta * PRV_DELTA_ERROR_FRACTION
     counts = [step.steps for step in steps]

@@ -143,7 +143,8 @@ class CoordinatorServicer(object):
 
     def SecAggMaskedInput(self, request_iterator, context):
         """Phase 2: an UpdateHeader (payload "masked"), then the masked input as TensorChunks of
-        one int32 tensor "masked" (ring elements of Z_2^32) -> which shares to reveal.
+        one uint8 tensor "masked" (ceil(r/8) little-endian bytes per element of the ring
+        Z_2^r) -> which shares to reveal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -23,13 +23,13 @@ from .messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from .ring import FixedPoint
+from .ring import Encoding, FixedPoint, Quantized, encoding_for, from_wire, to_wire
 from .server import PhaseDeadlines, SecAggConfig, SecAggResult, SecAggServer
 
 __all__ = [
-    "EncryptedShare", "FixedPoint", "KeyAdvert", "MaskedInput", "PeerKeys", "Phase",
-    "PhaseDeadlines", "ProtocolError", "Refusal", "RevealedShare", "Roster", "RoundFailed",
+    "Encoding", "EncryptedShare", "FixedPoint", "KeyAdvert", "MaskedInput", "PeerKeys", "Phase",
+    "PhaseDeadlines", "ProtocolError", "Quantized", "Refusal", "RevealedShare", "Roster", "RoundFailed",
     "SecAggClient", "SecAggConfig", "SecAggResult", "SecAggServer", "ShareBundle",
-    "ShareDelivery", "UnmaskRequest", "UnmaskResponse", "build_graph", "neighbour_count",
-    "share_threshold",
+    "ShareDelivery", "UnmaskRequest", "UnmaskResponse", "build_graph", "encoding_for",
+    "from_wire", "neighbour_count", "share_threshold", "to_wire",
 ]

@@ -39,7 +39,7 @@ from .primitives import (
     open_sealed,
     seal,
 )
-from .ring import FixedPoint
+from .ring import Encoding, encoding_for, reduce
 
 SHARE_LABEL = b"share"
 MASK_LABEL = b"mask"
@@ -57,9 +57,11 @@ def pairwise_sign(node: str, peer: str) -> int:
 
 
 class SecAggClient:
-    def __init__(self, node_id: str, round: int) -> None:
+    def __init__(self, node_id: str, round: int, *, quantize_bits: int = 32) -> None:
         self.node_id = node_id
         self.round = round
+        self.quantize_bits = quantize_bits  # 32: fixed point; 16/8/4/2: stochastic codes
+        self.encoding: Encoding | None = None  # the round's, once the roster is in
         self.phase = Phase.ADVERTISE
         self._cipher = KeyPair.generate()
         self._mask = KeyPair.generate()
@@ -89,7 +91,10 @@ class SecAggClient:
             if len(cipher) != KEY_BYTES or len(mask) != KEY_BYTES:
                 raise ProtocolError(Refusal.MALFORMED, f"roster: keys of {node!r} are not "
                                     f"{KEY_BYTES} bytes")
-        FixedPoint(roster.value_range, roster.clients)  # refuses a nonsensical encoding
+        try:  # refuses a nonsensical encoding
+            self.encoding = encoding_for(roster.value_range, roster.clients, self.quantize_bits)
+        except ValueError as error:
+            raise ProtocolError(Refusal.MALFORMED, f"roster: {error}") from None
         self._roster, self._peers = roster, peers
         holders = sorted(peers)
         key_shares = shamir.split(self._mask.private, threshold=roster.threshold,
@@ -109,8 +114,11 @@ class SecAggClient:
         return ShareBundle(self.node_id, self.round, commitment(self._seed), tuple(sealed))
 
     # phase 2
-    def mask(self, delivery: ShareDelivery, update: np.ndarray) -> MaskedInput:
-        """The masked fixed-point encoding of `update` (a flat float vector)."""
+    def mask(self, delivery: ShareDelivery, update: np.ndarray,
+             rng: np.random.Generator | None = None) -> MaskedInput:
+        """The masked encoding of `update` (a flat float vector): ring elements of
+        Z_2^b, b = self.encoding.ring_bits, held in uint32. `rng`: the stochastic
+        rounding's randomness (quantized encodings; default a fresh generator)."""
         self._expect(Phase.MASKED_INPUT)
         self._check_round(delivery.round, "share delivery")
         assert self._roster is not None
@@ -139,8 +147,9 @@ class SecAggClient:
             raise ProtocolError(Refusal.FORGED, f"only {len(received)} neighbours shared "
                                 f"(threshold {self._roster.threshold}): masking with so few "
                                 "would let their masks be removed")
-        encoding = FixedPoint(self._roster.value_range, self._roster.clients)
-        vector = encoding.encode(update)
+        encoding = self.encoding
+        assert encoding is not None
+        vector = encoding.encode(update, rng)
         vector += expand(self._seed, vector.size)
         for peer in received:  # the pairwise masks with every neighbour still in
             seed = agree(self._mask.private, self._peers[peer][1], label=MASK_LABEL,
@@ -149,6 +158,7 @@ class SecAggClient:
                 vector += expand(seed, vector.size)
             else:
                 vector -= expand(seed, vector.size)
+        reduce(vector, encoding.ring_bits)
         self._received = received
         self.phase = Phase.UNMASK
         return MaskedInput(self.node_id, self.round, vector.astype(RING, copy=False))

@@ -43,7 +43,7 @@ from .messages import (
     UnmaskResponse,
 )
 from .primitives import KEY_BYTES, RING, CryptoError, agree, commitment, expand, public_of
-from .ring import FixedPoint
+from .ring import Encoding, encoding_for
 
 # How many other subsets of t shares to try when the first does not reconstruct a secret
 # that matches its commitment (a holder sent a bad share).
@@ -72,7 +72,8 @@ class SecAggConfig:
     (0.5, 1]. neighbours: degree of the SecAgg+ graph (None: 2*ceil(log2 n)+2; n-1 or more:
     every pair, as in Bonawitz et al.). value_range: each coordinate is clipped to
     ±value_range before fixed-point encoding. min_clients: fewest survivors whose sum is
-    released.
+    released. quantize_bits: 32 encodes in fixed point; 16/8/4/2 quantizes stochastically
+    into the smallest ring that holds the sum (ring.Quantized).
     """
 
     threshold: float = 0.67
@@ -80,6 +81,7 @@ class SecAggConfig:
     value_range: float = 4.0
     min_clients: int = 2
     deadlines: PhaseDeadlines = PhaseDeadlines()
+    quantize_bits: int = 32
 
     def __post_init__(self) -> None:
         share_threshold(4, self.threshold)  # raises for a threshold outside (0.5, 1]
@@ -87,6 +89,8 @@ class SecAggConfig:
             raise ValueError(f"neighbours must be >= 1, got {self.neighbours}")
         if self.min_clients < 2:
             raise ValueError("min_clients must be >= 2: the sum of one update is that update")
+        if self.quantize_bits not in (32, 16, 8, 4, 2):
+            raise ValueError(f"quantize_bits must be 32, 16, 8, 4 or 2, got {self.quantize_bits}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class SecAggServer:
         self._adverts: dict[str, KeyAdvert] = {}
         self._graph: dict[str, tuple[str, ...]] = {}
         self._threshold = 0
-        self._encoding: FixedPoint | None = None
+        self._encoding: Encoding | None = None
         self._commitments: dict[str, bytes] = {}
         self._bundles: dict[str, tuple[EncryptedShare, ...]] = {}
         self._sharers: frozenset[str] = frozenset()  # U2
@@ -186,7 +190,8 @@ class SecAggServer:
                                   seed=self.seed)
         degree = min(len(p) for p in self._graph.values())
         self._threshold = share_threshold(degree, self.config.threshold)
-        self._encoding = FixedPoint(self.config.value_range, len(self._adverts))
+        self._encoding = encoding_for(self.config.value_range, len(self._adverts),
+                                      self.config.quantize_bits)
         self._total = np.zeros(self.length, dtype=RING)
         rosters = {}
         for node, peers in self._graph.items():
@@ -243,6 +248,11 @@ class SecAggServer:
         if vector.size != self.length:
             raise ProtocolError(Refusal.BAD_SHAPE, f"masked input has {vector.size} elements, "
                                 f"the model has {self.length}")
+        assert self._encoding is not None
+        bits = self._encoding.ring_bits
+        if bits < 32 and vector.size and int(vector.max()) >> bits:
+            raise ProtocolError(Refusal.MALFORMED, f"masked input has elements outside the "
+                                f"ring Z_2^{bits} of this round")
         np.add(self._total, vector, out=self._total)
         self._masked.add(masked.node_id)
 
@@ -337,6 +347,11 @@ class SecAggServer:
                 continue
         raise RoundFailed(f"round {self.round}: the shares of {owner!r}'s {what} do not "
                           "reconstruct it (a neighbour sent a bad share)")
+
+    @property
+    def encoding(self) -> Encoding | None:
+        """The round's encoding, once advertising has closed (it depends on n)."""
+        return self._encoding
 
     # ---------------------------------------------------------- checkpoints
 

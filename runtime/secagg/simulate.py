@@ -13,6 +13,11 @@ from .messages import Phase
 from .server import SecAggConfig, SecAggResult, SecAggServer
 
 
+def dither_rng(seed: int, node: str) -> np.random.Generator:
+    """The stochastic-rounding randomness `run_round` gives `node` (reproducible)."""
+    return np.random.default_rng([seed, *node.encode()])
+
+
 def run_round(updates: Mapping[str, np.ndarray], *, config: SecAggConfig, round: int = 1,
               seed: int = 0, drop_before: Mapping[str, Phase] | None = None) -> SecAggResult:
     """The result of a round in which client `n` leaves just before phase
@@ -28,7 +33,7 @@ def run_round(updates: Mapping[str, np.ndarray], *, config: SecAggConfig, round:
 
     server = SecAggServer(round=round, selected=updates, length=length, config=config,
                           seed=seed)
-    clients = {n: SecAggClient(n, round) for n in updates}
+    clients = {n: SecAggClient(n, round, quantize_bits=config.quantize_bits) for n in updates}
     for node, client in clients.items():
         if present(node, Phase.ADVERTISE):
             server.receive_advert(client.advertise())
@@ -39,7 +44,8 @@ def run_round(updates: Mapping[str, np.ndarray], *, config: SecAggConfig, round:
     deliveries = server.close_sharing()
     for node, delivery in deliveries.items():
         if present(node, Phase.MASKED_INPUT):
-            server.receive_masked(clients[node].mask(delivery, updates[node]))
+            server.receive_masked(clients[node].mask(delivery, updates[node],
+                                                     rng=dither_rng(seed, node)))
     requests = server.close_masking()
     for node, request in requests.items():
         if present(node, Phase.UNMASK):

@@ -1,17 +1,23 @@
 """Byzantine clients through the real engine: `fedkube run` (coordinator, real agent
 processes, real gRPC on 127.0.0.1) with an attack drill; the coordinator scores the
 updates, raises the attackers' suspicion, quarantines them, leaves them out of selection
-and releases them after their rounds."""
+and releases them after their rounds; a restarted coordinator keeps who is suspected and
+who is quarantined."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from fedkube.runtime.coordinator.events import RoundClosed
 from fedkube.runtime.plan import attack_plan
 from fedkube.runtime.spec import load_job
+from rawclient import RawClient, filled, job, start
 from support import REPO, child_env, fedkube_command, write_job
 
 pytestmark = pytest.mark.timeout(300)
@@ -81,3 +87,55 @@ def test_updates_the_norm_bound_refuses_count_as_outliers(tmp_path: Path) -> Non
         status = clients[node]["status"]
         assert status["phase"] == "Quarantined" and status["rejections"]["norm_bound"] == 1
         assert "refused by the norm bound" in status["quarantineReason"]
+
+
+def test_suspicion_and_quarantine_survive_a_coordinator_restart(tmp_path: Path) -> None:
+    # In process (real engine, real gRPC, raw clients): round 1 quarantines the one client
+    # whose update is 100 times the others'; the coordinator dies; its successor
+    # resumes from the checkpoint and gives each client back its suspicion and quarantine
+    # as it registers again, so the attacker is not selected and stays out until round 6.
+    spec = job("byzantine-restart", rounds=3, clientsPerRound=4, minClients=4,
+               admission={"normBoundFactor": None},
+               robustness={"quarantineThreshold": 0.5, "quarantineRounds": 5})
+    names = [f"node-{i}" for i in range(4)]
+
+    async def first_life() -> None:
+        coordinator = await start(spec, registration_timeout=30, output_dir=tmp_path)
+        closed = coordinator.when(lambda event: isinstance(event, RoundClosed))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
+            nodes = [await RawClient.join(channel, name) for name in names]
+            await asyncio.gather(*(node.open().next_task() for node in nodes))
+            for i, node in enumerate(nodes):
+                value = 1.0 if node.node_id == "node-3" else 0.01 * (1 + i / 10)
+                assert await node.submit(filled(coordinator.initial, value)) == "accepted"
+            await asyncio.wait_for(closed.wait(), timeout=60)
+            assert coordinator.engine.registry.get("node-3").quarantined
+            coordinator.finished.cancel()  # killed after round 1's checkpoint
+            for node in nodes:
+                node.leave()
+
+    async def second_life() -> tuple[int, dict[str, Any], list[str]]:
+        coordinator = await start(spec, registration_timeout=30, output_dir=tmp_path)
+        resumed_at = coordinator.engine.round
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
+            nodes = [await RawClient.join(channel, name) for name in names]
+            engine = coordinator.engine
+            clients = {name: engine.registry.get(name) for name in names}
+            eligible = [c.node_id for c in clients.values() if not engine.quarantine.holds(c)]
+            seen = {name: (c.suspicion, c.scored, c.quarantined_until, c.quarantine_reason,
+                           coordinator.sink.clients[name].phase.value)
+                    for name, c in clients.items()}
+            coordinator.finished.cancel()
+            for node in nodes:
+                node.leave()
+        return resumed_at, seen, eligible
+
+    asyncio.run(first_life())
+    resumed_at, seen, eligible = asyncio.run(second_life())
+    assert resumed_at == 1
+    suspicion, scored, until, reason, phase = seen["node-3"]
+    assert suspicion >= 0.5 and scored == 1 and until == 6 and phase == "Quarantined"
+    assert "quarantineThreshold 0.5 in round 1" in reason
+    assert eligible == names[:3]
+    for name in names[:3]:
+        assert seen[name][:4] == (0.0, 1, None, None) and seen[name][4] != "Quarantined"

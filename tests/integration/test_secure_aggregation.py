@@ -20,7 +20,7 @@ def _run(tmp_path: Path, processes: Processes, *, die_before: str) -> list[dict]
     job = write_job(tmp_path / "job.yaml", "secagg-kill", model="mlp",
                     data={"dataset": "digits"}, rounds=2, clientsPerRound=AGENTS,
                     minClients=3, localEpochs=1, batchSize=16, learningRate=0.1,
-                    simulation={"clients": AGENTS}, roundTimeoutSeconds=40,
+                    simulation={"clients": AGENTS}, roundTimeoutSeconds=120,
                     secureAggregation={"enabled": True, "threshold": 0.6})
     output, port = tmp_path / "out", free_port()
     processes.start("coordinator", fedkube_command(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fedkube.runtime.proto import fedkube_pb2 as pb
-from fedkube.runtime.secagg import FixedPoint, SecAggClient
+from fedkube.runtime.secagg import FixedPoint, SecAggClient, to_wire
 from fedkube.runtime.wire import convert
 from rawclient import RawClient, chunks, filled, finish, job, start
 
@@ -70,7 +70,7 @@ async def _secure_scenario() -> dict[str, object]:
         def stream(node: RawClient, vector: np.ndarray):
             header = node.header(payload="masked")
             return node.stub.SecAggMaskedInput(
-                chunks(header, {"masked": torch.from_numpy(vector.view(np.int32))}),
+                chunks(header, {"masked": torch.from_numpy(to_wire(vector, 4))}),
                 metadata=node.metadata)
 
         seen["short"] = await _code(stream(nodes[2], masked["node-2"].vector[:-1]))

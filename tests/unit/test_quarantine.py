@@ -3,11 +3,21 @@ ClientNode shows of them."""
 
 from __future__ import annotations
 
+import random
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
+import torch
+from fedkube.runtime import wire
+from fedkube.runtime.coordinator import checkpoint
 from fedkube.runtime.coordinator.anomaly import fold_scores
-from fedkube.runtime.coordinator.quarantine import Quarantine
+from fedkube.runtime.coordinator.quarantine import (
+    Quarantine,
+    restore_robustness,
+    robustness_state,
+)
 from fedkube.runtime.coordinator.registry import ClientRegistry
 from fedkube.runtime.messages import NodeFacts, Registration
 from fedkube.runtime.spec import (
@@ -86,6 +96,53 @@ def test_without_a_threshold_nobody_is_quarantined() -> None:
     registry = _registry("bad")
     fold_scores(registry, {"bad": 1.0}, decay=1.0)
     assert Quarantine(RobustnessSpec(), registry).judge(1, {}) == []
+
+
+WEIGHTS = {"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)}
+
+
+def _checkpoint(clients: dict) -> checkpoint.State:
+    return checkpoint.State(
+        weights=WEIGHTS, round=3, version=3, history=[], best_accuracy=None,
+        rounds_without_improvement=0, bytes_up=0, bytes_down=0,
+        rng_state=random.Random(0).getstate(), noise_state=torch.Generator().get_state(),
+        server_optimizer={}, accountant=None, clients=clients)
+
+
+def test_suspicion_and_quarantine_go_through_the_checkpoint(tmp_path: Path) -> None:
+    registry = _registry("honest", "bad", "new")
+    quarantine = Quarantine(RobustnessSpec(quarantine_threshold=0.5, quarantine_rounds=4),
+                            registry)
+    fold_scores(registry, {"honest": 0.1, "bad": 1.0}, decay=0.5)
+    quarantine.judge(3, {"bad": "cosine z=9.0"})
+    saved = {c.node_id: s for c in registry.all() if (s := robustness_state(c)) is not None}
+    assert set(saved) == {"honest", "bad"}  # "new" was never scored: nothing to keep
+    checkpoint.save(tmp_path, _checkpoint(saved))
+    loaded = checkpoint.load(tmp_path, schema=wire.schema_of(WEIGHTS))
+    assert loaded is not None and loaded.clients == saved
+
+    again = _registry("honest", "bad")  # a restarted coordinator, clients registering
+    for node_id, state in loaded.clients.items():
+        client = again.get(node_id)
+        assert client is not None
+        restore_robustness(client, state)
+    bad, honest = again.get("bad"), again.get("honest")
+    assert bad is not None and honest is not None
+    assert bad.quarantined_until == 7 and "cosine z=9.0" in (bad.quarantine_reason or "")
+    assert bad.suspicion == pytest.approx(0.5) and bad.scored == 1
+    assert _phase(again, "bad") is ClientPhase.quarantined
+    assert honest.suspicion == pytest.approx(0.05) and not honest.quarantined
+    # Served out after the restart like before it: released once round 7 has closed.
+    assert Quarantine(quarantine.settings, again).release(6) == []
+    assert [c.node_id for c in Quarantine(quarantine.settings, again).release(7)] == ["bad"]
+
+
+def test_a_checkpoint_from_before_client_state_still_loads(tmp_path: Path) -> None:
+    old = asdict(_checkpoint({}))
+    del old["clients"]  # what coordinators wrote before suspicion was checkpointed
+    torch.save(old, tmp_path / checkpoint.CHECKPOINT)
+    loaded = checkpoint.load(tmp_path, schema=wire.schema_of(WEIGHTS))
+    assert loaded is not None and loaded.round == 3 and loaded.clients == {}
 
 
 def test_the_coordinator_owns_every_clientnode_status_field() -> None:

@@ -48,8 +48,8 @@ def test_defaults_and_camel_case_round_trip() -> None:
     ({"compression": {"quantizeBits": 12}}, "spec.compression.quantizeBits"),
     ({"compression": {"topK": 1.0}}, "spec.compression.topK: Input should be less than 1"),
     ({"secureAggregation": {"enabled": True}, "minClients": 2,
-      "compression": {"quantizeBits": 8}},
-     "compression cannot be combined with secureAggregation.enabled"),
+      "compression": {"topK": 0.1}},
+     "compression.topK cannot be combined with secureAggregation.enabled"),
     ({"secureAggregation": {"enabled": True}, "minClients": 2, "strategy": {"name": "median"}},
      ("strategy.name 'median' cannot be combined with secureAggregation.enabled: the server "
       "sees only the masked sum")),
