@@ -10,7 +10,8 @@ aggregate.py) scales a copy of each by its sample count and sums them: about 2 x
 models at the peak (Flower also keeps each update's serialised bytes until then, so
 this baseline is, if anything, kind to it). Uploads are assembled `--concurrency` at a
 time, interleaved chunk by chunk, as the coordinator's upload slots allow
-(runtime/coordinator/uploads.py ASSEMBLING: 1; `--concurrency 4` is what it was before).
+(`admission.concurrentUploads`, default runtime/coordinator/uploads.py ASSEMBLING = 4;
+`--concurrency 1` is the setting that bounds the coordinator to about 3x the model).
 Each row's `peak_memory_over_model` is the peak added over the model's bytes. Both sides must produce the same mean; the script
 checks that they do.
 

@@ -440,6 +440,14 @@ class AdmissionSpec(_Model):
     upload_timeout_seconds: float = Field(
         600.0, gt=0, description="Longest time one upload may take from its header."
     )
+    concurrent_uploads: int = Field(
+        4, ge=1, le=1024,
+        description="Uploads the coordinator receives and assembles at once; each holds "
+        "one model's worth of memory until it is folded. 1 bounds the coordinator to about "
+        "3x the model (the sum, the model, one upload) with any number of clients, but "
+        "uploads over slow links then wait for each other and one stalled client holds "
+        "up the rest until uploadIdleSeconds.",
+    )
     expire_after_seconds: float = Field(
         600.0, gt=0,
         description="A node not heard from for this long is dropped from the job's records.",

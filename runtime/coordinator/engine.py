@@ -88,7 +88,7 @@ from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .traffic import traffic
-from .uploads import ASSEMBLING, UploadGuard
+from .uploads import UploadGuard
 
 if TYPE_CHECKING:
     from .central_dp import CentralDP
@@ -144,8 +144,9 @@ class RoundEngine:
         self.bounds = UpdateBounds(admission.model_copy(
             update={"max_update_norm": None, "norm_bound_factor": None})
             if self.spec.privacy.mode == "central" else admission)
-        # Uploads being assembled are bounded (memory: one at a time); stalled ones are cut off.
-        self.uploads = UploadGuard(slots=ASSEMBLING, idle_seconds=admission.upload_idle_seconds,
+        # Uploads being assembled are bounded (memory); stalled ones are cut off.
+        self.uploads = UploadGuard(slots=admission.concurrent_uploads,
+                                   idle_seconds=admission.upload_idle_seconds,
                                    total_seconds=admission.upload_timeout_seconds)
         self.book = StatusBook(job=self.name, spec=self.spec, registry=self.registry,
                                events=self.events)

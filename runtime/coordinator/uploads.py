@@ -5,9 +5,10 @@ deadline per upload. A slot is freed however the upload ends.
 The slots are what bounds the coordinator's memory: an upload is assembled whole (a norm
 bound needs its whole norm before it may be folded) and held until its fold is done, so
 `slots` assembled uploads at most exist at once, however many clients upload together.
-The coordinator uses one slot (`ASSEMBLING`): its peak is then the running sum, the model
-and one upload. Others wait for the slot in order before a byte of theirs is read (gRPC's
-flow control holds their chunks back on the client), within the total deadline.
+The coordinator uses `admission.concurrentUploads` slots (4 unless the job says
+otherwise); with one, its peak is the running sum, the model and one upload. Others wait
+for a slot in order before a byte of theirs is read (gRPC's flow control holds their
+chunks back on the client), within the total deadline.
 `peak_held` counts the most slots ever held at once, so tests can check the bound."""
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from ..messages import Rejected, RejectReason
 
 T = TypeVar("T")
 
-#: Uploads assembled at once by the coordinator: one, so its memory stays at the running
-#: sum + the model + one upload (3x the model) with any number of clients. On one machine
-#: receiving is CPU-bound, so more slots would not make a round faster.
-ASSEMBLING = 1
+#: Uploads assembled at once when the job does not say (`admission.concurrentUploads`):
+#: more than one, so that a client on a slow link, or one that stalls until its idle
+#: deadline, does not hold up every other upload of the round.
+ASSEMBLING = 4
 
 
 class UploadGuard:
