@@ -100,6 +100,19 @@ def _channel(config: AgentConfig) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
 
 
+def _stub(channel: grpc.aio.Channel) -> pb_grpc.CoordinatorStub:
+    """The generated stub, except for the two calls whose chunks travel pre-serialised
+    (wire.serialized_update_chunks): the plain update and the masked input."""
+    stub = pb_grpc.CoordinatorStub(channel)
+    stub.SubmitUpdate = channel.stream_unary(
+        "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
+        response_deserializer=pb.SubmitReply.FromString)
+    stub.SecAggMaskedInput = channel.stream_unary(
+        "/fedkube.v1.Coordinator/SecAggMaskedInput", request_serializer=wire.serialize,
+        response_deserializer=pb.SecAggUnmaskRequest.FromString)
+    return stub
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -152,11 +165,7 @@ class Agent:
         while True:
             try:
                 async with _channel(self.config) as channel:
-                    stub = pb_grpc.CoordinatorStub(channel)
-                    # Update chunks travel pre-serialised (wire.serialized_update_chunks).
-                    stub.SubmitUpdate = channel.stream_unary(
-                        "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
-                        response_deserializer=pb.SubmitReply.FromString)
+                    stub = _stub(channel)
                     await self._register(stub)
                     backoff = 0.5
                     await self._serve(stub)
