@@ -64,14 +64,18 @@ def test_signflip_attackers_are_quarantined_left_out_and_released(tmp_path: Path
 
 @pytest.mark.slow  # ~70 s; the signflip test keeps quarantine through real agents in the default suite
 def test_updates_the_norm_bound_refuses_count_as_outliers(tmp_path: Path) -> None:
-    # Default admission: scaled updates are refused (norm_bound) before any rule or score
-    # sees them; the refusals raise the attackers' suspicion all the same.
+    # Scaled updates are refused (norm_bound) before any rule or score sees them; the
+    # refusals raise the attackers' suspicion all the same. The absolute cap decides here
+    # (honest updates of this job are a few units, scaled ones hundreds): the relative
+    # bound compares with updates accepted earlier, so in round 1 it depends on who
+    # arrives first.
     job = write_job(
         tmp_path / "job.yaml", "scaling", model="mlp", data={"dataset": "digits"},
         rounds=2, clientsPerRound=6, minClients=3, localEpochs=1, batchSize=32,
-        learningRate=0.1, roundTimeoutSeconds=60,
+        learningRate=0.1, roundTimeoutSeconds=60, admission={"maxUpdateNorm": 40.0},
         robustness={"quarantineThreshold": 0.5, "quarantineRounds": 5},
-        simulation={"clients": 6, "attackers": {"fraction": 0.34, "kind": "scaling"}})
+        simulation={"clients": 6, "attackers": {"fraction": 0.34, "kind": "scaling",
+                                                "strength": 200.0}})
     plan = attack_plan(load_job(job).spec)
     assert plan is not None
     attackers = {f"sim-{i:03d}" for i in plan.attackers}
