@@ -31,6 +31,7 @@ from fedkube.runtime.coordinator.engine import RoundEngine
 from fedkube.runtime.coordinator.server import serve
 from fedkube.runtime.local import RunOptions, run_job
 from fedkube.runtime.messages import JobIdentity
+from fedkube.runtime.models import build_model
 from fedkube.runtime.plan import plan_for
 from fedkube.runtime.privacy import BudgetStore, epsilon_for, local_steps, steps_within_budget
 from fedkube.runtime.proto import fedkube_pb2 as pb
@@ -247,7 +248,11 @@ def _train_once(spec: FederatedJobSpec, state_dir: Path) -> dict[str, torch.Tens
         data_path=None, state_dir=state_dir)
     plan = plan_for(spec.model_copy(update={"batch_size": 32, "learning_rate": 0.1}),
                     round=1, model_version=0, now=0.0, client_parameters={})
-    return trainer.train(plan, weights_of(trainer.model)).delta_weights
+    # The job's initial model, built afresh: the trainer's models come from a pool shared
+    # by the process, so one it lends may hold an earlier task's weights.
+    initial = weights_of(build_model(spec.model, input_shape=(1, 8, 8), num_classes=10,
+                                     seed=spec.seed))
+    return trainer.train(plan, initial).delta_weights
 
 
 def test_coordinator_cannot_replay_a_clients_dp_noise(tmp_path: Path) -> None:
