@@ -21,7 +21,9 @@ def _imported_after(code: str) -> list[str]:
 
 
 def test_agent_and_run_paths_import_no_heavy_optional_modules() -> None:
-    # One interpreter for both paths: each fresh one costs seconds on a loaded machine.
-    assert _imported_after("import fedkube.runtime.cli, fedkube.runtime.agent.client, "
-                           "fedkube.runtime.local") == []
-
+    # One interpreter per path: each fresh one costs seconds on a loaded machine.
+    assert _imported_after("import fedkube.runtime.cli, fedkube.runtime.agent.client") == []
+    # `fedkube run` hosts the coordinator, whose fold is compiled by numba; numba checks
+    # SciPy's version when SciPy is installed, so SciPy comes with it there, and only there.
+    run_path = _imported_after("import fedkube.runtime.cli, fedkube.runtime.local")
+    assert [m for m in run_path if m != "scipy"] == []
