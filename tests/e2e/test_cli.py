@@ -238,7 +238,11 @@ def background_runs() -> Iterator[list[_Run]]:
         run.kill()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+# SIGTERM takes the same path as SIGINT (one handler); it runs with the slow tests.
+@pytest.mark.parametrize("signum", [
+    pytest.param(signal.SIGINT, id="SIGINT"),
+    pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow),
+])
 def test_interrupt_stops_every_agent_and_writes_the_summary(
         tmp_path: Path, signum: int, background_runs: list[_Run]) -> None:
     """Ctrl-C (SIGINT) or SIGTERM mid-run: the job ends Stopped, no agent process
