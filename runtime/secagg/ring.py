@@ -21,6 +21,14 @@ from .primitives import RING
 RING_BITS = 32
 
 
+def _finite_vector(values: np.ndarray) -> np.ndarray:
+    """`values` as one float64 vector; ValueError when any entry is NaN or infinite."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(flat)):
+        raise ValueError("an update with NaN or infinite entries cannot be encoded")
+    return flat
+
+
 @dataclass(frozen=True)
 class FixedPoint:
     """The encoding shared by every client of a round and the coordinator."""
@@ -54,9 +62,7 @@ class FixedPoint:
 
     def encode(self, values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """A float vector as ring elements (clipped, scaled, rounded; `rng` unused)."""
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(flat)):
-            raise ValueError("an update with NaN or infinite entries cannot be encoded")
+        flat = _finite_vector(values)
         clipped = np.clip(flat, -self.value_range, self.value_range)
         return np.rint(clipped * self.scale).astype(np.int64).astype(RING)
 
@@ -120,9 +126,7 @@ class Quantized:
 
     def encode(self, values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Codes of a float vector as ring elements of Z_2^ring_bits (held in uint32)."""
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(flat)):
-            raise ValueError("an update with NaN or infinite entries cannot be encoded")
+        flat = _finite_vector(values)
         rng = rng if rng is not None else np.random.default_rng()
         scaled = np.clip(flat, -self.value_range, self.value_range) * self.scale
         low = np.floor(scaled)
