@@ -58,6 +58,21 @@ def _wait(kube_api: Any, resource: str, name: str, predicate: Callable[[Obj], An
                              f"{operator.log()[-4000:]}") from None
 
 
+def _events(kube_api: Any, operator: Operator, reason: str,
+            done: Callable[[list[Obj]], bool] = bool, timeout: float = 20) -> list[Obj]:
+    """The Events with this reason once ``done(events)`` holds. kopf posts Events from a
+    queue after the status patch lands: a test waits for them rather than racing them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in kube_api.events(NS) if e["reason"] == reason]
+        if done(found):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout}s for {reason} events; saw {found}\n"
+                                 f"--- operator log ---\n{operator.log()[-4000:]}")
+        time.sleep(0.1)  # polling interval
+
+
 def _children(kube_api: Any, job: str) -> dict[str, list[Obj]]:
     kinds = {"ConfigMap": "v1/configmaps", "Service": "v1/services", "Pod": "v1/pods",
              "ServiceAccount": "v1/serviceaccounts", "Deployment": "apps/v1/deployments",
@@ -83,8 +98,8 @@ def test_invalid_manifest_fails_with_the_field_named(kube_api: Any, operator: Op
     managers = {(e["manager"], e.get("subresource")) for e in job["metadata"]["managedFields"]}
     assert {("fedkube-operator", "status"), ("fedkube-coordinator", "status")} <= managers
     assert not any(_children(kube_api, "bad").values())
-    warnings = [e for e in kube_api.events(NS) if e["reason"] == "InvalidSpec"]
-    assert warnings and warnings[0]["type"] == "Warning"
+    warnings = _events(kube_api, operator, "InvalidSpec")
+    assert warnings[0]["type"] == "Warning"
     assert warnings[0]["involvedObject"]["name"] == "bad"
 
 
@@ -122,7 +137,7 @@ def test_valid_job_gets_owned_children_and_an_endpoint(kube_api: Any, operator: 
     assert manifest["spec"]["clientsPerRound"] == 2
     (container,) = children["Deployment"][0]["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "fedkube:test"
-    assert [e["reason"] for e in kube_api.events(NS)].count("Created") == 1
+    assert len(_events(kube_api, operator, "Created")) == 1
 
 
 def test_deleting_a_job_removes_what_it_owns(kube_api: Any, operator: Operator) -> None:
@@ -176,8 +191,8 @@ def test_finished_job_keeps_config_and_loses_its_pods(kube_api: Any, operator: O
     assert [o["metadata"]["name"] for o in left["ConfigMap"]] == ["done-spec"]
     assert job["status"]["modelRef"] == "/var/lib/fedkube/model.pt"
     assert job["status"]["phase"] == "Succeeded"
-    finished = [e for e in kube_api.events(NS) if e["reason"] == "Succeeded"]
-    assert finished and "model at /var/lib/fedkube/model.pt" in finished[0]["message"]
+    finished = _events(kube_api, operator, "Succeeded")
+    assert "model at /var/lib/fedkube/model.pt" in finished[0]["message"]
 
 
 def test_spec_edits_apply_mutable_fields_and_refuse_the_rest(kube_api: Any, operator: Operator,
@@ -297,7 +312,8 @@ def test_silent_client_nodes_go_offline(kube_api: Any, operator: Operator) -> No
     kube_api.patch("cn", "alive", {"status": {"lastHeartbeat": _iso(0)}}, namespace=NS,
                    subresource="status")
     _wait(kube_api, "cn", "alive", _phase("Offline"), operator)
-    offline_events = [e for e in kube_api.events(NS) if e["reason"] == "Offline"]
+    offline_events = _events(kube_api, operator, "Offline", lambda found: len(
+        {e["involvedObject"]["name"] for e in found}) >= 2)
     assert {e["involvedObject"]["name"] for e in offline_events} == {"stale", "alive"}
     assert kube_api.get("cn", "held", NS)["status"]["phase"] == "Quarantined"
 
