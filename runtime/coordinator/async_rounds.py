@@ -244,8 +244,7 @@ class AsyncEngine(RoundEngine):
         if not idle:
             return
         if self.selection.mode == "adaptive":
-            candidates = [candidate_of(c, job=self.name, offline_after=self.registry.offline_after)
-                          for c in idle]
+            candidates = [candidate_of(c) for c in idle]
             ids, choices = choose(candidates, wanted=free, config=self.selection, rng=self.rng)
             record_choices(idle, choices)
             by_id = {c.node_id: c for c in idle}
@@ -266,9 +265,9 @@ class AsyncEngine(RoundEngine):
     def _expire(self) -> None:
         """Tasks out longer than roundTimeoutSeconds (or with a client gone) are dropped."""
         now = time.monotonic()
-        live = self._live_ids()
         for node_id, out in list(self.in_flight.items()):
-            if now - out.started > self.spec.round_timeout_seconds or node_id not in live:
+            if (now - out.started > self.spec.round_timeout_seconds
+                    or not self.registry.is_live(node_id)):
                 del self.in_flight[node_id]
                 self.dropped += 1
                 client = self.registry.get(node_id)

@@ -330,7 +330,7 @@ class RoundEngine:
         client.streaming = False
         self.registry.changed.set()
         if self.open_round is not None:
-            self.open_round.check_complete(self._live_ids())
+            self.open_round.check_complete(self.registry.is_live)
 
     def model_for(self, node_id: str, version: int) -> tuple[int, Weights]:
         self._client(node_id)
@@ -388,7 +388,7 @@ class RoundEngine:
             # Only a device's own DP budget refuses for good; any other refusal (a local
             # run that diverged) is a missed round, and the node stays eligible.
             self.budget_spent.add(header.node_id)
-        open_round.record_refusal(header, self._live_ids())
+        open_round.record_refusal(header, self.registry.is_live)
         log.info("node %s declined round %d: %s", header.node_id, header.round,
                  header.refusal_reason)
         self.book.milestone("TaskRefused", f"{header.node_id}: {header.refusal_reason}", warning=True)
@@ -396,7 +396,7 @@ class RoundEngine:
     async def accept_update(self, header: UpdateHeader, delta: Weights, nbytes: int) -> None:
         """Fold a validated delta into the open round; the global model is untouched."""
         open_round = self.admit(header)
-        bounded = await open_round.fold(header, delta, self._live_ids())
+        bounded = await open_round.fold(header, delta, self.registry.is_live)
         client = self._client(header.node_id)
         for label, hit in (("norm_bound", bounded.clipped), ("sample_cap", bounded.capped)):
             if hit:  # admitted, cut down: the ClientNode shows it beside the refusals
@@ -544,8 +544,7 @@ class RoundEngine:
         # over-commitment): a slow explorer costs its own update, not everyone's time.
         padded = min(len(eligible), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout))
                      + math.ceil(self.selection.exploration * wanted))
-        candidates = [candidate_of(c, job=self.name, offline_after=self.registry.offline_after)
-                      for c in eligible]
+        candidates = [candidate_of(c) for c in eligible]
         ids, choices = choose(candidates, wanted=padded, config=self.selection, rng=self.rng)
         record_choices(eligible, choices)
         by_id = {c.node_id: c for c in eligible}
@@ -560,7 +559,7 @@ class RoundEngine:
         if self.secure_config is not None:
             self.secure_round = SecureRound(opened, config=self.secure_config,
                                             seed=self.rng.getrandbits(63), schema=self.schema,
-                                            live=self._live_ids)
+                                            live=self.registry.is_live)
             try:
                 result = await self.secure_round.run()
             finally:
@@ -726,9 +725,6 @@ class RoundEngine:
             await asyncio.wait_for(self.registry.changed.wait(), timeout=timeout)
         except TimeoutError:
             pass
-
-    def _live_ids(self) -> set[str]:
-        return {c.node_id for c in self.registry.live()}
 
     def job_running(self) -> bool:
         return self.status.phase not in TERMINAL_PHASES

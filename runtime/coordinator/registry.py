@@ -77,6 +77,14 @@ class Client:
     def quarantined(self) -> bool:
         return self.quarantined_until is not None
 
+    def reliability(self) -> float | None:
+        """Answered over dispatched, as its ClientNode shows it; None before any task."""
+        return round(self.answered / self.dispatched, 4) if self.dispatched else None
+
+    def shown_suspicion(self) -> float | None:
+        """Its suspicion as its ClientNode shows it; None until a round has scored it."""
+        return round(self.suspicion, 4) if self.scored else None
+
     def phase(self, *, now: float, offline_after: float) -> ClientPhase:
         if self.quarantined and not self.departed:
             return ClientPhase.quarantined
@@ -92,8 +100,8 @@ class Client:
             phase=self.phase(now=now, offline_after=offline_after),
             last_heartbeat=_iso(heartbeat),
             rounds_participated=self.rounds_participated,
-            reliability=round(self.answered / self.dispatched, 4) if self.dispatched else None,
-            suspicion=round(self.suspicion, 4) if self.scored else None,
+            reliability=self.reliability(),
+            suspicion=self.shown_suspicion(),
             quarantine_reason=self.quarantine_reason if self.quarantined else None,
             quarantined_until_round=self.quarantined_until,
             privacy=privacy,
@@ -199,11 +207,17 @@ class ClientRegistry:
     def live(self, selector: dict[str, str] | None = None) -> list[Client]:
         """Clients seen recently, with a task stream open, matching the label selector."""
         now = time.monotonic()
-        return [
-            c for c in self._clients.values()
-            if c.streaming and now - c.last_seen <= self.offline_after
-            and all(c.spec.labels.get(k) == v for k, v in (selector or {}).items())
-        ]
+        return [c for c in self._clients.values() if self._alive(c, now)
+                and all(c.spec.labels.get(k) == v for k, v in (selector or {}).items())]
+
+    def is_live(self, node_id: str) -> bool:
+        """Whether one node is live (as `live()` counts it): a look-up, not a scan, so
+        what runs per update costs the same with ten clients or a thousand."""
+        client = self._clients.get(node_id)
+        return client is not None and self._alive(client, time.monotonic())
+
+    def _alive(self, client: Client, now: float) -> bool:
+        return client.streaming and now - client.last_seen <= self.offline_after
 
     def all(self) -> list[Client]:
         return list(self._clients.values())

@@ -7,7 +7,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +19,9 @@ from .admission import Bounded, UpdateBounds
 from .registry import Client
 
 Weights = dict[str, torch.Tensor]
+#: Whether a node is live now (`ClientRegistry.is_live`): asked of the selected nodes
+#: only, so an arrival costs O(selected), never O(registered).
+IsLive = Callable[[str], bool]
 
 
 def select_clients(eligible: Sequence[Client], *, wanted: int, expected_dropout: float,
@@ -118,12 +121,12 @@ class Round:
 
     # ------------------------------------------------------------ answers
 
-    def record_refusal(self, header: UpdateHeader, live: set[str]) -> None:
+    def record_refusal(self, header: UpdateHeader, live: IsLive) -> None:
         self.admit(header)
         self.answered.add(header.node_id)
         self.check_complete(live)
 
-    async def fold(self, header: UpdateHeader, delta: Weights, live: set[str]) -> Bounded:
+    async def fold(self, header: UpdateHeader, delta: Weights, live: IsLive) -> Bounded:
         """Bound a validated delta (norm, sample count) and fold it into the running
         aggregate; the global model is untouched. Raises Rejected if the bounds refuse it
         or the round closed meanwhile."""
@@ -165,9 +168,9 @@ class Round:
         steps = int(steps) if math.isfinite(steps) else 1
         return max(1, min(steps, planned) if planned else steps)
 
-    def check_complete(self, live: set[str]) -> None:
-        waiting = {n for n in set(self.selected) - self.answered if n in live}
-        if len(self.accepted) >= self.wanted or not waiting:
+    def check_complete(self, live: IsLive) -> None:
+        if len(self.accepted) >= self.wanted or not any(
+                live(n) for n in self.selected if n not in self.answered):
             self.complete.set()
 
     # ------------------------------------------------------------ closing

@@ -87,7 +87,7 @@ def distributed_noise_std(*, noise_multiplier: float, clip_norm: float,
 
 class SecureRound:
     def __init__(self, opened: Round, *, config: SecAggConfig, seed: int, schema: Schema,
-                 live: Callable[[], set[str]]) -> None:
+                 live: Callable[[str], bool]) -> None:
         self.opened = opened
         self.schema = schema
         self.live = live
@@ -207,7 +207,7 @@ class SecureRound:
     async def _wait_for_phase(self) -> None:
         """Until every live participant of the open phase answered, or its deadline."""
         while not self.server.expired():
-            waiting = self.server.expected() & self.live()
+            waiting = {n for n in self.server.expected() if self.live(n)}
             if self.server.phase is not Phase.UNMASK:  # nodes that declined (their budget)
                 waiting -= self.opened.answered
             if not waiting:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from ..spec import ClientPhase, FederatedJobSpec
+from ..spec import FederatedJobSpec
 
 if TYPE_CHECKING:
     from .registry import Client
@@ -47,8 +46,9 @@ class SelectionConfig:
     alpha: float = 2.0  # Oort's straggler penalty exponent
 
 
-@dataclass(frozen=True)
-class Candidate:
+# Candidate and Choice are named tuples: a round builds one of each per eligible client,
+# and a tuple costs a fraction of a frozen dataclass's __init__ (bench/heterogeneity.py).
+class Candidate(NamedTuple):
     """What selection knows of one eligible client."""
 
     node_id: str
@@ -61,8 +61,7 @@ class Candidate:
     quarantined: bool = False
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """Why a candidate was or was not picked: `reason` is utility, exploration, random,
     not picked, or what excluded it; `score` its utility (adaptive, when measured)."""
 
@@ -105,11 +104,18 @@ def choose(candidates: Sequence[Candidate], *, wanted: int, config: SelectionCon
     (never-measured clients first). Candidates are taken in node-id order, so a seeded
     rng gives the same choice. Excluded clients are picked only when too few others
     remain for `wanted` (those excluded for reliability first; never quarantined ones).
+    One sort and a few linear passes: O(clients log clients) with a small constant.
     """
     ordered = sorted(candidates, key=lambda c: c.node_id)
     wanted = max(0, min(wanted, len(ordered)))
-    excluded = {c.node_id: why for c in ordered if (why := exclusion(c, config))}
-    allowed = [c for c in ordered if c.node_id not in excluded]
+    allowed: list[Candidate] = []
+    excluded: list[tuple[Candidate, str]] = []
+    for c in ordered:
+        why = exclusion(c, config)
+        if why is None:
+            allowed.append(c)
+        else:
+            excluded.append((c, why))
     choices: dict[str, Choice] = {}
     if config.mode == "random":
         picked = rng.sample(allowed, min(wanted, len(allowed)))
@@ -118,14 +124,17 @@ def choose(candidates: Sequence[Candidate], *, wanted: int, config: SelectionCon
     else:
         picked = _adaptive(allowed, wanted=wanted, config=config, rng=rng, choices=choices)
     if len(picked) < wanted:  # too few allowed: the least bad of the excluded
-        spare = [c for c in ordered if c.node_id in excluded and not c.quarantined]
-        spare.sort(key=lambda c: (c.suspicion or 0.0, -(c.reliability or 0.0)))
-        for c in spare[:wanted - len(picked)]:
+        spare = [(c, why) for c, why in excluded if not c.quarantined]
+        spare.sort(key=lambda pair: (pair[0].suspicion or 0.0, -(pair[0].reliability or 0.0)))
+        for c, why in spare[:wanted - len(picked)]:
             picked.append(c)
-            choices[c.node_id] = Choice(c.node_id, True, f"{excluded[c.node_id]} (too few others)")
-    for c in ordered:
+            choices[c.node_id] = Choice(c.node_id, True, f"{why} (too few others)")
+    for c, why in excluded:
         if c.node_id not in choices:
-            choices[c.node_id] = Choice(c.node_id, False, excluded.get(c.node_id, "not picked"))
+            choices[c.node_id] = Choice(c.node_id, False, why)
+    for c in allowed:
+        if c.node_id not in choices:
+            choices[c.node_id] = Choice(c.node_id, False, "not picked")
     return [c.node_id for c in picked], choices
 
 
@@ -134,43 +143,48 @@ def _adaptive(allowed: list[Candidate], *, wanted: int, config: SelectionConfig,
     measured = [c.seconds for c in allowed if c.seconds]
     preferred = config.preferred_round_seconds or (
         statistics.median(measured) if measured else None)
-    scores = {c.node_id: utility(c, preferred_seconds=preferred, alpha=config.alpha)
-              for c in allowed}
+    scored: list[tuple[float, Candidate]] = []
+    unmeasured: list[Candidate] = []
+    for c in allowed:
+        score = utility(c, preferred_seconds=preferred, alpha=config.alpha)
+        if score is None:
+            unmeasured.append(c)
+        else:
+            scored.append((score, c))
     explore = min(wanted, round(config.exploration * wanted))
-    scored = sorted((c for c in allowed if scores[c.node_id] is not None),
-                    key=lambda c: (-scores[c.node_id], c.node_id))  # type: ignore[operator]
-    unmeasured = [c for c in allowed if scores[c.node_id] is None]
+    scored.sort(key=lambda pair: (-pair[0], pair[1].node_id))
     # Exploit: the best utilities, leaving room for exploration (and for unmeasured
     # clients when there are not enough measured ones).
     exploit = scored[:wanted - explore]
-    picked = list(exploit)
-    for c in exploit:
-        choices[c.node_id] = Choice(c.node_id, True, "utility", scores[c.node_id])
-    taken = {c.node_id for c in exploit}
-    rest = [c for c in scored if c.node_id not in taken]
+    picked = [c for _, c in exploit]
+    for score, c in exploit:
+        choices[c.node_id] = Choice(c.node_id, True, "utility", score)
+    rest = scored[len(exploit):]
     # Explore: never-measured clients first, then the others at random.
     new = rng.sample(unmeasured, min(len(unmeasured), wanted - len(picked)))
-    old = rng.sample(rest, min(len(rest), wanted - len(picked) - len(new)))
-    for c in (*new, *old):
+    for c in new:
         picked.append(c)
-        choices[c.node_id] = Choice(c.node_id, True, "exploration", scores[c.node_id])
-    for c in allowed:
-        if c.node_id not in choices and scores[c.node_id] is not None:
-            choices[c.node_id] = Choice(c.node_id, False, "not picked", scores[c.node_id])
+        choices[c.node_id] = Choice(c.node_id, True, "exploration")
+    for score, c in rng.sample(rest, min(len(rest), wanted - len(picked))):
+        picked.append(c)
+        choices[c.node_id] = Choice(c.node_id, True, "exploration", score)
+    for score, c in rest:
+        if c.node_id not in choices:
+            choices[c.node_id] = Choice(c.node_id, False, "not picked", score)
     return picked
 
 
-def candidate_of(client: Client, *, job: str, offline_after: float) -> Candidate:
-    """A registry record as selection sees it. Suspicion and phase are read from the
-    client's published status, whatever computes them (robust aggregation's set-asides,
-    anomaly scores), so selection follows the ClientNode users see."""
-    now = time.monotonic()
-    status = client.status(job=job, now=now, offline_after=offline_after, wall_now=time.time())
+def candidate_of(client: Client) -> Candidate:
+    """A registry record as selection sees it. Reliability, suspicion and quarantine are
+    the values the client's ClientNode status shows (the same `Client` methods build
+    both), whatever computes them (robust aggregation's set-asides, anomaly scores), so
+    selection follows what users see; read from the record, not from a built status, so
+    a round's selection over a thousand clients costs milliseconds."""
     return Candidate(
         node_id=client.node_id, samples=client.spec.data_size, loss=client.local_loss,
-        seconds=client.last_round_seconds, reliability=status.reliability,
-        dispatched=client.dispatched, suspicion=status.suspicion,
-        quarantined=status.phase is ClientPhase.quarantined)
+        seconds=client.last_round_seconds, reliability=client.reliability(),
+        dispatched=client.dispatched, suspicion=client.shown_suspicion(),
+        quarantined=client.quarantined and not client.departed)
 
 
 def record_choices(clients: Sequence[Client], choices: dict[str, Choice]) -> None:
