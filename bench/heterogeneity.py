@@ -28,7 +28,10 @@ and what the coordinator costs per round at 10, 100 and 1,000 registered clients
     process: before the run and its peak) apart from the agent processes' (their summed
     peak), and the shut-down time (job end to files written) from summary.json. The
     growth of the coordinator's added memory (peak - before) from 10 to N clients is held
-    against 1 MB per 100 clients plus 3x the model.
+    against 1 MB per 100 clients plus 3x the model. Beside it, in the same run, a bare
+    grpcio server (the coordinator's options, no code of ours) with 10 and then N server
+    streams held open, as the agents hold their task streams: its RSS per open stream is
+    gRPC's own cost, reported apart from the rest of the growth.
 
 Figures are from one run on whatever machine runs it (a shared, loaded one moves the
 wall times; the ratios are taken within the run).
@@ -290,7 +293,7 @@ def run_scale_once(clients: int, *, per_round: int, rounds: int) -> dict[str, An
             "wall_seconds": summary["wallSeconds"]}
 
 
-def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict[str, Any]]:
+def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> dict[str, Any]:
     """Each size in a fresh interpreter (this script with --run-scale-child), so no run
     inherits the heap of the one before."""
     import subprocess
@@ -318,16 +321,121 @@ def run_scale(sizes: list[int], *, per_round: int, rounds: int) -> list[dict[str
 
     for row in rows:
         row["coordinator_added_bytes"] = added(row)
+    bare = grpc_stream_baseline([rows[0]["clients"], rows[-1]["clients"]])
     for row in rows[1:]:
+        more = row["clients"] - rows[0]["clients"]
         grown = added(row) - added(rows[0])
-        budget = 3 * model_bytes + (row["clients"] - rows[0]["clients"]) / 100 * 2**20
+        budget = 3 * model_bytes + more / 100 * 2**20
+        grpc_streams = more * bare["bytes_per_open_stream"]
         row["coordinator_growth_over_smallest_bytes"] = grown
         row["growth_budget_bytes"] = int(budget)
         row["within_budget"] = grown <= budget
+        # What is left once gRPC's own cost of the extra open task streams is taken off.
+        row["grpc_open_streams_bytes"] = grpc_streams
+        row["growth_less_grpc_streams_bytes"] = grown - grpc_streams
+        row["within_budget_less_grpc_streams"] = grown - grpc_streams <= budget
         print(f"  {row['clients']:5d} vs {rows[0]['clients']} clients: the coordinator's added "
               f"memory (peak - before) grew {grown / 2**20:.1f} MiB (budget "
-              f"{budget / 2**20:.1f} MiB)", flush=True)
-    return rows
+              f"{budget / 2**20:.1f} MiB); gRPC's own {more} more open streams "
+              f"{grpc_streams / 2**20:.1f} MiB, the rest {(grown - grpc_streams) / 2**20:.1f} MiB",
+              flush=True)
+    return {"sizes": rows, "grpc_baseline": bare}
+
+
+# ------------------------------------------------------------------ (c) gRPC's own share
+
+BARE_SERVICE = "bench.BareStreams"
+
+
+async def _bare_server() -> None:
+    """A grpcio server with the coordinator's options and nothing of ours: each Open call
+    is held open as StreamTasks holds a task stream; Stats says how many and the RSS."""
+    import grpc
+    from fedkube.runtime.coordinator.server import GRPC_OPTIONS
+
+    opened, held = 0, asyncio.Event()
+
+    async def open_stream(request: bytes, context: Any):
+        nonlocal opened
+        opened += 1
+        try:
+            await held.wait()
+            yield b""
+        finally:
+            opened -= 1
+
+    async def stats(request: bytes, context: Any) -> bytes:
+        return json.dumps({"open": opened, "rss": _rss_of()}).encode()
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(BARE_SERVICE, {
+        "Open": grpc.unary_stream_rpc_method_handler(open_stream),
+        "Stats": grpc.unary_unary_rpc_method_handler(stats)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+async def _bare_clients(port: int, count: int) -> None:
+    """`count` streams, each on its own channel made as an agent makes its channel."""
+    import grpc
+    from fedkube.runtime.agent.client import GRPC_OPTIONS
+
+    calls = []
+    for _ in range(count):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        calls.append((channel, asyncio.ensure_future(
+            channel.unary_stream(f"/{BARE_SERVICE}/Open")(b"").read())))
+    await asyncio.Event().wait()
+
+
+async def _bare_stats(port: int) -> dict[str, int]:
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return json.loads(await channel.unary_unary(f"/{BARE_SERVICE}/Stats")(b""))
+
+
+def grpc_stream_baseline(sizes: list[int], *, processes: int = 2) -> dict[str, Any]:
+    """What gRPC itself keeps per open server stream: a bare grpcio server (the
+    coordinator's options) with 10, then N streams open from `processes` client
+    processes (agent channel options), as `fedkube run`'s agents hold their task
+    streams. Its RSS growth per stream is the part of (c) no code of ours allocates."""
+    import subprocess
+    import sys
+
+    child = [sys.executable, "-P", __file__]
+    server = subprocess.Popen([*child, "--bare-server-child"], stdout=subprocess.PIPE, text=True)
+    clients: list[subprocess.Popen] = []
+    rows = []
+    try:
+        port = int(server.stdout.readline())  # type: ignore[union-attr]
+        total = 0
+        for target in sizes:
+            more = target - total
+            for share in (more // processes + (i < more % processes) for i in range(processes)):
+                if share:
+                    clients.append(subprocess.Popen([*child, "--bare-clients-child",
+                                                     f"{port}:{share}"]))
+            total = target
+            deadline = time.monotonic() + 300
+            stats = asyncio.run(_bare_stats(port))
+            while stats["open"] < target:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {stats['open']} of {target} bare streams opened")
+                time.sleep(0.2)  # polling the child server for its count, with a deadline
+                stats = asyncio.run(_bare_stats(port))
+            rows.append({"streams": stats["open"], "rss_bytes": stats["rss"]})
+    finally:
+        for process in (*clients, server):
+            process.kill()
+            process.wait()
+    first, last = rows[0], rows[-1]
+    per_stream = (last["rss_bytes"] - first["rss_bytes"]) / (last["streams"] - first["streams"])
+    print(f"  bare grpcio server: {per_stream / 1024:.1f} KiB per open server stream "
+          f"({first['streams']} -> {last['streams']} streams)", flush=True)
+    return {"rows": rows, "bytes_per_open_stream": round(per_stream)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,7 +453,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.add_argument("--run-scale-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run-rounds", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-server-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-clients-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.bare_server_child:
+        asyncio.run(_bare_server())
+        return 0
+    if args.bare_clients_child:
+        port, count = args.bare_clients_child.split(":")
+        asyncio.run(_bare_clients(int(port), int(count)))
+        return 0
     if args.run_scale_child:  # one size of (c), in its own interpreter
         print(json.dumps(run_scale_once(args.run_scale_child, per_round=args.per_round,
                                         rounds=args.run_rounds)))
