@@ -90,9 +90,9 @@ def _config(compression: dict[str, Any]) -> CompressionConfig:
                              lossless=compression.get("lossless", "none"))
 
 
-def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repeats: int
-                ) -> tuple[float | None, float | None]:
-    """(encode, decode) MB of raw float32 per second, best of `repeats`."""
+def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repeats: int,
+                clock=time.perf_counter) -> tuple[float | None, float | None]:
+    """(encode, decode) MB of raw float32 per second, best of `repeats` by `clock`."""
     if not config.enabled:
         return None, None
     raw = sum(t.numel() * t.element_size() for t in delta.values()) / 1e6
@@ -101,26 +101,44 @@ def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repea
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _timed(config, delta, raw, repeats)
+        return _timed(config, delta, raw, repeats, clock)
     finally:
         torch.set_num_threads(threads)
 
 
 def _timed(config: CompressionConfig, delta: dict[str, torch.Tensor], raw: float,
-           repeats: int) -> tuple[float, float]:
+           repeats: int, clock) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     residual = {k: torch.zeros_like(v) for k, v in delta.items()} if config.error_feedback else None
     encode = decode = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         out = compress_update(delta, config, residual=residual, generator=rng)
-        encode = min(encode, time.perf_counter() - start)
-        start = time.perf_counter()
+        encode = min(encode, clock() - start)
+        start = clock()
         view = DecodedUpdate(out.parts, {k: tuple(v.shape) for k, v in delta.items()})
         for name in view:
             view[name].sum()
-        decode = min(decode, time.perf_counter() - start)
-    return raw / encode, raw / decode
+        decode = min(decode, clock() - start)
+    return raw / max(encode, 1e-9), raw / max(decode, 1e-9)
+
+
+def _copy_baseline(delta: dict[str, torch.Tensor], repeats: int) -> float:
+    """MB/s of cloning the same update, best of `repeats`: the machine's state in this
+    run (a loaded machine lowers it and the codec's figures alike)."""
+    raw = sum(t.numel() * t.element_size() for t in delta.values()) / 1e6
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the codec's figures
+    best = float("inf")
+    try:
+        for _ in range(repeats + 1):  # the first warms the allocator
+            start = time.perf_counter()
+            for tensor in delta.values():
+                tensor.clone()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return raw / best
 
 
 def _raw_path(repeats: int = 3) -> dict[str, float]:
@@ -169,20 +187,28 @@ def _throughput_table(settings: list[tuple[str, dict[str, Any], bool]],
     rows = []
     print(f"{args.model} delta of {sum(t.numel() for t in delta.values()):,} float32, "
           f"one torch thread, best of {args.repeats}")
-    print(f"{'setting':34} {'enc MB/s':>9} {'dec MB/s':>9}")
+    print("wall: best wall-clock time; cpu: best CPU time of this thread (what other "
+          "processes on a loaded machine do not take)")
+    print(f"{'setting':34} {'enc MB/s':>9} {'dec MB/s':>9} {'enc cpu':>9} {'dec cpu':>9}")
+    copy = _copy_baseline(delta, args.repeats)
     for name, compression, private in settings:
         if private:  # the codec does not know about DP: the same as the row without it
             continue
         encode, decode = _throughput(_config(compression), delta, repeats=args.repeats)
-        rows.append({"setting": name, "encode_mb_per_s": encode, "decode_mb_per_s": decode})
+        encode_cpu, decode_cpu = _throughput(_config(compression), delta,
+                                             repeats=args.repeats, clock=time.thread_time)
+        rows.append({"setting": name, "encode_mb_per_s": encode, "decode_mb_per_s": decode,
+                     "encode_cpu_mb_per_s": encode_cpu, "decode_cpu_mb_per_s": decode_cpu})
         if encode is not None and decode is not None:
-            print(f"{name:34} {encode:9.0f} {decode:9.0f}")
+            print(f"{name:34} {encode:9.0f} {decode:9.0f} {encode_cpu:9.0f} {decode_cpu:9.0f}")
+    print(f"{'baseline: clone the update':34} {copy:9.0f}")
     downlink = _downlink(args)
     print(f"\ndownlink, exact delta (XOR + byte shuffle) of a global model after a step of "
           f"{_STEP:g} x mean|w|, bytes vs fp32: "
           + ", ".join(f"{k} {v:.3f}" for k, v in downlink.items()))
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "throughput": rows,
+                                                 "clone_mb_per_s": copy,
                                                  "downlink_bytes_vs_fp32": downlink},
                                                 indent=2) + "\n")
         print(f"wrote {args.output}")

@@ -10,7 +10,10 @@ import pytest
 import torch
 from fedkube.runtime import wire
 from fedkube.runtime.coordinator.downlink import ModelDownlink, VersionStore, delta_base
+from fedkube.runtime.plan import plan_for
 from fedkube.runtime.proto import fedkube_pb2 as pb
+from fedkube.runtime.spec import ManifestError, parse_job
+from fedkube.runtime.wire import convert
 
 Weights = dict[str, torch.Tensor]
 
@@ -131,3 +134,23 @@ def test_the_assembler_refuses_a_delta_that_does_not_fit():
         assembler.add(message)
     with pytest.raises(wire.WireError, match="checksum"):
         assembler.finish()
+
+
+def _spec(**compression):
+    return parse_job({"apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+                      "metadata": {"name": "d"},
+                      "spec": {"model": "mlp", "data": {"dataset": "digits"},
+                               "compression": compression}}).spec
+
+
+def test_the_spec_field_reaches_the_agent_and_refuses_nonsense_by_name():
+    assert _spec().compression.downlink == "none"
+    spec = _spec(downlink="delta")
+    plan = convert.plan_from_pb(convert.plan_to_pb(plan_for(
+        spec, round=1, model_version=0, now=0.0, client_parameters={})))
+    assert plan.compression.downlink == "delta"
+    # The delta is framed even when uploads are not (an unframed XOR is model-sized).
+    assert spec.compression.downlink_lossless == "zstd"
+    assert _spec(downlink="delta", lossless="lz4").compression.downlink_lossless == "lz4"
+    with pytest.raises(ManifestError, match="spec.compression.downlink"):
+        _spec(downlink="xor")
