@@ -336,17 +336,17 @@ class Agent:
         change from the model held; a delta that does not apply (corrupted, or from a
         version other than the one held) is refused and the whole model asked for."""
         held = self.held_model if plan.compression.downlink == "delta" else None
-        self.held_model = None
         try:
             version, weights = await self._fetch(stub, plan, held)
         except wire.WireError as error:
             if held is None:
                 raise
+            self.held_model = None  # it no longer matches any version the coordinator has
             log.warning("round %d: refusing the model delta from version %d (%s); asking "
                         "for the whole model", plan.round, held[0], error)
             version, weights = await self._fetch(stub, plan, None)
-        if plan.compression.downlink == "delta":
-            self.held_model = (version, weights)
+        # Kept only while deltas are on: otherwise the copy is memory for nothing.
+        self.held_model = (version, weights) if plan.compression.downlink == "delta" else None
         return version, weights
 
     async def _fetch(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan,
