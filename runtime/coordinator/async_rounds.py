@@ -33,6 +33,7 @@ from ..spec import FederatedJob
 from . import checkpoint
 from .engine import RoundEngine, Weights
 from .events import RoundRecord, UpdateAccepted
+from .inbox import Inbox
 from .policy import Verdict
 from .registry import Client
 from .selection import candidate_of, choose, record_choices
@@ -112,7 +113,7 @@ class AsyncEngine(RoundEngine):
 
     # ------------------------------------------------------------ client calls
 
-    def open_stream(self, node_id: str) -> asyncio.Queue[Task]:
+    def open_stream(self, node_id: str) -> Inbox[Task]:
         queue = super().open_stream(node_id)
         out = self.in_flight.get(node_id)
         if out is not None:  # reconnected while training: its task again
@@ -120,7 +121,7 @@ class AsyncEngine(RoundEngine):
         self.wake.set()
         return queue
 
-    def close_stream(self, node_id: str, queue: asyncio.Queue[Task]) -> None:
+    def close_stream(self, node_id: str, queue: Inbox[Task]) -> None:
         super().close_stream(node_id, queue)
         self.wake.set()
 

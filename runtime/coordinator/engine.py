@@ -71,6 +71,7 @@ from .events import (
     UpdateRefused,
     on_round_closed,
 )
+from .inbox import Inbox
 from .job_status import StatusBook
 from .local_work import plan_local_work
 from .policy import JobPolicy, Verdict
@@ -311,11 +312,11 @@ class RoundEngine:
         self.book.publish_client(client)
         return HeartbeatAck(job_running=self.job_running(), round=self.round)
 
-    def open_stream(self, node_id: str) -> asyncio.Queue[Task]:
+    def open_stream(self, node_id: str) -> Inbox[Task]:
         """A fresh task queue for a node's stream: tasks queued for a dead stream must
         not leak into a new one. A client reconnecting mid-round gets its task again."""
         client = self._client(node_id)
-        client.tasks = asyncio.Queue()
+        client.tasks = Inbox()
         client.streaming = True
         self.registry.changed.set()
         again = self.open_round.task_for(node_id) if self.open_round else None
@@ -323,7 +324,7 @@ class RoundEngine:
             client.tasks.put_nowait(again)
         return client.tasks
 
-    def close_stream(self, node_id: str, queue: asyncio.Queue[Task]) -> None:
+    def close_stream(self, node_id: str, queue: Inbox[Task]) -> None:
         client = self.registry.get(node_id)
         if client is None or client.tasks is not queue:
             return  # a newer stream of the same node took over

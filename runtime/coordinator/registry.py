@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 
 from ..messages import Registration, Task
 from ..spec import ClientNodeSpec, ClientNodeStatus, ClientPhase, Device, Hardware, PrivacySpent
+from .inbox import Inbox
 
 
-@dataclass
+# slots: a thousand clients' records without a __dict__ each (bench/heterogeneity.py (c)).
+@dataclass(slots=True)
 class Client:
     node_id: str
     spec: ClientNodeSpec
     simulated_index: int | None
     last_seen: float
-    tasks: asyncio.Queue[Task] = field(default_factory=asyncio.Queue)
+    tasks: Inbox[Task] = field(default_factory=Inbox)
     streaming: bool = False
     state: str = "idle"
     rounds_participated: int = 0
