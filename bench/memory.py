@@ -9,9 +9,10 @@ update kept in a list, then flwr's `aggregate()` (framework/py/flwr/server/strat
 aggregate.py) scales a copy of each by its sample count and sums them: about 2 x N
 models at the peak (Flower also keeps each update's serialised bytes until then, so
 this baseline is, if anything, kind to it). Uploads are assembled `--concurrency` at a
-time, interleaved chunk by chunk, as the coordinator's upload slots allow
-(`admission.concurrentUploads`, default runtime/coordinator/uploads.py ASSEMBLING = 4;
-`--concurrency 1` is the setting that bounds the coordinator to about 3x the model).
+time, interleaved chunk by chunk, into reused buffers (`wire.BufferPool`), as the
+coordinator's upload slots allow (`admission.concurrentUploads`; unset, as here by
+default, runtime/coordinator/uploads.py `assembling_slots` gives a fedavg round of a
+float32 model one: the setting that bounds the coordinator to about 3x the model).
 Each row's `peak_memory_over_model` is the peak added over the model's bytes. Both sides must produce the same mean; the script
 checks that they do.
 
@@ -51,12 +52,13 @@ import numpy as np
 import torch
 from fedkube.runtime import wire
 from fedkube.runtime.aggregation import AggregationConfig, RoundAggregator
-from fedkube.runtime.coordinator.uploads import ASSEMBLING
+from fedkube.runtime.coordinator.uploads import assembling_slots
 from torch import nn
 
 MB = 1 << 20
-# The coordinator assembles this many uploads at once (coordinator/uploads.py).
-UPLOAD_SLOTS = ASSEMBLING
+# The coordinator assembles this many uploads at once by default (coordinator/uploads.py):
+# beside fedavg's float64 running sum, two bytes of sum per byte of float32 model.
+UPLOAD_SLOTS = assembling_slots(model_bytes=1 << 20, sum_bytes=2 << 20)
 # Distinct client updates encoded up front and reused round-robin: the coordinator's
 # work per update is the same, and set-up stays small next to what is measured.
 DISTINCT_UPDATES = 4
@@ -145,9 +147,10 @@ def _assembled(encoded: Sequence[list], schema: wire.Schema, clients: range,
                concurrency: int) -> Iterator[tuple[int, Weights]]:
     """Each client's update as the coordinator's servicer rebuilds it, `concurrency`
     uploads in flight at a time."""
+    pool = wire.BufferPool(max_bytes=sum(spec.nbytes for spec in schema.values()))
     for start in range(clients.start, clients.stop, concurrency):
         group = list(range(start, min(start + concurrency, clients.stop)))
-        assemblers = [wire.TensorAssembler(schema) for _ in group]
+        assemblers = [wire.TensorAssembler(schema, pool=pool) for _ in group]
         for slot, chunk in _interleaved([encoded[c % len(encoded)] for c in group]):
             assemblers[slot].add(chunk)  # type: ignore[arg-type]
         for client, assembler in zip(group, assemblers, strict=True):

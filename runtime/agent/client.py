@@ -100,10 +100,21 @@ def _channel(config: AgentConfig) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
 
 
-def _stub(channel: grpc.aio.Channel) -> pb_grpc.CoordinatorStub:
+#: Where downloaded models are received, shared by the agents of this process: one
+#: model's worth of memory stays mapped between rounds instead of being faulted in afresh
+#: by every download (runtime/wire/buffers.py).
+DOWNLOAD_BUFFERS = wire.BufferPool(max_bytes=0)
+
+
+def coordinator_stub(channel: grpc.aio.Channel) -> pb_grpc.CoordinatorStub:
     """The generated stub, except for the two calls whose chunks travel pre-serialised
-    (wire.serialized_update_chunks): the plain update and the masked input."""
+    (wire.serialized_update_chunks), the plain update and the masked input, and GetModel,
+    whose chunks are parsed without copying their payload (wire.parse_tensor_chunk)."""
     stub = pb_grpc.CoordinatorStub(channel)
+    stub.GetModel = channel.unary_stream(
+        "/fedkube.v1.Coordinator/GetModel",
+        request_serializer=pb.GetModelRequest.SerializeToString,
+        response_deserializer=wire.parse_tensor_chunk)
     stub.SubmitUpdate = channel.stream_unary(
         "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
         response_deserializer=pb.SubmitReply.FromString)
@@ -165,7 +176,7 @@ class Agent:
         while True:
             try:
                 async with _channel(self.config) as channel:
-                    stub = _stub(channel)
+                    stub = coordinator_stub(channel)
                     await self._register(stub)
                     backoff = 0.5
                     await self._serve(stub)
@@ -282,14 +293,16 @@ class Agent:
             network = self.config.network
             downlink = _Link(network.downlink_bits_per_second if network else None,
                              network.latency_seconds if network else 0.0)
-            assembler = wire.TensorAssembler(self.trainer.schema)
+            schema = self.trainer.schema
+            DOWNLOAD_BUFFERS.allow(sum(spec.nbytes for spec in schema.values()))
+            assembler = wire.TensorAssembler(schema, pool=DOWNLOAD_BUFFERS)
             # The version this update is built on: under strategy.mode async the
             # coordinator serves its newest model, which may be newer than the task's.
             version = plan.model_version
             async for chunk in stub.GetModel(pb.GetModelRequest(
                     node_id=self.node_id, model_version=plan.model_version),
                     metadata=self._metadata()):
-                await downlink.pace(chunk.ByteSize())
+                await downlink.pace(chunk.nbytes)
                 version = chunk.model_version
                 assembler.add(chunk)
             global_weights = dict(assembler.finish())

@@ -88,13 +88,16 @@ from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .traffic import traffic
-from .uploads import UploadGuard
+from .uploads import UploadGuard, assembling_slots
 
 if TYPE_CHECKING:
     from .central_dp import CentralDP
     from .metrics import CoordinatorMetrics
 
 __all__ = ["RoundEngine", "RoundRecord"]
+
+#: Bytes per parameter of a folding round's running sum (aggregation.weighted: float64).
+ACCUMULATOR_BYTES = 8
 
 log = logging.getLogger("fedkube.coordinator")
 
@@ -144,10 +147,6 @@ class RoundEngine:
         self.bounds = UpdateBounds(admission.model_copy(
             update={"max_update_norm": None, "norm_bound_factor": None})
             if self.spec.privacy.mode == "central" else admission)
-        # Uploads being assembled are bounded (memory); stalled ones are cut off.
-        self.uploads = UploadGuard(slots=admission.concurrent_uploads,
-                                   idle_seconds=admission.upload_idle_seconds,
-                                   total_seconds=admission.upload_timeout_seconds)
         self.book = StatusBook(job=self.name, spec=self.spec, registry=self.registry,
                                events=self.events)
         self.status = self.book.status
@@ -172,6 +171,10 @@ class RoundEngine:
         self.round = 0
         self.history: list[RoundRecord] = []
         self.aggregation = aggregation_config(self.spec.strategy)
+        # Uploads being assembled are bounded (memory); stalled ones are cut off.
+        self.uploads = UploadGuard(slots=self._upload_slots(),
+                                   idle_seconds=admission.upload_idle_seconds,
+                                   total_seconds=admission.upload_timeout_seconds)
         self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.aggregation))
         self.selection = selection_config(self.spec)
         self.dropout_estimate = self.spec.simulation.dropout
@@ -729,6 +732,18 @@ class RoundEngine:
 
     def _live_ids(self) -> set[str]:
         return {c.node_id for c in self.registry.live()}
+
+    def _upload_slots(self) -> int:
+        """admission.concurrentUploads, or when unset as many as the memory budget allows
+        beside the running sum (float64: ACCUMULATOR_BYTES per parameter) of a rule that
+        folds; robust rules buffer every update, so the uploads do not set their memory."""
+        chosen = self.spec.admission.concurrent_uploads
+        if chosen is not None:
+            return chosen
+        folds = not rule_for(self.aggregation.rule).buffered
+        parameters = sum(t.numel() for t in self.weights.values())
+        return assembling_slots(model_bytes=self.model_bytes,
+                                sum_bytes=parameters * ACCUMULATOR_BYTES if folds else None)
 
     def job_running(self) -> bool:
         return self.status.phase not in TERMINAL_PHASES

@@ -110,6 +110,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, engine: RoundEngine, *, client_certificates: bool = False) -> None:
         self.engine = engine
         self.model = ModelChunks()
+        # Uploads are received into memory the previous one left mapped (one model's
+        # worth kept spare): fresh pages cost an upload more than copying it does.
+        self.upload_buffers = wire.BufferPool(max_bytes=0)
         # mTLS: the client certificate's CN is the node id (see identity.py).
         self.client_certificates = client_certificates
 
@@ -196,7 +199,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.engine.record_refusal(header)
             return pb.SubmitReply(accepted=True, message="refusal recorded")
         async with self.engine.uploads.slot(header.node_id):
-            assembler = wire.TensorAssembler(self.engine.schema)
+            schema = self.engine.schema
+            self.upload_buffers.allow(sum(spec.nbytes for spec in schema.values()))
+            assembler = wire.TensorAssembler(schema, pool=self.upload_buffers)
             try:
                 async for part in self.engine.uploads.rest(chunks):
                     if not part.HasField("tensor"):

@@ -2,14 +2,17 @@
 
 - `tensors`: tensors split into chunks under gRPC's message limit and reassembled with
   every check the coordinator relies on.
+- `buffers`: reused destinations for received tensors (no fresh pages per transfer).
 - `convert`: every translation between protobuf messages and the domain types that the
   coordinator and the agent work with.
 """
 
+from .buffers import BufferPool
 from .tensors import (
     CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     ReceivedChunk,
+    ReceivedTensor,
     Schema,
     TensorAssembler,
     TensorSpec,
@@ -17,6 +20,7 @@ from .tensors import (
     dtype_name,
     encoded_size,
     from_chunks,
+    parse_tensor_chunk,
     parse_update_chunk,
     schema_of,
     serialize,
@@ -30,7 +34,9 @@ from .tensors import (
 __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "BufferPool",
     "ReceivedChunk",
+    "ReceivedTensor",
     "Schema",
     "TensorAssembler",
     "TensorSpec",
@@ -38,6 +44,7 @@ __all__ = [
     "dtype_name",
     "encoded_size",
     "from_chunks",
+    "parse_tensor_chunk",
     "parse_update_chunk",
     "schema_of",
     "serialize",
