@@ -1,7 +1,9 @@
 """The coordinator's memory does not grow with the number of clients.
 
 Part 1 folds N client updates of a model of M bytes through the coordinator's own
-aggregation path — each update arrives as `wire.to_chunks` messages, is rebuilt by a
+aggregation path — each update arrives as the encoded SubmitUpdate messages an agent
+sends (`wire.serialized_update_chunks`), parsed as the servicer parses them
+(`wire.parse_update_chunk`: payloads stay views of the message bytes), is rebuilt by a
 `wire.TensorAssembler` and folded into a fedavg `RoundAggregator` — and measures the
 peak resident memory that adds, for N = 10, 100, 1000. The baseline, measured in the
 same run on the same chunk streams, aggregates the way Flower does: every received
@@ -152,7 +154,7 @@ def _assembled(encoded: Sequence[list], schema: wire.Schema, clients: range,
         group = list(range(start, min(start + concurrency, clients.stop)))
         assemblers = [wire.TensorAssembler(schema, pool=pool) for _ in group]
         for slot, chunk in _interleaved([encoded[c % len(encoded)] for c in group]):
-            assemblers[slot].add(chunk)  # type: ignore[arg-type]
+            assemblers[slot].add(wire.parse_update_chunk(chunk))  # type: ignore[arg-type]
         for client, assembler in zip(group, assemblers, strict=True):
             yield client, assembler.finish()
 
@@ -203,14 +205,15 @@ def fingerprint(weights: Weights) -> float:
 def measure_fold(path: str, *, clients: int, model_bytes: int, concurrency: int) -> dict:
     layout = synthetic_layout(model_bytes)
     template = synthetic_weights(layout, seed=0, scale=0.1)
-    encoded = [list(wire.to_chunks(synthetic_weights(layout, seed=1 + k, scale=0.01)))
+    encoded = [list(wire.serialized_update_chunks(synthetic_weights(layout, seed=1 + k,
+                                                                    scale=0.01)))
                for k in range(DISTINCT_UPDATES)]
     fold = {"fedkube": fold_fedkube, "flower": fold_flower_style}[path]
     # A fold of a tiny model first, unmeasured: the fold's kernels are compiled (numba)
     # once per process, and that compiler's memory is not the round's. (Tiny, so that it
     # leaves no freed heap of the model's size for the measured fold to reuse.)
     tiny = synthetic_layout(64 << 10)
-    fold([list(wire.to_chunks(synthetic_weights(tiny, seed=1, scale=0.01)))],
+    fold([list(wire.serialized_update_chunks(synthetic_weights(tiny, seed=1, scale=0.01)))],
          synthetic_weights(tiny, seed=0, scale=0.1), 2, concurrency)
     gc.collect()
     with PeakMemory() as peak:
