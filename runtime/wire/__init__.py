@@ -5,9 +5,12 @@
 - `buffers`: reused destinations for received tensors (no fresh pages per transfer).
 - `convert`: every translation between protobuf messages and the domain types that the
   coordinator and the agent work with.
+- `downlink`: the global model on GetModel's wire with tensors as deltas from the
+  version the agent holds.
 """
 
 from .buffers import BufferPool
+from .downlink import ModelAssembler, serialized_model_chunks
 from .tensors import (
     CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
@@ -35,6 +38,7 @@ __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
     "BufferPool",
+    "ModelAssembler",
     "ReceivedChunk",
     "ReceivedTensor",
     "Schema",
@@ -49,6 +53,7 @@ __all__ = [
     "schema_of",
     "serialize",
     "serialized_chunks",
+    "serialized_model_chunks",
     "serialized_update_chunks",
     "to_chunks",
     "to_compressed_update_chunks",
