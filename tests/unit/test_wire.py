@@ -185,6 +185,25 @@ def test_model_chunks_parse_without_copying_and_keep_every_check() -> None:
         wire.parse_tensor_chunk(cut)
 
 
+def test_model_deltas_assemble_from_zero_copy_chunks_into_pooled_buffers() -> None:
+    from fedkube.runtime.compression.downlink import model_delta
+
+    old = {"w": torch.randn(64, 64), "b": torch.randn(64), "steps": torch.tensor(3)}
+    new = {name: t + 1 for name, t in old.items()}
+    parts = {"w": model_delta(old, new)["w"], "b": new["b"], "steps": new["steps"]}
+    pool = wire.BufferPool(max_bytes=1 << 20)
+    for _ in range(2):  # the second time from the first one's buffers
+        assembler = wire.ModelAssembler(wire.schema_of(old), held=old, held_version=7,
+                                        pool=pool)
+        for data in wire.serialized_model_chunks(parts, model_version=8, base_version=7,
+                                                 chunk_bytes=1024):
+            assembler.add(wire.parse_tensor_chunk(data))
+        back = assembler.finish()
+        assert all(torch.equal(back[name], t) for name, t in new.items())
+        del back, assembler
+    assert pool.reused == 2  # the two raw tensors; the delta's result is its own
+
+
 def test_pooled_memory_is_reused_only_once_nothing_uses_it() -> None:
     pool = wire.BufferPool(max_bytes=1 << 20)
     weights = {"w": torch.randn(64, 64), "b": torch.randn(64)}
