@@ -11,10 +11,10 @@ update kept in a list, then flwr's `aggregate()` (framework/py/flwr/server/strat
 aggregate.py) scales a copy of each by its sample count and sums them: about 2 x N
 models at the peak (Flower also keeps each update's serialised bytes until then, so
 this baseline is, if anything, kind to it). Uploads are assembled `--concurrency` at a
-time, interleaved chunk by chunk, into reused buffers (`wire.BufferPool`), as the
-coordinator's upload slots allow (`admission.concurrentUploads`; unset, as here by
-default, runtime/coordinator/uploads.py `assembling_slots` gives a fedavg round of a
-float32 model one: the setting that bounds the coordinator to about 3x the model).
+time, interleaved chunk by chunk, as the coordinator's upload slots allow
+(`admission.concurrentUploads`; unset, as here by default, runtime/coordinator/uploads.py
+`assembling_slots` gives a fedavg round of a float32 model one: the setting that bounds
+the coordinator to about 3x the model).
 Each row's `peak_memory_over_model` is the peak added over the model's bytes. Both sides must produce the same mean; the script
 checks that they do.
 
@@ -149,10 +149,9 @@ def _assembled(encoded: Sequence[list], schema: wire.Schema, clients: range,
                concurrency: int) -> Iterator[tuple[int, Weights]]:
     """Each client's update as the coordinator's servicer rebuilds it, `concurrency`
     uploads in flight at a time."""
-    pool = wire.BufferPool(max_bytes=sum(spec.nbytes for spec in schema.values()))
     for start in range(clients.start, clients.stop, concurrency):
         group = list(range(start, min(start + concurrency, clients.stop)))
-        assemblers = [wire.TensorAssembler(schema, pool=pool) for _ in group]
+        assemblers = [wire.TensorAssembler(schema) for _ in group]
         for slot, chunk in _interleaved([encoded[c % len(encoded)] for c in group]):
             assemblers[slot].add(wire.parse_update_chunk(chunk))  # type: ignore[arg-type]
         for client, assembler in zip(group, assemblers, strict=True):

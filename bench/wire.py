@@ -5,8 +5,7 @@ A coordinator-shaped gRPC server runs in its own process on 127.0.0.1: the `Coor
 service's `GetModel` and `SubmitUpdate` with the coordinator's GRPC_OPTIONS, serving the
 model as the engine does (its chunk messages built once per model version) and taking an
 update as the servicer does (an UpdateHeader, then every chunk through `TensorAssembler`
-with all its checks: names, shapes, dtypes, sizes, order, oversize, finite values, into
-the servicer's reused buffers). The client, in this process with the agent's
+with all its checks: names, shapes, dtypes, sizes, order, oversize, finite values). The client, in this process with the agent's
 GRPC_OPTIONS and stub, downloads the model into a `TensorAssembler` (the agent's reused
 buffers) and uploads it with `serialized_update_chunks`. The figure counts payload bytes over
 wall time from the call to the assembled, checked tensors (or the server's reply).
@@ -83,7 +82,6 @@ def serve(port_queue: Any, stop: Any, chunk_bytes: int, glibc_defaults: bool) ->
     model_chunks = list(wire.serialized_chunks(weights, model_version=1,
                                                chunk_bytes=chunk_bytes))
     raw = _raw_payload(weights, chunk_bytes)
-    buffers = wire.BufferPool(max_bytes=wire.encoded_size(weights))  # as the servicer's
 
     class Coordinator(pb_grpc.CoordinatorServicer):
         async def GetModel(self, request: pb.GetModelRequest,
@@ -97,7 +95,7 @@ def serve(port_queue: Any, stop: Any, chunk_bytes: int, glibc_defaults: bool) ->
             first = await anext(iterator)
             if not first.HasField("header"):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no UpdateHeader")
-            assembler = wire.TensorAssembler(schema, pool=buffers)
+            assembler = wire.TensorAssembler(schema)
             try:
                 async for part in iterator:
                     assembler.add(part)  # a wire.ReceivedChunk, as the coordinator's

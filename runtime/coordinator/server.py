@@ -98,9 +98,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         compression = engine.spec.compression
         self.model = ModelDownlink(deltas=compression.downlink == "delta",
                                    lossless=compression.downlink_lossless)
-        # Uploads are received into memory the previous one left mapped (one model's
-        # worth kept spare): fresh pages cost an upload more than copying it does.
-        self.upload_buffers = wire.BufferPool(max_bytes=0)
         # mTLS: the client certificate's CN is the node id (see identity.py).
         self.client_certificates = client_certificates
 
@@ -190,9 +187,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.engine.record_refusal(header)
             return pb.SubmitReply(accepted=True, message="refusal recorded")
         async with self.engine.uploads.slot(header.node_id):
-            schema = self.engine.schema
-            self.upload_buffers.allow(sum(spec.nbytes for spec in schema.values()))
-            assembler = wire.TensorAssembler(schema, pool=self.upload_buffers)
+            # Fresh memory, not a BufferPool's: a spare upload kept mapped would sit beside
+            # the running sum and the round's mean at close, 4x the model instead of 3x.
+            assembler = wire.TensorAssembler(self.engine.schema)
             try:
                 async for part in self.engine.uploads.rest(chunks):
                     if not part.HasField("tensor"):

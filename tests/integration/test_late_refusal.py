@@ -1,7 +1,6 @@
-"""An update refused by its last chunk leaves the global model as it was, and the memory
-it was received into (reused for the next upload: runtime/wire/buffers.py) carries
-nothing of it into the next update. A real coordinator over gRPC on 127.0.0.1; each
-upload travels in many small chunks so that the fault sits far from the first."""
+"""An update refused by its last chunks leaves the global model as it was and carries
+nothing into the next update. A real coordinator over gRPC on 127.0.0.1; each upload
+travels in many small chunks so that the fault sits far from the first."""
 
 from __future__ import annotations
 
@@ -63,7 +62,7 @@ async def _scenario() -> dict[str, object]:
         pieces[late].tensor.offset = 0
         seen["order"] = await _send(bad_tail, pieces)
         seen["order:untouched"] = coordinator.untouched()
-        # The honest update, received into the memory the refused ones were written to.
+        # The honest update, after both refusals.
         seen["honest"] = await _send(honest, _pieces(honest, filled(weights, 0.5)))
         status = await finish(coordinator, nan_tail, bad_tail, honest)
     seen.update(phase=status.phase.value, moved=coordinator.moved())
