@@ -29,7 +29,9 @@ class BufferPool:
         self.max_bytes = max_bytes
         self._spare: dict[int, list[np.ndarray]] = {}
         self._spare_bytes = 0
-        self._lock = threading.Lock()  # returns come from whichever thread drops a tensor
+        # Returns come from whichever thread drops a tensor, and from the garbage
+        # collector, which may run inside a locked section (re-entrant for that).
+        self._lock = threading.RLock()
         self.reused = 0  # buffers handed out again rather than allocated
 
     @property
