@@ -131,6 +131,11 @@ class RoundAggregator:
         return len(self._buffer)
 
     @property
+    def held(self) -> int:
+        """How many accepted deltas wait, by reference, for the next fold (`hold`)."""
+        return self._sum.held if isinstance(self._sum, WeightedSum) else 0
+
+    @property
     def node_ids(self) -> tuple[str, ...]:
         """Who contributed, in arrival order."""
         return tuple(self._nodes)
@@ -203,6 +208,13 @@ class RoundAggregator:
         self._stats.append(anomaly.with_norm(sent, stats.norm, self._reference,
                                              self._reference_norm))
         return stats
+
+    def flush(self) -> None:
+        """Fold the deltas `hold` keeps waiting, now, together: a caller that takes several
+        waiting deltas at once adds them all and then flushes, so the sum is read and
+        written once for the lot. Nothing to do for rules that keep no held deltas."""
+        if isinstance(self._sum, WeightedSum):
+            self._sum.flush()
 
     def finish(self) -> AggregateOutcome:
         """Aggregate what arrived. Once only; frees the buffer.

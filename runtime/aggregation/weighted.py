@@ -180,8 +180,17 @@ class WeightedSum:
         self._flush()
         return {meta.name: self._mean_of(meta.name, meta.dtype) for meta in self._layout}
 
+    @property
+    def held(self) -> int:
+        """How many accepted updates wait, by reference, to be folded."""
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Fold the held updates into the sum now, in arrival order, in one pass over it
+        (eight at a time), and drop the references to them. A no-op when none are held."""
+        self._flush()
+
     def _flush(self) -> None:
-        """Fold the held updates into the sum, in arrival order."""
         pending, self._pending = self._pending, []
         if not pending:
             return
