@@ -48,6 +48,16 @@ def _sum_of_squares(x: np.ndarray) -> float:
     return total
 
 
+@_jit(fastmath={"reassoc", "contract"})
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    # Reassociated like `_sum_of_squares`: an inner product for a cosine needs no fixed
+    # order, and float32 products cannot overflow float64.
+    total = 0.0
+    for i in range(x.size):
+        total += np.float64(x[i]) * np.float64(y[i])
+    return total
+
+
 @_jit
 def _divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:
     for i in range(acc.size):
@@ -96,6 +106,14 @@ def _fold8(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: 
 def sum_of_squares(x: np.ndarray) -> float:
     """The sum of squares of a flat float32 array, in float64 (NaN/Inf if it holds one)."""
     return float(_sum_of_squares(x))
+
+
+def dot(x: np.ndarray, y: np.ndarray) -> float:
+    """The inner product of two flat float32 arrays of one length, in float64, with no
+    float64 copy of either."""
+    if x.shape != y.shape:
+        raise ValueError(f"arrays of {x.size} and {y.size} values")
+    return float(_dot(x, y))
 
 
 def divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:

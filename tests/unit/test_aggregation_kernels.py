@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fedkube.runtime.aggregation import RoundAggregator, WeightedSum
-from fedkube.runtime.aggregation._kernels import fold_group, sum_of_squares
+from fedkube.runtime.aggregation._kernels import dot, fold_group, sum_of_squares
 from fedkube.runtime.aggregation.catalog import AggregationConfig
 
 SIZE = 5_003  # not a multiple of anything the loops unroll by
@@ -104,6 +104,10 @@ def test_kernels_against_numpy() -> None:
     assert np.array_equal(acc, expected)
     squares = float(np.sum(xs[0].astype(np.float64) ** 2))
     assert sum_of_squares(xs[0]) == pytest.approx(squares, rel=1e-12)
+    inner = float(np.dot(xs[0].astype(np.float64), xs[1].astype(np.float64)))
+    assert dot(xs[0], xs[1]) == pytest.approx(inner, rel=1e-12)
+    with pytest.raises(ValueError, match="arrays of 5003 and 5002 values"):
+        dot(xs[0], xs[1][1:])
     xs[0][17] = np.inf
     assert not np.isfinite(sum_of_squares(xs[0]))
     with pytest.raises(ValueError, match="7 arrays but 6 weights"):
