@@ -23,6 +23,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba import typed
 
 
 def _jit(function: Callable[..., Any] | None = None, **options: Any) -> Any:
@@ -143,17 +144,17 @@ def fold_group(acc: np.ndarray, xs: Sequence[np.ndarray], weights: Sequence[floa
 
 
 @_jit
-def _order_block(block: np.ndarray, count: int, network: np.ndarray, ranks: np.ndarray,
-                 out: np.ndarray) -> None:
+def _order_block(block: np.ndarray, count: int, columns: int, network: np.ndarray,
+                 ranks: np.ndarray, wires: np.ndarray, total: np.ndarray, out: np.ndarray) -> None:
     # Each comparator writes the min and max of two wires' rows into two spare rows,
     # which become those wires (the old rows become the spares): every store is then
     # unconditional. Updating in place lets LLVM turn the store of an unchanged value
     # into a masked store, which AMD's Zen cores run several times slower. Min and max
     # only move values, so each column keeps its values exactly.
-    wires = np.arange(count)
+    for w in range(count):
+        wires[w] = w
     spare_low = count
     spare_high = count + 1
-    columns = block.shape[1]
     for c in range(network.shape[0]):
         low = network[c, 0]
         high = network[c, 1]
@@ -171,7 +172,6 @@ def _order_block(block: np.ndarray, count: int, network: np.ndarray, ranks: np.n
         spare_high, wires[high] = wires[high], spare_high
     # Row by row (contiguous, vectorised), each column's sum still in rank order.
     kept = ranks.size
-    total = np.empty(columns, dtype=np.float64)
     first = block[wires[ranks[0]]]
     for j in range(columns):
         total[j] = np.float64(first[j])
@@ -183,10 +183,38 @@ def _order_block(block: np.ndarray, count: int, network: np.ndarray, ranks: np.n
         out[j] = np.float32(total[j] / kept)
 
 
-def order_block(block: np.ndarray, network: np.ndarray, ranks: np.ndarray, out: np.ndarray) -> None:
-    """Apply the comparators ``network`` (int64 ``[m, 2]``: low, high wires) to every
-    column of the first ``n`` rows of ``block`` (float32 ``[n + 2, columns]``: two spare
-    rows; its contents are scrambled), then write to ``out`` (float32 ``[columns]``) each
-    column's mean of the wires ``ranks`` (int64), summed in float64 in that order and
-    rounded once."""
-    _order_block(block, block.shape[0] - 2, network, ranks, out)
+@_jit
+def _order_columns(sources: Any, network: np.ndarray, ranks: np.ndarray, out: np.ndarray,
+                   width: int) -> bool:
+    count = len(sources)
+    block = np.empty((count + 2, width), dtype=np.float32)
+    wires = np.empty(count, dtype=np.int64)
+    total = np.empty(width, dtype=np.float64)
+    # x - x is 0 for every finite x and NaN for NaN and +-Inf: one add per value, in the
+    # copy that brings it into the slice anyway, tells whether every value was finite.
+    poison = np.zeros(width, dtype=np.float32)
+    size = out.size
+    for start in range(0, size, width):
+        columns = min(width, size - start)
+        for r in range(count):
+            source = sources[r]
+            row = block[r]
+            for j in range(columns):
+                value = source[start + j]
+                row[j] = value
+                poison[j] += value - value
+        _order_block(block, count, columns, network, ranks, wires, total, out[start:])
+    for j in range(width):
+        if poison[j] != 0:  # NaN compares unequal to everything
+            return False
+    return True
+
+
+def order_columns(sources: Sequence[np.ndarray], network: np.ndarray, ranks: np.ndarray,
+                  out: np.ndarray, width: int) -> bool:
+    """For every column of the rows `sources` (flat float32 arrays as long as `out`),
+    `width` columns at a time: apply the comparators `network` (int64 ``[m, 2]``: low,
+    high wires), then write to `out` (float32) the column's mean of the wires `ranks`
+    (int64), summed in float64 in that order and rounded once. False when some source
+    holds NaN or Inf (then `out` means nothing)."""
+    return bool(_order_columns(typed.List(sources), network, ranks, out, int(width)))
