@@ -31,8 +31,10 @@ from ._tensors import ACCUMULATOR_DTYPE, TensorMeta, cast_back
 SLICE = 1 << 13
 """Columns per slice: n rows of 8192 float32 values (1.6 MB for 50 updates) stay in cache."""
 
-COMPILED_SLICE = 1 << 12
-"""Columns per slice of the compiled path (float32): 800 KB for 50 updates, in L2."""
+COMPILED_SLICE = 1 << 8
+"""Columns per slice of the compiled path (float32): 52 KB for 50 updates, about L1's
+size, so each comparator's loads and stores hit L1 (4096 columns, in L2, were 1.2x
+slower at 50 x 11.7M: bench/README.md)."""
 
 Comparator = tuple[int, int]
 
