@@ -33,16 +33,25 @@ def _check_steps(steps: int) -> int:
 class NormalizedSum:
     """FedNova's running sum: O(model) memory however many clients report. A delta of
     `steps` local steps goes into a `WeightedSum` with weight `weight / steps`; the mean
-    is rescaled once at the end, so no delta is ever copied."""
+    is rescaled once at the end, so no delta is ever copied. `hold` as for `WeightedSum`."""
 
-    def __init__(self, template: Mapping[str, Tensor]) -> None:
-        self._sum = WeightedSum(template)
+    def __init__(self, template: Mapping[str, Tensor], *, hold: int = 0) -> None:
+        self._sum = WeightedSum(template, hold=hold)
         self._weight = 0.0  # sum of n_i
         self._step_weight = 0.0  # sum of n_i * tau_i
 
     @property
     def count(self) -> int:
         return self._sum.count
+
+    @property
+    def held(self) -> int:
+        """Accepted deltas waiting for the next pass over the sum (`WeightedSum.held`)."""
+        return self._sum.held
+
+    def flush(self) -> None:
+        """Fold the held deltas now (`WeightedSum.flush`)."""
+        self._sum.flush()
 
     @property
     def effective_steps(self) -> float:

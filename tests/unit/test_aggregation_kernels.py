@@ -112,3 +112,24 @@ def test_kernels_against_numpy() -> None:
     assert not np.isfinite(sum_of_squares(xs[0]))
     with pytest.raises(ValueError, match="7 arrays but 6 weights"):
         fold_group(acc, xs, weights[:6])
+
+
+def test_fednova_holds_like_fedavg_and_a_transform_holds_nothing() -> None:
+    updates = _updates(3)
+    fednova = RoundAggregator(AggregationConfig(rule="fednova"), updates[0], max_buffered=0,
+                              hold=3)
+    one_at_a_time = RoundAggregator(AggregationConfig(rule="fednova"), updates[0],
+                                    max_buffered=0)
+    for index, update in enumerate(updates):
+        fednova.add(f"node-{index}", update, 10 + index, local_steps=index + 1)
+        one_at_a_time.add(f"node-{index}", update, 10 + index, local_steps=index + 1)
+    assert fednova.held == 3
+    fednova.flush()
+    assert fednova.held == 0
+    held, plain = fednova.finish().mean_delta, one_at_a_time.finish().mean_delta
+    assert all(torch.equal(held[k], plain[k]) for k in plain)
+    # A transform's output is a fresh copy: holding it would cost memory.
+    transformed = RoundAggregator(AggregationConfig(rule="fedavg"), updates[0], max_buffered=0,
+                                  hold=3, transform=lambda delta: {k: v.clone() for k, v in delta.items()})
+    transformed.add("node-0", updates[0], 10)
+    assert transformed.held == 0
