@@ -59,6 +59,18 @@ def _dot(x: np.ndarray, y: np.ndarray) -> float:
     return total
 
 
+@_jit(fastmath={"reassoc", "contract"})
+def _squares_and_dot(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    # `_sum_of_squares` and `_dot` in one read of x (y is read once too).
+    squares = 0.0
+    total = 0.0
+    for i in range(x.size):
+        value = np.float64(x[i])
+        squares += value * value
+        total += value * np.float64(y[i])
+    return squares, total
+
+
 @_jit
 def _divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:
     for i in range(acc.size):
@@ -115,6 +127,14 @@ def dot(x: np.ndarray, y: np.ndarray) -> float:
     if x.shape != y.shape:
         raise ValueError(f"arrays of {x.size} and {y.size} values")
     return float(_dot(x, y))
+
+
+def squares_and_dot(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """`sum_of_squares(x)` and `dot(x, y)` from one read of each array."""
+    if x.shape != y.shape:
+        raise ValueError(f"arrays of {x.size} and {y.size} values")
+    squares, total = _squares_and_dot(x, y)
+    return float(squares), float(total)
 
 
 def divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:

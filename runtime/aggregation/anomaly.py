@@ -89,13 +89,16 @@ def measure(update: Mapping[str, Tensor], reference: Mapping[str, Tensor] | None
 
 
 def with_norm(update: Mapping[str, Tensor], norm: float,
-              reference: Mapping[str, Tensor] | None, reference_norm: float) -> UpdateStats:
-    """`update`'s stats when its norm is known already (the fold's read gave it): only
-    the inner product with `reference` is computed, and only when there is one."""
+              reference: Mapping[str, Tensor] | None, reference_norm: float, *,
+              dot: float | None = None) -> UpdateStats:
+    """`update`'s stats when its norm is known already (the fold's read gave it), and
+    its inner product with `reference` too when `dot` is given (that read can take it):
+    otherwise that is computed, and only when there is a reference."""
     if reference is None or norm <= 0 or reference_norm <= 0:
         return UpdateStats(norm=norm, cosine=None)
-    dot = sum(_inner(tensor.detach(), reference[name]) for name, tensor in update.items()
-              if name in reference and tensor.is_floating_point())
+    if dot is None:
+        dot = sum(_inner(tensor.detach(), reference[name]) for name, tensor in update.items()
+                  if name in reference and tensor.is_floating_point())
     return UpdateStats(norm=norm, cosine=max(-1.0, min(1.0, dot / (norm * reference_norm))))
 
 

@@ -61,13 +61,15 @@ class NormalizedSum:
         return self._step_weight / self._weight
 
     def add(self, update: Mapping[str, Tensor], weight: float, steps: int, *,
-            what: str = "update", bound: Bound | None = None) -> UpdateStats:
+            what: str = "update", bound: Bound | None = None,
+            reference: Mapping[str, Tensor] | None = None) -> UpdateStats:
         """Fold in `update`, trained for `steps` local steps, with `weight` (its
-        num_samples); `bound` as for `WeightedSum.add`. ValueError for a bad update,
+        num_samples); `bound` and `reference` as for `WeightedSum.add`. ValueError for a bad update,
         weight or step count; nothing changes then."""
         tau = _check_steps(steps)
         # WeightedSum validates (and bounds) before it commits.
-        stats = self._sum.add(update, float(weight) / tau, what=what, bound=bound)
+        stats = self._sum.add(update, float(weight) / tau, what=what, bound=bound,
+                              reference=reference)
         self._weight += float(weight)
         self._step_weight += float(weight) * tau
         return stats

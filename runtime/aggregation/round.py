@@ -177,15 +177,17 @@ class RoundAggregator:
         weight = 1.0 if self._uniform else float(num_samples)
         if self._transform is None and self._sum is not None:
             # The common path: one read for checks and stats, one fold, no copy.
+            # Scored as received: its norm and its inner product with the last aggregate
+            # (where there is one) from the same read as its finiteness check.
             if isinstance(self._sum, NormalizedSum):
-                stats = self._sum.add(delta, weight, local_steps, what=what, bound=bound)
+                stats = self._sum.add(delta, weight, local_steps, what=what, bound=bound,
+                                      reference=self._reference)
             else:
-                stats = self._sum.add(delta, weight, what=what, bound=bound)
+                stats = self._sum.add(delta, weight, what=what, bound=bound,
+                                      reference=self._reference)
             self._nodes.append(node_id)
-            # Scored as received: its norm from the fold's read, its cosine to the last
-            # aggregate from one more pass where there is one.
             self._stats.append(anomaly.with_norm(delta, stats.norm, self._reference,
-                                                 self._reference_norm))
+                                                 self._reference_norm, dot=stats.dot))
             return stats
         sent = delta
         # Checked before the transform too: a transform may hide a NaN (a clip by a NaN

@@ -120,7 +120,8 @@ class WeightedSum:
         return self._total_weight
 
     def add(self, update: Mapping[str, Tensor], weight: float, *, what: str = "update",
-            bound: Bound | None = None) -> UpdateStats:
+            bound: Bound | None = None,
+            reference: Mapping[str, Tensor] | None = None) -> UpdateStats:
         """Fold `update` in with `weight` (> 0). `update` is not modified (and, unless
         `hold` > 0, not kept).
 
@@ -129,10 +130,12 @@ class WeightedSum:
         `bound`, the update's stats go to it and it is folded as ``factor * update``
         (its weight still counts whole in the mean's denominator, as a clipped copy
         would); whatever `bound` raises propagates. A refused update leaves the sum
-        exactly as it was. Returns the update's stats (of the update as given).
+        exactly as it was. Returns the update's stats (of the update as given; with
+        `reference`, shaped like the template, its inner product with it too, from the
+        same read).
         """
         scale = _check_weight(weight)
-        stats = check_matches(self._layout, update, what=what)
+        stats = check_matches(self._layout, update, what=what, reference=reference)
         factor = 1.0 if bound is None else float(bound(stats))
         if not 0.0 < factor <= 1.0:
             raise ValueError(f"{what}: the bound's factor must be in (0, 1], got {factor!r}")
