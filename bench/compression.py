@@ -3,12 +3,14 @@ setting, in one run of this script, every client behind a simulated 10 Mbit/s up
 
 Settings (spec.compression): fp32 (the baseline, uncompressed), 16-bit, 8-bit, 4-bit,
 2-bit (stochastic rounding, per-block scale), top-k 10% + error feedback, top-k 5% and 1%
-+ error feedback + 8-bit, lossless only (zstd), and top-k 1% + EF + 8-bit on top of local DP-SGD.
++ error feedback + 8-bit, lossless only (zstd), top-k 1% + EF + 8-bit on top of local
+DP-SGD, and fp32 updates with the global model sent down as exact deltas (downlink delta).
 Each is a whole `run_job` (the code path of `fedkube run`: coordinator in this process,
 agents in OS processes over real gRPC on 127.0.0.1) with the same seed, data and model.
 
 Per setting: upload bytes per round as a fraction of fp32's (from metrics.jsonl's
-round_bytes_up), final and best accuracy, the first round reaching fp32's best accuracy
+round_bytes_up), download bytes per round likewise (round_bytes_down), final and best
+accuracy, the first round reaching fp32's best accuracy
 minus 1 point, wall seconds per round (dispatch to evaluated model, under the simulated
 uplink; the first round, which pays for warm-up, is skipped), and encode / decode
 throughput in MB of raw float32 per second, measured here on a model-sized delta
@@ -58,6 +60,7 @@ SETTINGS: list[tuple[str, dict[str, Any], bool]] = [
     ("lossless zstd", {"lossless": "zstd"}, False),
     ("top-k 1% + EF + 8-bit, local DP",
      {"topK": 0.01, "quantizeBits": 8, "errorFeedback": True}, True),
+    ("downlink delta", {"downlink": "delta"}, False),
 ]
 
 
@@ -87,9 +90,9 @@ def _config(compression: dict[str, Any]) -> CompressionConfig:
                              lossless=compression.get("lossless", "none"))
 
 
-def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repeats: int
-                ) -> tuple[float | None, float | None]:
-    """(encode, decode) MB of raw float32 per second, best of `repeats`."""
+def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repeats: int,
+                clock=time.perf_counter) -> tuple[float | None, float | None]:
+    """(encode, decode) MB of raw float32 per second, best of `repeats` by `clock`."""
     if not config.enabled:
         return None, None
     raw = sum(t.numel() * t.element_size() for t in delta.values()) / 1e6
@@ -98,26 +101,44 @@ def _throughput(config: CompressionConfig, delta: dict[str, torch.Tensor], repea
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _timed(config, delta, raw, repeats)
+        return _timed(config, delta, raw, repeats, clock)
     finally:
         torch.set_num_threads(threads)
 
 
 def _timed(config: CompressionConfig, delta: dict[str, torch.Tensor], raw: float,
-           repeats: int) -> tuple[float, float]:
+           repeats: int, clock) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     residual = {k: torch.zeros_like(v) for k, v in delta.items()} if config.error_feedback else None
     encode = decode = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         out = compress_update(delta, config, residual=residual, generator=rng)
-        encode = min(encode, time.perf_counter() - start)
-        start = time.perf_counter()
+        encode = min(encode, clock() - start)
+        start = clock()
         view = DecodedUpdate(out.parts, {k: tuple(v.shape) for k, v in delta.items()})
         for name in view:
             view[name].sum()
-        decode = min(decode, time.perf_counter() - start)
-    return raw / encode, raw / decode
+        decode = min(decode, clock() - start)
+    return raw / max(encode, 1e-9), raw / max(decode, 1e-9)
+
+
+def _copy_baseline(delta: dict[str, torch.Tensor], repeats: int) -> float:
+    """MB/s of cloning the same update, best of `repeats`: the machine's state in this
+    run (a loaded machine lowers it and the codec's figures alike)."""
+    raw = sum(t.numel() * t.element_size() for t in delta.values()) / 1e6
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the codec's figures
+    best = float("inf")
+    try:
+        for _ in range(repeats + 1):  # the first warms the allocator
+            start = time.perf_counter()
+            for tensor in delta.values():
+                tensor.clone()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return raw / best
 
 
 def _raw_path(repeats: int = 3) -> dict[str, float]:
@@ -148,7 +169,7 @@ _STEP = 1e-3
 def _downlink(args: argparse.Namespace) -> dict[str, float]:
     """Bytes of `compression.downlink`'s exact delta against the fp32 model, for two
     versions one synthetic SGD-sized step apart (every float entry moved by
-    _STEP * mean|w| * N(0, 1)): a stand-in until GetModel serves deltas (not wired yet)."""
+    _STEP * mean|w| * N(0, 1)); the "downlink delta" row measures what a real job sends."""
     from fedkube.runtime.compression.downlink import model_delta
 
     shapes = {"mnist5k": (1, 28, 28), "digits": (1, 8, 8)}.get(args.dataset, (1, 28, 28))
@@ -166,20 +187,28 @@ def _throughput_table(settings: list[tuple[str, dict[str, Any], bool]],
     rows = []
     print(f"{args.model} delta of {sum(t.numel() for t in delta.values()):,} float32, "
           f"one torch thread, best of {args.repeats}")
-    print(f"{'setting':34} {'enc MB/s':>9} {'dec MB/s':>9}")
+    print("wall: best wall-clock time; cpu: best CPU time of this thread (what other "
+          "processes on a loaded machine do not take)")
+    print(f"{'setting':34} {'enc MB/s':>9} {'dec MB/s':>9} {'enc cpu':>9} {'dec cpu':>9}")
+    copy = _copy_baseline(delta, args.repeats)
     for name, compression, private in settings:
         if private:  # the codec does not know about DP: the same as the row without it
             continue
         encode, decode = _throughput(_config(compression), delta, repeats=args.repeats)
-        rows.append({"setting": name, "encode_mb_per_s": encode, "decode_mb_per_s": decode})
+        encode_cpu, decode_cpu = _throughput(_config(compression), delta,
+                                             repeats=args.repeats, clock=time.thread_time)
+        rows.append({"setting": name, "encode_mb_per_s": encode, "decode_mb_per_s": decode,
+                     "encode_cpu_mb_per_s": encode_cpu, "decode_cpu_mb_per_s": decode_cpu})
         if encode is not None and decode is not None:
-            print(f"{name:34} {encode:9.0f} {decode:9.0f}")
+            print(f"{name:34} {encode:9.0f} {decode:9.0f} {encode_cpu:9.0f} {decode_cpu:9.0f}")
+    print(f"{'baseline: clone the update':34} {copy:9.0f}")
     downlink = _downlink(args)
     print(f"\ndownlink, exact delta (XOR + byte shuffle) of a global model after a step of "
           f"{_STEP:g} x mean|w|, bytes vs fp32: "
           + ", ".join(f"{k} {v:.3f}" for k, v in downlink.items()))
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "throughput": rows,
+                                                 "clone_mb_per_s": copy,
                                                  "downlink_bytes_vs_fp32": downlink},
                                                 indent=2) + "\n")
         print(f"wrote {args.output}")
@@ -235,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({
                 "setting": name, "phase": summary["phase"], "rounds": len(records),
                 "bytes_up_per_round": statistics.mean(r["round_bytes_up"] for r in records),
+                "bytes_down_per_round": statistics.mean(r["round_bytes_down"] for r in records),
                 "compression_ratio": summary.get("compressionRatio"),
                 "final_accuracy": records[-1]["accuracy"],
                 "best_accuracy": max(r["accuracy"] for r in records),
@@ -248,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = baseline["best_accuracy"] - 0.01
     for result in results:
         result["bytes_vs_fp32"] = result["bytes_up_per_round"] / baseline["bytes_up_per_round"]
+        result["down_vs_fp32"] = (result["bytes_down_per_round"]
+                                  / baseline["bytes_down_per_round"])
         result["rounds_to_fp32_minus_1pt"] = next(
             (i + 1 for i, a in enumerate(result["accuracies"]) if a >= reference), None)
         result["within_1pt"] = result["best_accuracy"] >= reference
@@ -258,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.dataset}, {args.model}, {args.clients} clients, {args.rounds} rounds, "
           f"uplink {args.uplink_mbps:g} Mbit/s; delta of {sum(t.numel() for t in delta.values()):,}"
           " float32 for encode/decode")
-    header = (f"{'setting':34} {'bytes/fp32':>10} {'final':>7} {'best':>7} {'to fp32-1pt':>11} "
+    header = (f"{'setting':34} {'bytes/fp32':>10} {'down/fp32':>9} {'final':>7} {'best':>7} {'to fp32-1pt':>11} "
               f"{'s/round':>8} {'enc MB/s':>9} {'dec MB/s':>9} {'eps':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['setting']:34} {r['bytes_vs_fp32']:10.4f} {r['final_accuracy']:7.4f} "
+        print(f"{r['setting']:34} {r['bytes_vs_fp32']:10.4f} {r['down_vs_fp32']:9.4f} "
+              f"{r['final_accuracy']:7.4f} "
               f"{r['best_accuracy']:7.4f} {fmt(r['rounds_to_fp32_minus_1pt'], 'd', 11)} "
               f"{r['seconds_per_round']:8.2f} {fmt(r['encode_mb_per_s'], '.0f', 9)} "
               f"{fmt(r['decode_mb_per_s'], '.0f', 9)} {fmt(r['epsilon'], '.2f', 6)}")

@@ -43,6 +43,8 @@ class CompressionPlan:
     lossless: str = "none"
     # Adaptive: the client picks between fp32 and the setting above to meet this target.
     target_upload_seconds: float | None = None
+    # "delta": keep the downloaded model and ask for the change from it next time.
+    downlink: str = "none"
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def plan_for(spec: FederatedJobSpec, *, round: int, model_version: int, now: flo
             error_feedback=spec.compression.error_feedback,
             lossless=spec.compression.lossless,
             target_upload_seconds=(spec.compression.adaptive.target_upload_seconds
-                                   if spec.compression.adaptive else None)),
+                                   if spec.compression.adaptive else None),
+            downlink=spec.compression.downlink),
         drills=drills_of(spec),
         attack=attack_plan(spec),
         secure=secure,

@@ -199,6 +199,12 @@ class CompressionSpec(_Model):
         None, description="Let each client pick its setting for its link, between fp32 and "
         "the topK/quantizeBits above (the coarsest allowed).",
     )
+    downlink: Literal["none", "delta"] = Field(
+        "none", description="How the global model travels to clients: none sends it whole "
+        "each round; delta sends the exact change from the version a client already holds "
+        "(bitwise XOR, framed with lossless, zstd when that is none), and the whole model "
+        "to a client holding no recent version. Bit-exact either way.",
+    )
 
     @model_validator(mode="after")
     def _sensible(self) -> CompressionSpec:
@@ -216,6 +222,11 @@ class CompressionSpec(_Model):
     @property
     def enabled(self) -> bool:
         return self.top_k is not None or self.quantize_bits < 32 or self.lossless != "none"
+
+    @property
+    def downlink_lossless(self) -> Literal["zstd", "lz4"]:
+        """The delta's framing: an unframed XOR is as large as the model it replaces."""
+        return "lz4" if self.lossless == "lz4" else "zstd"
 
 
 class SecureAggregationSpec(_Model):

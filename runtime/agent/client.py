@@ -127,6 +127,9 @@ class Agent:
         self.last_contact = 0.0  # loop time of the last call the coordinator answered
         self.uplink_bytes_per_second = 0.0  # measured on the last upload
         self.heartbeat_seconds = 2.0  # the coordinator's Admission sets it
+        # The last global model downloaded, kept under spec.compression.downlink delta so
+        # the next download can be the change from it: (version, weights).
+        self.held_model: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def _session_file(self) -> Path:
         return self.config.state_dir / "sessions" / f"{self.node_id}.session"
@@ -277,22 +280,9 @@ class Agent:
             return
         self.state = "training"
         try:
-            # Each chunk is copied into the model's storage as it arrives: the messages
-            # of a whole model are never held at once.
-            network = self.config.network
-            downlink = _Link(network.downlink_bits_per_second if network else None,
-                             network.latency_seconds if network else 0.0)
-            assembler = wire.TensorAssembler(self.trainer.schema)
             # The version this update is built on: under strategy.mode async the
             # coordinator serves its newest model, which may be newer than the task's.
-            version = plan.model_version
-            async for chunk in stub.GetModel(pb.GetModelRequest(
-                    node_id=self.node_id, model_version=plan.model_version),
-                    metadata=self._metadata()):
-                await downlink.pace(chunk.ByteSize())
-                version = chunk.model_version
-                assembler.add(chunk)
-            global_weights = dict(assembler.finish())
+            version, global_weights = await self._download(stub, plan)
             try:
                 started = time.monotonic()
                 result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
@@ -340,6 +330,47 @@ class Agent:
         finally:
             self.state = "idle"
 
+    async def _download(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan
+                        ) -> tuple[int, dict[str, torch.Tensor]]:
+        """The global model for `plan` and its version. Under downlink delta, asked as the
+        change from the model held; a delta that does not apply (corrupted, or from a
+        version other than the one held) is refused and the whole model asked for."""
+        held = self.held_model if plan.compression.downlink == "delta" else None
+        try:
+            version, weights = await self._fetch(stub, plan, held)
+        except wire.WireError as error:
+            if held is None:
+                raise
+            self.held_model = None  # it no longer matches any version the coordinator has
+            log.warning("round %d: refusing the model delta from version %d (%s); asking "
+                        "for the whole model", plan.round, held[0], error)
+            version, weights = await self._fetch(stub, plan, None)
+        # Kept only while deltas are on: otherwise the copy is memory for nothing.
+        self.held_model = (version, weights) if plan.compression.downlink == "delta" else None
+        return version, weights
+
+    async def _fetch(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan,
+                     held: tuple[int, dict[str, torch.Tensor]] | None
+                     ) -> tuple[int, dict[str, torch.Tensor]]:
+        """One GetModel. Each chunk is copied into the model's storage as it arrives:
+        the messages of a whole model are never held at once."""
+        assert self.trainer is not None
+        network = self.config.network
+        link = _Link(network.downlink_bits_per_second if network else None,
+                     network.latency_seconds if network else 0.0)
+        request = pb.GetModelRequest(node_id=self.node_id, model_version=plan.model_version)
+        if held is not None:
+            request.held_version = held[0]
+        assembler = wire.ModelAssembler(self.trainer.schema,
+                                        held=held[1] if held else None,
+                                        held_version=held[0] if held else None)
+        version = plan.model_version
+        async for chunk in stub.GetModel(request, metadata=self._metadata()):
+            await link.pace(chunk.ByteSize())
+            version = chunk.model_version
+            assembler.add(chunk)
+        return version, assembler.finish()
+
     async def _secure(self, stub: pb_grpc.CoordinatorStub, plan: TrainPlan) -> None:
         """A secure round (runtime/secagg): keys and shares first, then train, then the
         masked input and the shares that unmask the sum. Nothing unmasked leaves."""
@@ -361,10 +392,7 @@ class Agent:
                 await self._refuse(stub, plan, refusal)
                 return
             self.state = "training"
-            global_weights = wire.from_chunks(
-                [chunk async for chunk in stub.GetModel(pb.GetModelRequest(
-                    node_id=self.node_id, model_version=plan.model_version), metadata=meta)],
-                self.trainer.schema)
+            _, global_weights = await self._download(stub, plan)
             result = await asyncio.to_thread(self.trainer.train, plan, global_weights)
             self.state = "uploading"
             delta = result.delta_weights

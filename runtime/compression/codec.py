@@ -326,7 +326,46 @@ def encode_with_sent(tensor: torch.Tensor, config: CompressionConfig, *,
                      ) -> tuple[EncodedTensor, torch.Tensor | None]:
     """`tensor` encoded, and (when `sent`) the dense float32 tensor the encoding decodes
     to, bit for bit what `decode` returns, built from the parts in hand instead of by
-    decoding the payload again (error feedback needs it every round)."""
+    decoding the payload again."""
+    encoded, flat, indices, decoded = _encode(tensor, config, generator=generator,
+                                              decoded=sent)
+    if not sent:
+        return encoded, None
+    if indices is None:
+        # A copy where `decoded` is the caller's own values (32 bits, dense).
+        dense = decoded.copy() if decoded is flat else decoded
+        if dense is None:
+            dense = np.zeros(0, dtype=np.float32)
+    else:
+        dense = np.zeros(len(flat), dtype=np.float32)
+        if decoded is not None:
+            dense[indices] = decoded
+    return encoded, torch.from_numpy(dense).reshape(tensor.shape)
+
+
+def encode_with_residual(tensor: torch.Tensor, config: CompressionConfig, *,
+                         generator: np.random.Generator | None = None
+                         ) -> tuple[EncodedTensor, torch.Tensor]:
+    """`tensor` encoded, and what it leaves unsent: `tensor - decode(encoded)`, bit for
+    bit (float32), for error feedback. Under top-k only the sent entries are computed:
+    the rest is the tensor itself, one copy instead of a dense decode and a subtraction."""
+    encoded, flat, indices, decoded = _encode(tensor, config, generator=generator,
+                                              decoded=True)
+    if indices is None:
+        residual = (np.zeros(len(flat), dtype=np.float32) if decoded is flat or decoded is None
+                    else np.subtract(flat, decoded))
+    else:
+        residual = flat.copy()
+        if decoded is not None:
+            residual[indices] -= decoded
+    return encoded, torch.from_numpy(residual).reshape(tensor.shape)
+
+
+def _encode(tensor: torch.Tensor, config: CompressionConfig, *,
+            generator: np.random.Generator | None, decoded: bool
+            ) -> tuple[EncodedTensor, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(the encoding, the flat float32 input, the top-k indices or None, and when
+    `decoded` the values the encoding decodes to at those indices, or everywhere)."""
     flat = _flat_numpy(tensor)
     sparse = config.top_k is not None and config.top_k < 1.0
     parts: list[bytes | np.ndarray] = []
@@ -339,16 +378,16 @@ def encode_with_sent(tensor: torch.Tensor, config: CompressionConfig, *,
     else:
         values = flat
     count = len(values)
-    decoded = None
+    sent = None
     if config.bits < 32 and count:
         lows, steps, codes = _quantize(values, bits=config.bits, block=config.block,
                                        generator=generator)
         parts += [lows, steps, _pack(codes, config.bits)]
-        if sent:
-            decoded = dequantize(lows, steps, codes, count=count, block=config.block).numpy()
+        if decoded:
+            sent = dequantize(lows, steps, codes, count=count, block=config.block).numpy()
     elif count:
         parts.append(values)
-        decoded = values
+        sent = values
     raw = b"".join(np.ascontiguousarray(part).data if isinstance(part, np.ndarray) else part
                    for part in parts)
     lossless = config.lossless
@@ -358,18 +397,7 @@ def encode_with_sent(tensor: torch.Tensor, config: CompressionConfig, *,
     encoded = EncodedTensor(shape=tuple(tensor.shape), count=count, sparse=sparse,
                             bits=config.bits, block=config.block, lossless=lossless,
                             payload=payload)
-    if not sent:
-        return encoded, None
-    if indices is None:
-        # A copy where `decoded` is the caller's own values (32 bits, dense).
-        dense = decoded.copy() if decoded is values else decoded
-        if dense is None:
-            dense = np.zeros(0, dtype=np.float32)
-    else:
-        dense = np.zeros(len(flat), dtype=np.float32)
-        if decoded is not None:
-            dense[indices] = decoded
-    return encoded, torch.from_numpy(dense).reshape(tensor.shape)
+    return encoded, flat, indices, sent
 
 
 @dataclass(frozen=True)

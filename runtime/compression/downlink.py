@@ -8,12 +8,16 @@ Applying it XORs the same bytes back: the client reproduces the new version bit 
 (any dtype, NaN payloads and signed zeros included), which is what a Flower user expects
 of a model download. An arithmetic delta (new - old in float32) would not be exact.
 
+Each delta carries the CRC-32 of the version it leads to, so a delta applied to any
+other base, or corrupted on the way, is refused instead of yielding a wrong model.
+
 Pure functions on tensors; no protocol types. A malformed delta raises `EncodingError`.
-Not wired through GetModel yet (see README, "Compressed updates").
+GetModel sends these under spec.compression.downlink delta (coordinator/downlink.py).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,12 +30,14 @@ from .codec import EncodingError, Lossless, frame, unframe
 @dataclass(frozen=True)
 class ModelDelta:
     """One tensor's change between two versions: `payload` is the framed, shuffled XOR
-    of their bytes (`lossless` says the framing; "none" when framing did not help)."""
+    of their bytes (`lossless` says the framing; "none" when framing did not help),
+    `checksum` the CRC-32 of the new version's bytes."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     lossless: Lossless
     payload: bytes
+    checksum: int
 
     @property
     def nbytes(self) -> int:
@@ -51,18 +57,20 @@ def delta_of(old: torch.Tensor, new: torch.Tensor, *, lossless: Lossless = "zstd
         raise ValueError(f"delta between {old.dtype}{tuple(old.shape)} and "
                          f"{new.dtype}{tuple(new.shape)}: shapes and dtypes must match")
     width = new.element_size()
-    xor = np.bitwise_xor(_bytes_of(old), _bytes_of(new))
+    target = _bytes_of(new)
+    xor = np.bitwise_xor(_bytes_of(old), target)
     shuffled = xor.reshape(-1, width).T.tobytes()  # byte plane by byte plane
     payload = frame(shuffled, lossless)
     if lossless != "none" and len(payload) >= len(shuffled):
         payload, lossless = shuffled, "none"
     return ModelDelta(shape=tuple(new.shape), dtype=new.dtype, lossless=lossless,
-                      payload=payload)
+                      payload=payload, checksum=zlib.crc32(target))
 
 
 def apply_delta(old: torch.Tensor, delta: ModelDelta) -> torch.Tensor:
     """The version `delta` leads to from `old`, as a new tensor. Raises EncodingError
-    when `delta` does not fit `old` or its payload is not the size it must be."""
+    when `delta` does not fit `old`, its payload is not the size it must be, or the
+    result is not the version the delta was made for (its checksum differs)."""
     if tuple(old.shape) != delta.shape or old.dtype != delta.dtype:
         raise EncodingError(f"delta for {delta.dtype}{delta.shape} applied to "
                             f"{old.dtype}{tuple(old.shape)}")
@@ -71,6 +79,9 @@ def apply_delta(old: torch.Tensor, delta: ModelDelta) -> torch.Tensor:
     shuffled = unframe(delta.payload, delta.lossless, expected=len(base))
     xor = np.frombuffer(shuffled, dtype=np.uint8).reshape(width, -1).T
     out = np.bitwise_xor(base.reshape(-1, width), xor).reshape(-1)
+    if zlib.crc32(out) != delta.checksum:
+        raise EncodingError("the delta does not lead to the version it was made for "
+                            "(checksum mismatch): a corrupted delta, or another base")
     if not len(out):
         return torch.empty(old.shape, dtype=old.dtype)
     return torch.from_numpy(out.copy()).view(old.dtype).reshape(old.shape)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codec import CompressionConfig, EncodedTensor, decode, encode_with_sent
+from .codec import CompressionConfig, EncodedTensor, decode, encode, encode_with_residual
 
 Weights = dict[str, torch.Tensor]
 Part = EncodedTensor | torch.Tensor  # an encoding, or a tensor sent as raw elements
@@ -62,17 +62,18 @@ def compress_update(update: Mapping[str, torch.Tensor], config: CompressionConfi
         target = tensor
         if config.error_feedback and residual is not None and name in residual:
             target = tensor + residual[name].to(tensor.device, tensor.dtype)
-        # The decoded values come with the encoding (no second decode pass).
-        encoded, decoded = encode_with_sent(target, config, generator=generator,
-                                            sent=config.error_feedback)
+        # What is left unsent comes with the encoding (no second decode pass).
+        if config.error_feedback:
+            encoded, left = encode_with_residual(target, config, generator=generator)
+        else:
+            encoded, left = encode(target, config, generator=generator), None
         if encoded.nbytes >= size:
             parts[name], sent = target, sent + size
-            decoded = target
+            left = torch.zeros_like(target)
         else:
             parts[name], sent = encoded, sent + encoded.nbytes
-        if config.error_feedback:
-            assert decoded is not None
-            kept[name] = target - decoded.to(target.device)
+        if left is not None:
+            kept[name] = left.to(target.device)
     return CompressedUpdate(parts=parts, residual=kept if config.error_feedback else None,
                             sent_bytes=sent, raw_bytes=raw)
 

@@ -32,7 +32,7 @@ from ..plan import plan_for
 from ..spec import FederatedJob
 from . import checkpoint
 from .engine import RoundEngine, Weights
-from .events import ModelSent, RoundRecord, UpdateAccepted
+from .events import RoundRecord, UpdateAccepted
 from .policy import Verdict
 from .registry import Client
 from .selection import candidate_of, choose, record_choices
@@ -131,8 +131,6 @@ class AsyncEngine(RoundEngine):
         if version > self.version:
             raise Rejected(RejectReason.WRONG_VERSION,
                            f"model version {version} does not exist yet ({self.version})")
-        self.status.bytes_down += self.model_bytes
-        self.events.publish(ModelSent(self.model_bytes))
         return self.version, self.weights
 
     def admit(self, header: UpdateHeader) -> Any:  # type: ignore[override]
@@ -286,6 +284,7 @@ class AsyncEngine(RoundEngine):
         epsilon = self.registry.max_epsilon() if self.spec.privacy.mode == "local" else None
         losses, self.losses = self.losses, []
         now = time.monotonic()
+        sent_before = self.history[-1].bytes_down if self.history else 0
         record = RoundRecord(
             round=self.round, accuracy=evaluation.accuracy, loss=evaluation.loss,
             clients_selected=len(flush.node_ids) + self.dropped,
@@ -293,7 +292,8 @@ class AsyncEngine(RoundEngine):
             seconds=round(now - self.step_started, 4), epsilon=epsilon,
             bytes_up=self.status.bytes_up, bytes_down=self.status.bytes_down,
             train_loss=sum(losses) / len(losses) if losses else None,
-            model_version=self.version, mean_staleness=round(flush.mean_staleness, 4))
+            model_version=self.version, mean_staleness=round(flush.mean_staleness, 4),
+            round_bytes_down=max(0, self.status.bytes_down - sent_before))
         self.step_started, self.dropped = now, 0
         self.status.server_steps = self.round
         return self._record_round(record)

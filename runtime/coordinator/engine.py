@@ -337,9 +337,13 @@ class RoundEngine:
         if version != self.version:
             raise Rejected(RejectReason.WRONG_VERSION,
                            f"model version {version} is not current ({self.version})")
-        self.status.bytes_down += self.model_bytes
-        self.events.publish(ModelSent(self.model_bytes))
         return self.version, self.weights
+
+    def model_sent(self, nbytes: int) -> None:
+        """A GetModel answered with `nbytes` of tensor payload (less than model_bytes
+        when some tensors went as deltas: spec.compression.downlink)."""
+        self.status.bytes_down += nbytes
+        self.events.publish(ModelSent(nbytes))
 
     def admit(self, header: UpdateHeader) -> Round:
         """The admission stage before any tensor is read: the node, the round, its

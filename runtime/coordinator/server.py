@@ -21,6 +21,7 @@ from ..proto import fedkube_pb2_grpc as pb_grpc
 from ..spec import FederatedJobStatus
 from ..wire import convert
 from . import identity
+from .downlink import ModelDownlink
 from .engine import RoundEngine
 
 log = logging.getLogger("fedkube.coordinator")
@@ -37,21 +38,6 @@ GRPC_OPTIONS = [
 
 # The overall server ("") and the coordinator service by its full name.
 HEALTH_SERVICES = ("", "fedkube.v1.Coordinator")
-
-
-class ModelChunks:
-    """The global model as chunks, serialised once per version however many clients ask:
-    GetModel sends these bytes as they are (its serializer is `wire.serialize`)."""
-
-    def __init__(self) -> None:
-        self._cached: tuple[int, list[bytes]] | None = None
-
-    def of(self, version: int, weights: dict) -> list[bytes]:
-        if self._cached is None or self._cached[0] != version:
-            self._cached = None  # the old version's bytes go before the new ones are built
-            self._cached = (version, list(wire.serialized_chunks(weights,
-                                                                 model_version=version)))
-        return self._cached[1]
 
 
 #: Methods whose responses may be pre-serialised bytes (`wire.serialized_chunks`).
@@ -109,7 +95,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def __init__(self, engine: RoundEngine, *, client_certificates: bool = False) -> None:
         self.engine = engine
-        self.model = ModelChunks()
+        compression = engine.spec.compression
+        self.model = ModelDownlink(deltas=compression.downlink == "delta",
+                                   lossless=compression.downlink_lossless)
         # mTLS: the client certificate's CN is the node id (see identity.py).
         self.client_certificates = client_certificates
 
@@ -169,7 +157,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except Rejected as rejection:
             self.engine.refused(request.node_id, rejection)
             await _abort(context, rejection)
-        for chunk in self.model.of(version, weights):
+        held = request.held_version if request.HasField("held_version") else None
+        download = await self.model.download(version, weights, held=held)
+        self.engine.model_sent(download.nbytes)
+        for chunk in download.chunks:
             yield chunk
 
     async def SubmitUpdate(self, request_iterator: AsyncIterator[wire.ReceivedChunk],

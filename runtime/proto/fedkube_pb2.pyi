@@ -171,18 +171,20 @@ class TrainPlan(_message.Message):
     def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyPlan, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., client_parameters: _Optional[_Mapping[str, float]] = ..., dropout: _Optional[float] = ..., secure_aggregation: _Optional[_Union[SecAggPlan, _Mapping]] = ..., compression: _Optional[_Union[CompressionPlan, _Mapping]] = ..., slow_fraction: _Optional[float] = ..., slowdown: _Optional[float] = ..., availability_period_seconds: _Optional[float] = ..., availability_online_fraction: _Optional[float] = ..., max_local_steps: _Optional[int] = ..., attack: _Optional[_Union[AttackDrill, _Mapping]] = ...) -> None: ...
 
 class CompressionPlan(_message.Message):
-    __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless", "target_upload_seconds")
+    __slots__ = ("top_k", "quantize_bits", "error_feedback", "lossless", "target_upload_seconds", "downlink")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
     TARGET_UPLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_FIELD_NUMBER: _ClassVar[int]
     top_k: float
     quantize_bits: int
     error_feedback: bool
     lossless: str
     target_upload_seconds: float
-    def __init__(self, top_k: _Optional[float] = ..., quantize_bits: _Optional[int] = ..., error_feedback: bool = ..., lossless: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ...) -> None: ...
+    downlink: str
+    def __init__(self, top_k: _Optional[float] = ..., quantize_bits: _Optional[int] = ..., error_feedback: bool = ..., lossless: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ..., downlink: _Optional[str] = ...) -> None: ...
 
 class SecAggPlan(_message.Message):
     __slots__ = ("enabled", "clip_norm", "noise_std")
@@ -221,15 +223,17 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., plan: _Optional[_Union[TrainPlan, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("node_id", "model_version")
+    __slots__ = ("node_id", "model_version", "held_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_version: int
-    def __init__(self, node_id: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    held_version: int
+    def __init__(self, node_id: _Optional[str] = ..., model_version: _Optional[int] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "offset", "data", "model_version", "encoding")
+    __slots__ = ("name", "shape", "dtype", "offset", "data", "model_version", "encoding", "delta")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +241,7 @@ class TensorChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
@@ -244,7 +249,20 @@ class TensorChunk(_message.Message):
     data: bytes
     model_version: int
     encoding: TensorEncoding
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., model_version: _Optional[int] = ..., encoding: _Optional[_Union[TensorEncoding, _Mapping]] = ...) -> None: ...
+    delta: ModelDelta
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., model_version: _Optional[int] = ..., encoding: _Optional[_Union[TensorEncoding, _Mapping]] = ..., delta: _Optional[_Union[ModelDelta, _Mapping]] = ...) -> None: ...
+
+class ModelDelta(_message.Message):
+    __slots__ = ("base_version", "lossless", "size", "checksum")
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    base_version: int
+    lossless: str
+    size: int
+    checksum: int
+    def __init__(self, base_version: _Optional[int] = ..., lossless: _Optional[str] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class TensorEncoding(_message.Message):
     __slots__ = ("count", "sparse", "bits", "block", "lossless", "size")

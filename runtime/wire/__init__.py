@@ -4,8 +4,11 @@
   every check the coordinator relies on.
 - `convert`: every translation between protobuf messages and the domain types that the
   coordinator and the agent work with.
+- `downlink`: the global model on GetModel's wire with tensors as deltas from the
+  version the agent holds.
 """
 
+from .downlink import ModelAssembler, serialized_model_chunks
 from .tensors import (
     CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
@@ -30,6 +33,7 @@ from .tensors import (
 __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "ModelAssembler",
     "ReceivedChunk",
     "Schema",
     "TensorAssembler",
@@ -42,6 +46,7 @@ __all__ = [
     "schema_of",
     "serialize",
     "serialized_chunks",
+    "serialized_model_chunks",
     "serialized_update_chunks",
     "to_chunks",
     "to_compressed_update_chunks",

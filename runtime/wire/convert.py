@@ -134,14 +134,16 @@ def _attack_from_pb(message: pb.TrainPlan) -> AttackPlan | None:
 def compression_to_pb(plan: CompressionPlan) -> pb.CompressionPlan:
     return pb.CompressionPlan(top_k=plan.top_k or 0.0, quantize_bits=plan.quantize_bits,
                               error_feedback=plan.error_feedback, lossless=plan.lossless,
-                              target_upload_seconds=plan.target_upload_seconds or 0.0)
+                              target_upload_seconds=plan.target_upload_seconds or 0.0,
+                              downlink=plan.downlink)
 
 
 def compression_from_pb(message: pb.CompressionPlan) -> CompressionPlan:
     return CompressionPlan(top_k=message.top_k or None, quantize_bits=message.quantize_bits or 32,
                            error_feedback=message.error_feedback,
                            lossless=message.lossless or "none",
-                           target_upload_seconds=message.target_upload_seconds or None)
+                           target_upload_seconds=message.target_upload_seconds or None,
+                           downlink=message.downlink or "none")
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:

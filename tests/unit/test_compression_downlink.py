@@ -69,3 +69,14 @@ def test_a_delta_that_does_not_fit_is_refused():
         apply_model_delta({"a": old}, {"b": delta})
     with pytest.raises(ValueError, match="must match"):
         delta_of(old, torch.ones(3))
+
+
+def test_a_delta_leads_only_to_the_version_it_was_made_for():
+    old, new = torch.zeros(16), torch.arange(16, dtype=torch.float32)
+    delta = delta_of(old, new, lossless="none")
+    flipped = bytearray(delta.payload)
+    flipped[5] ^= 0x40  # one bit on the way: the frame still has the right size
+    with pytest.raises(EncodingError, match="checksum"):
+        apply_delta(old, dataclasses.replace(delta, payload=bytes(flipped)))
+    with pytest.raises(EncodingError, match="checksum"):  # right shape, other base
+        apply_delta(torch.ones(16), delta)
