@@ -37,38 +37,68 @@ def _jit(function: Callable[..., Any] | None = None, **options: Any) -> Any:
     return wrap if function is None else wrap(function)
 
 
+# A single core reads one sequential stream well below what the memory system gives
+# several at once (few lines in flight per stream). So the loops below read four parts
+# of each array side by side: `_sum_of_squares` over four quarters ran 1.85x as fast as
+# over one stream, on the same bytes (bench/README.md). Each quarter has its own sum;
+# the order of a norm's or an inner product's terms is free (reassociated anyway).
+
+
 @_jit(fastmath={"reassoc", "contract"})
 def _sum_of_squares(x: np.ndarray) -> float:
     # Reassociation lets LLVM vectorise the reduction (a norm needs no fixed order). A
     # float32 value's square cannot overflow float64, and NaN/Inf still propagate (no
     # "nnan"/"ninf" flags), so a non-finite result means the array holds one.
-    total = 0.0
-    for i in range(x.size):
-        value = np.float64(x[i])
-        total += value * value
-    return total
+    quarter = x.size // 4
+    s0 = s1 = s2 = s3 = 0.0
+    for i in range(quarter):
+        v0 = np.float64(x[i])
+        v1 = np.float64(x[quarter + i])
+        v2 = np.float64(x[2 * quarter + i])
+        v3 = np.float64(x[3 * quarter + i])
+        s0 += v0 * v0
+        s1 += v1 * v1
+        s2 += v2 * v2
+        s3 += v3 * v3
+    for i in range(4 * quarter, x.size):
+        v0 = np.float64(x[i])
+        s0 += v0 * v0
+    return (s0 + s1) + (s2 + s3)
 
 
 @_jit(fastmath={"reassoc", "contract"})
 def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    # Reassociated like `_sum_of_squares`: an inner product for a cosine needs no fixed
-    # order, and float32 products cannot overflow float64.
-    total = 0.0
-    for i in range(x.size):
-        total += np.float64(x[i]) * np.float64(y[i])
-    return total
+    # Quarters like `_sum_of_squares`; float32 products cannot overflow float64.
+    quarter = x.size // 4
+    s0 = s1 = s2 = s3 = 0.0
+    for i in range(quarter):
+        s0 += np.float64(x[i]) * np.float64(y[i])
+        s1 += np.float64(x[quarter + i]) * np.float64(y[quarter + i])
+        s2 += np.float64(x[2 * quarter + i]) * np.float64(y[2 * quarter + i])
+        s3 += np.float64(x[3 * quarter + i]) * np.float64(y[3 * quarter + i])
+    for i in range(4 * quarter, x.size):
+        s0 += np.float64(x[i]) * np.float64(y[i])
+    return (s0 + s1) + (s2 + s3)
 
 
 @_jit(fastmath={"reassoc", "contract"})
 def _squares_and_dot(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    # `_sum_of_squares` and `_dot` in one read of x (y is read once too).
-    squares = 0.0
-    total = 0.0
-    for i in range(x.size):
-        value = np.float64(x[i])
-        squares += value * value
-        total += value * np.float64(y[i])
-    return squares, total
+    # `_sum_of_squares` and `_dot` in one read of x (y is read once too): two halves of
+    # each, so four streams in all.
+    half = x.size // 2
+    q0 = q1 = d0 = d1 = 0.0
+    for i in range(half):
+        a = np.float64(x[i])
+        b = np.float64(x[half + i])
+        q0 += a * a
+        q1 += b * b
+        d0 += a * np.float64(y[i])
+        d1 += b * np.float64(y[half + i])
+    for i in range(2 * half, x.size):
+        a = np.float64(x[i])
+        q0 += a * a
+        d0 += a * np.float64(y[i])
+    return q0 + q1, d0 + d1
 
 
 @_jit
@@ -79,13 +109,27 @@ def _divide_into(out: np.ndarray, acc: np.ndarray, divisor: float) -> None:
 
 @_jit
 def _fold1(acc: np.ndarray, x0: np.ndarray, w0: float) -> None:
-    for i in range(acc.size):
+    # Four quarters side by side (see above); each element's sum is the same.
+    quarter = acc.size // 4
+    for i in range(quarter):
+        acc[i] += w0 * np.float64(x0[i])
+        acc[quarter + i] += w0 * np.float64(x0[quarter + i])
+        acc[2 * quarter + i] += w0 * np.float64(x0[2 * quarter + i])
+        acc[3 * quarter + i] += w0 * np.float64(x0[3 * quarter + i])
+    for i in range(4 * quarter, acc.size):
         acc[i] += w0 * np.float64(x0[i])
 
 
 @_jit
 def _fold2(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, w0: float, w1: float) -> None:
-    for i in range(acc.size):
+    half = acc.size // 2
+    for i in range(half):
+        s = acc[i] + w0 * np.float64(x0[i])
+        acc[i] = s + w1 * np.float64(x1[i])
+        j = half + i
+        s = acc[j] + w0 * np.float64(x0[j])
+        acc[j] = s + w1 * np.float64(x1[j])
+    for i in range(2 * half, acc.size):
         s = acc[i] + w0 * np.float64(x0[i])
         acc[i] = s + w1 * np.float64(x1[i])
 
