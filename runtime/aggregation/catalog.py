@@ -216,8 +216,8 @@ RULES: tuple[StrategyRule, ...] = (
         summary="Coordinate-wise median (Yin et al., 2018).",
         buffered=True, server_step="fedavg",
         cost="memory: every update (n models) plus an n-row slice of the model; "
-        "time: a sorting network over model slices, about 1.2x FedAvg one update at a time "
-        "(2x batched) at 50 updates (bench/aggregation.py)",
+        "time: a sorting network over model slices, about 1-1.7x FedAvg one update at a time "
+        "(1.1-3x batched) at 50 updates (bench/aggregation.py)",
         incompatible_with=_ROBUST_REFUSALS,
     ),
     StrategyRule(
@@ -225,8 +225,8 @@ RULES: tuple[StrategyRule, ...] = (
         summary="Coordinate-wise trimmed mean (Yin et al., 2018): drop the extremes, average.",
         buffered=True, server_step="fedavg",
         cost="memory: every update (n models) plus an n-row slice of the model; "
-        "time: a sorting network over model slices, about 1.2x FedAvg one update at a time "
-        "(2x batched) at 50 updates (bench/aggregation.py)",
+        "time: a sorting network over model slices, about 1-1.7x FedAvg one update at a time "
+        "(1.1-3x batched) at 50 updates (bench/aggregation.py)",
         incompatible_with=_ROBUST_REFUSALS,
     ),
     StrategyRule(
