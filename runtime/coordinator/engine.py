@@ -82,7 +82,7 @@ from .quarantine import (
     robustness_state,
 )
 from .registry import Client, ClientRegistry
-from .round import Round, RoundResult, select_clients
+from .round import FOLD_TOGETHER, Round, RoundResult, select_clients
 from .secure_round import SecureRound, distributed_noise_std, secure_config
 from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
@@ -532,7 +532,8 @@ class RoundEngine:
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
             transform=self.central.transform if self.central else None,
-            uniform_weights=self.central is not None, history=self.round_history)
+            uniform_weights=self.central is not None, history=self.round_history,
+            hold=FOLD_TOGETHER - 1)
         cap = self.spec.privacy.target_epsilon if self.spec.privacy.mode == "local" else None
         self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
