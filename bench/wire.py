@@ -5,9 +5,9 @@ A coordinator-shaped gRPC server runs in its own process on 127.0.0.1: the `Coor
 service's `GetModel` and `SubmitUpdate` with the coordinator's GRPC_OPTIONS, serving the
 model as the engine does (its chunk messages built once per model version) and taking an
 update as the servicer does (an UpdateHeader, then every chunk through `TensorAssembler`
-with all its checks: names, shapes, dtypes, sizes, order, oversize, finite values). The
-client, in this process with the agent's GRPC_OPTIONS, downloads the model into a
-`TensorAssembler` and uploads it with `to_chunks`. The figure counts payload bytes over
+with all its checks: names, shapes, dtypes, sizes, order, oversize, finite values). The client, in this process with the agent's
+GRPC_OPTIONS and stub, downloads the model into a `TensorAssembler` (the agent's reused
+buffers) and uploads it with `serialized_update_chunks`. The figure counts payload bytes over
 wall time from the call to the assembled, checked tensors (or the server's reply).
 
 The baseline is raw grpcio on the same server and channel: the same bytes in messages of
@@ -138,24 +138,22 @@ async def measure(port: int, *, repeats: int, chunk_bytes: int,
                   weights: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Seconds per transfer for each way of moving the update, interleaved."""
     from fedkube.runtime import wire
-    from fedkube.runtime.agent.client import GRPC_OPTIONS
+    from fedkube.runtime.agent.client import DOWNLOAD_BUFFERS, GRPC_OPTIONS, coordinator_stub
     from fedkube.runtime.proto import fedkube_pb2 as pb
-    from fedkube.runtime.proto import fedkube_pb2_grpc as pb_grpc
 
     schema = wire.schema_of(weights)
     raw = _raw_payload(weights, chunk_bytes)
+    DOWNLOAD_BUFFERS.allow(wire.encoded_size(weights))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        stub.SubmitUpdate = channel.stream_unary(  # as the agent: pre-serialised chunks
-            "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
-            response_deserializer=pb.SubmitReply.FromString)
+        # The agent's stub: pre-serialised upload chunks, downloads parsed without copies.
+        stub = coordinator_stub(channel)
         raw_download = channel.unary_stream(RAW_DOWNLOAD, request_serializer=_identity,
                                             response_deserializer=_identity)
         raw_upload = channel.stream_unary(RAW_UPLOAD, request_serializer=_identity,
                                           response_deserializer=_identity)
 
         async def fedkube_download() -> None:
-            assembler = wire.TensorAssembler(schema)
+            assembler = wire.TensorAssembler(schema, pool=DOWNLOAD_BUFFERS)
             async for chunk in stub.GetModel(pb.GetModelRequest(node_id="bench",
                                                                 model_version=1)):
                 assembler.add(chunk)

@@ -77,6 +77,10 @@ def _tune_process(role: Role) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    from .prefork import start_server, stop_server
+
+    # The agents' fork server imports torch while this process does the same.
+    start_server()
     # Imported after the manifest is read: a spec error is reported without loading torch.
     from .local import RunOptions, run_job, with_clients
     from .progress import outcome_line
@@ -91,7 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                          mlflow_uri=args.mlflow_uri)
     if args.agent_processes:
         options = dataclasses.replace(options, agent_processes=args.agent_processes)
-    summary = asyncio.run(run_job(job, options))
+    try:
+        summary = asyncio.run(run_job(job, options))
+    finally:
+        stop_server()
     print(outcome_line(job.metadata.name, summary))
     print(f"wrote {output}/metrics.jsonl, summary.json, metrics.png")
     if summary["stoppedBy"]:

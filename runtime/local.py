@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from .coordinator.report import RunReport
 from .coordinator.server import serve
 from .coordinator.status import FanOut
 from .coordinator.tracking import tracker_for
+from .prefork import ForkedAgent
 from .progress import ConsoleProgress
 from .spec import FederatedJob, ManifestError, parse_job_spec
 
@@ -104,13 +104,13 @@ def prepare_folder(output: Path, existing: Existing, *, job_file: str) -> checkp
     return state
 
 
-def agent_command(*, port: int, indexes: list[int], state_dir: Path) -> list[str]:
-    command = [sys.executable, "-P", "-m", "fedkube.runtime.cli", "agent",
-               "--coordinator", f"127.0.0.1:{port}", "--device", "cpu",
-               "--state-dir", str(state_dir), "--give-up-after", "120"]
+def agent_args(*, port: int, indexes: list[int], state_dir: Path) -> list[str]:
+    """The `fedkube` arguments of one agent process hosting the simulated `indexes`."""
+    args = ["agent", "--coordinator", f"127.0.0.1:{port}", "--device", "cpu",
+            "--state-dir", str(state_dir), "--give-up-after", "120"]
     for index in indexes:
-        command += ["--simulated-index", str(index)]
-    return command
+        args += ["--simulated-index", str(index)]
+    return args
 
 
 def network_args(job: FederatedJob) -> list[str]:
@@ -154,36 +154,38 @@ def _agent_env(threads: int) -> dict[str, str]:
 
 
 class AgentProcesses:
-    """The simulated agents' OS processes. Each leads its own process group (a Ctrl-C
-    in the terminal reaches only `fedkube run`, which then stops them in order), and
-    stopping signals the whole group, so nothing an agent started outlives it."""
+    """The simulated agents' OS processes, forked from a server that imported torch once
+    (`prefork`). Each leads its own process group (a Ctrl-C in the terminal reaches only
+    `fedkube run`, which then stops them in order), and stopping signals the whole
+    group, so nothing an agent started outlives it."""
 
     def __init__(self, count: int, *, port: int, output: Path, threads: int, processes: int,
                  extra_args: tuple[str, ...]) -> None:
         logs = output / "agents"
         logs.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self._files = []
-        for number, indexes in enumerate(agent_groups(count, processes)):
-            log_file = (logs / f"agents-{number:02d}.log").open("ab")
-            self._files.append(log_file)
-            self.processes.append(subprocess.Popen(
-                [*agent_command(port=port, indexes=indexes, state_dir=output / "agent-state"),
-                 *extra_args],
-                stdout=log_file, stderr=subprocess.STDOUT, env=_agent_env(threads),
-                start_new_session=True))
+        env = _agent_env(threads)
+        self.processes = [
+            ForkedAgent([*agent_args(port=port, indexes=indexes,
+                                     state_dir=output / "agent-state"), *extra_args],
+                        log_path=logs / f"agents-{number:02d}.log", env=env)
+            for number, indexes in enumerate(agent_groups(count, processes))]
 
     def signal_all(self, signum: int) -> None:
         for process in self.processes:
             if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
+                try:
                     os.killpg(process.pid, signum)
+                except ProcessLookupError:
+                    # Forked a moment ago, not yet the leader of its own group.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signum)
+                except PermissionError:
+                    pass
 
     def _wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for process in self.processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
 
     def stop(self, *, grace: float) -> list[int | None]:
         """Give the agents `grace` seconds to leave on their own (they were told STOP),
@@ -194,8 +196,6 @@ class AgentProcesses:
         self.signal_all(signal.SIGKILL)
         for process in self.processes:
             process.wait()
-        for f in self._files:
-            f.close()
         return [p.returncode for p in self.processes]
 
     def kill(self) -> None:
@@ -203,8 +203,6 @@ class AgentProcesses:
         self.signal_all(signal.SIGKILL)
         for process in self.processes:
             process.wait()
-        for f in self._files:
-            f.close()
 
 
 @dataclass

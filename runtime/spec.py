@@ -451,13 +451,15 @@ class AdmissionSpec(_Model):
     upload_timeout_seconds: float = Field(
         600.0, gt=0, description="Longest time one upload may take from its header."
     )
-    concurrent_uploads: int = Field(
-        4, ge=1, le=1024,
+    concurrent_uploads: int | None = Field(
+        None, ge=1, le=1024,
         description="Uploads the coordinator receives and assembles at once; each holds "
-        "one model's worth of memory until it is folded. 1 bounds the coordinator to about "
-        "3x the model (the sum, the model, one upload) with any number of clients, but "
-        "uploads over slow links then wait for each other and one stalled client holds "
-        "up the rest until uploadIdleSeconds.",
+        "one model's worth of memory until it is folded, and the others wait their turn "
+        "(one stalled client holds up those behind it until uploadIdleSeconds). Null: as "
+        "many as keep a round that folds into a running sum within 3x the model (the sum "
+        "and the uploads: 1 for a float32 model), 4 for robust rules (which buffer every "
+        "update anyway). More speeds up uploads over slow links, at one model of memory "
+        "each.",
     )
     expire_after_seconds: float = Field(
         600.0, gt=0,

@@ -100,10 +100,21 @@ def _channel(config: AgentConfig) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(config.coordinator, options=GRPC_OPTIONS)
 
 
-def _stub(channel: grpc.aio.Channel) -> pb_grpc.CoordinatorStub:
+#: Where downloaded models are received, shared by the agents of this process: one
+#: model's worth of memory stays mapped between rounds instead of being faulted in afresh
+#: by every download (runtime/wire/buffers.py).
+DOWNLOAD_BUFFERS = wire.BufferPool(max_bytes=0)
+
+
+def coordinator_stub(channel: grpc.aio.Channel) -> pb_grpc.CoordinatorStub:
     """The generated stub, except for the two calls whose chunks travel pre-serialised
-    (wire.serialized_update_chunks): the plain update and the masked input."""
+    (wire.serialized_update_chunks), the plain update and the masked input, and GetModel,
+    whose chunks are parsed without copying their payload (wire.parse_tensor_chunk)."""
     stub = pb_grpc.CoordinatorStub(channel)
+    stub.GetModel = channel.unary_stream(
+        "/fedkube.v1.Coordinator/GetModel",
+        request_serializer=pb.GetModelRequest.SerializeToString,
+        response_deserializer=wire.parse_tensor_chunk)
     stub.SubmitUpdate = channel.stream_unary(
         "/fedkube.v1.Coordinator/SubmitUpdate", request_serializer=wire.serialize,
         response_deserializer=pb.SubmitReply.FromString)
@@ -168,7 +179,7 @@ class Agent:
         while True:
             try:
                 async with _channel(self.config) as channel:
-                    stub = _stub(channel)
+                    stub = coordinator_stub(channel)
                     await self._register(stub)
                     backoff = 0.5
                     await self._serve(stub)
@@ -361,12 +372,14 @@ class Agent:
         request = pb.GetModelRequest(node_id=self.node_id, model_version=plan.model_version)
         if held is not None:
             request.held_version = held[0]
-        assembler = wire.ModelAssembler(self.trainer.schema,
-                                        held=held[1] if held else None,
-                                        held_version=held[0] if held else None)
+        schema = self.trainer.schema
+        DOWNLOAD_BUFFERS.allow(sum(spec.nbytes for spec in schema.values()))
+        assembler = wire.ModelAssembler(schema, held=held[1] if held else None,
+                                        held_version=held[0] if held else None,
+                                        pool=DOWNLOAD_BUFFERS)
         version = plan.model_version
         async for chunk in stub.GetModel(request, metadata=self._metadata()):
-            await link.pace(chunk.ByteSize())
+            await link.pace(chunk.nbytes)
             version = chunk.model_version
             assembler.add(chunk)
         return version, assembler.finish()

@@ -58,16 +58,18 @@ def layout_of(template: Mapping[str, Tensor]) -> Layout:
 
 
 def check_matches(layout: Layout, update: Mapping[str, Tensor], *,
-                  what: str = "update") -> UpdateStats:
+                  what: str = "update", reference: Mapping[str, Tensor] | None = None
+                  ) -> UpdateStats:
     """Raise ValueError naming the first tensor of `update` that does not fit `layout`;
-    return its `UpdateStats` (taken in the same read as the finiteness check).
+    return its `UpdateStats` (taken in the same read as the finiteness check; with
+    `reference`, its inner product with it too: `measure`).
 
     Checked: the same names (none missing, none extra), the same shapes, no complex
     dtype, and only finite values in floating tensors (one NaN would poison the global
     model for every later round).
     """
     check_structure(layout, update, what=what)
-    return measure(layout, update, what=what)
+    return measure(layout, update, what=what, reference=reference)
 
 
 def check_structure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> None:
@@ -97,13 +99,28 @@ def check_structure(layout: Layout, update: Mapping[str, Tensor], *, what: str =
 
 class UpdateStats(NamedTuple):
     """What one read of an update tells: the L2 norm of all its floating tensors as one
-    vector (the update as sent). Only finite updates get stats; others are refused."""
+    vector (the update as sent), and, when it was measured against a reference, the inner
+    product with it (over the floating tensors the reference has). Only finite updates
+    get stats; others are refused."""
 
     norm: float
+    dot: float | None = None
 
 
-def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update") -> UpdateStats:
-    """Finiteness and norm of `update` in one read of each floating tensor.
+def _dot(tensor: Tensor, other: Tensor) -> float:
+    return float(tensor.reshape(-1).to(torch.float64).dot(other.reshape(-1).to(torch.float64)))
+
+
+def _fusable(tensor: Tensor, other: Tensor) -> bool:
+    """Whether `other` can be read beside float32 CPU `tensor` in one compiled loop."""
+    return (other.dtype == torch.float32 and other.device.type == "cpu"
+            and other.shape == tensor.shape and other.is_contiguous())
+
+
+def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update",
+            reference: Mapping[str, Tensor] | None = None) -> UpdateStats:
+    """Finiteness and norm of `update` in one read of each floating tensor (and, with
+    `reference`, the inner product with it: for float32 tensors in that same read).
 
     float32 tensors on the CPU go through one compiled loop each (`_kernels`), squares
     summed in float64. Other floating dtypes: one fused call (``torch._foreach_norm``, what `torch.nn.utils.clip_grad_norm_` uses)
@@ -116,6 +133,7 @@ def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update
     is read) is measured one tensor at a time instead, so its decoded tensors never all
     exist at once; in float64, where float32 values cannot overflow.
     """
+    dot = None if reference is None else 0.0
     if not isinstance(update, dict):
         squares = 0.0
         for meta in layout:
@@ -125,30 +143,42 @@ def measure(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update
                 if not math.isfinite(norm):
                     check_finite(layout, update, what=what, confirmed=False)
                 squares += norm * norm
+                if reference is not None and meta.name in reference:
+                    dot += _dot(tensor.detach(), reference[meta.name])
             del tensor
-        return UpdateStats(math.sqrt(squares))
+        return UpdateStats(math.sqrt(squares), dot)
     # float32 on the CPU (nearly every model): one compiled pass per tensor, summing
     # squares in float64, where they cannot overflow, so a non-finite sum is a NaN/Inf.
     compiled = 0.0
     floating = []
     for meta in layout:
         tensor = update[meta.name].detach()
+        other = None if reference is None else reference.get(meta.name)
         if tensor.dtype == torch.float32 and tensor.device.type == "cpu":
-            squares_of = _kernels.sum_of_squares(tensor.reshape(-1).numpy())
+            flat = tensor.reshape(-1).numpy()
+            if other is not None and _fusable(tensor, other):
+                squares_of, dot_of = _kernels.squares_and_dot(flat, other.reshape(-1).numpy())
+                dot += dot_of
+            else:
+                squares_of = _kernels.sum_of_squares(flat)
+                if other is not None:
+                    dot += _dot(tensor, other)
             if not math.isfinite(squares_of):
                 check_finite(layout, update, what=what, confirmed=False)
             compiled += squares_of
         elif tensor.is_floating_point():
             floating.append(tensor)
+            if other is not None:
+                dot += _dot(tensor, other)
     if not floating:
-        return UpdateStats(math.sqrt(compiled))
+        return UpdateStats(math.sqrt(compiled), dot)
     norms = torch._foreach_norm(floating)
     squares = torch.stack([n.to(torch.float64) for n in norms]).square()
     if bool(torch.isfinite(squares).all()):
-        return UpdateStats(math.sqrt(compiled + float(squares.sum())))
+        return UpdateStats(math.sqrt(compiled + float(squares.sum())), dot)
     check_finite(layout, update, what=what, confirmed=False)
     return UpdateStats(math.sqrt(compiled + sum(
-        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in floating)))
+        float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in floating)), dot)
 
 
 def check_finite(layout: Layout, update: Mapping[str, Tensor], *, what: str = "update",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _kernels
 from ._tensors import Weights
 
 Z_FLOOR = 4.0
@@ -88,15 +89,26 @@ def measure(update: Mapping[str, Tensor], reference: Mapping[str, Tensor] | None
 
 
 def with_norm(update: Mapping[str, Tensor], norm: float,
-              reference: Mapping[str, Tensor] | None, reference_norm: float) -> UpdateStats:
-    """`update`'s stats when its norm is known already (the fold's read gave it): only
-    the inner product with `reference` is computed, and only when there is one."""
+              reference: Mapping[str, Tensor] | None, reference_norm: float, *,
+              dot: float | None = None) -> UpdateStats:
+    """`update`'s stats when its norm is known already (the fold's read gave it), and
+    its inner product with `reference` too when `dot` is given (that read can take it):
+    otherwise that is computed, and only when there is a reference."""
     if reference is None or norm <= 0 or reference_norm <= 0:
         return UpdateStats(norm=norm, cosine=None)
-    dot = sum(float(tensor.detach().reshape(-1).to(torch.float64).dot(
-        reference[name].reshape(-1).to(torch.float64)))
-        for name, tensor in update.items() if name in reference and tensor.is_floating_point())
+    if dot is None:
+        dot = sum(_inner(tensor.detach(), reference[name]) for name, tensor in update.items()
+                  if name in reference and tensor.is_floating_point())
     return UpdateStats(norm=norm, cosine=max(-1.0, min(1.0, dot / (norm * reference_norm))))
+
+
+def _inner(tensor: Tensor, other: Tensor) -> float:
+    """<tensor, other> in float64: float32 CPU pairs in one compiled read of each (every
+    round after the first pays this per update, as it arrives); others by torch."""
+    if (tensor.dtype == other.dtype == torch.float32 and tensor.device.type == "cpu"
+            and other.device.type == "cpu" and tensor.shape == other.shape):
+        return _kernels.dot(tensor.reshape(-1).numpy(), other.reshape(-1).numpy())
+    return float(tensor.reshape(-1).to(torch.float64).dot(other.reshape(-1).to(torch.float64)))
 
 
 def cosines_to(updates: Sequence[Mapping[str, Tensor]], centre: Mapping[str, Tensor]

@@ -33,16 +33,25 @@ def _check_steps(steps: int) -> int:
 class NormalizedSum:
     """FedNova's running sum: O(model) memory however many clients report. A delta of
     `steps` local steps goes into a `WeightedSum` with weight `weight / steps`; the mean
-    is rescaled once at the end, so no delta is ever copied."""
+    is rescaled once at the end, so no delta is ever copied. `hold` as for `WeightedSum`."""
 
-    def __init__(self, template: Mapping[str, Tensor]) -> None:
-        self._sum = WeightedSum(template)
+    def __init__(self, template: Mapping[str, Tensor], *, hold: int = 0) -> None:
+        self._sum = WeightedSum(template, hold=hold)
         self._weight = 0.0  # sum of n_i
         self._step_weight = 0.0  # sum of n_i * tau_i
 
     @property
     def count(self) -> int:
         return self._sum.count
+
+    @property
+    def held(self) -> int:
+        """Accepted deltas waiting for the next pass over the sum (`WeightedSum.held`)."""
+        return self._sum.held
+
+    def flush(self) -> None:
+        """Fold the held deltas now (`WeightedSum.flush`)."""
+        self._sum.flush()
 
     @property
     def effective_steps(self) -> float:
@@ -52,13 +61,15 @@ class NormalizedSum:
         return self._step_weight / self._weight
 
     def add(self, update: Mapping[str, Tensor], weight: float, steps: int, *,
-            what: str = "update", bound: Bound | None = None) -> UpdateStats:
+            what: str = "update", bound: Bound | None = None,
+            reference: Mapping[str, Tensor] | None = None) -> UpdateStats:
         """Fold in `update`, trained for `steps` local steps, with `weight` (its
-        num_samples); `bound` as for `WeightedSum.add`. ValueError for a bad update,
+        num_samples); `bound` and `reference` as for `WeightedSum.add`. ValueError for a bad update,
         weight or step count; nothing changes then."""
         tau = _check_steps(steps)
         # WeightedSum validates (and bounds) before it commits.
-        stats = self._sum.add(update, float(weight) / tau, what=what, bound=bound)
+        stats = self._sum.add(update, float(weight) / tau, what=what, bound=bound,
+                              reference=reference)
         self._weight += float(weight)
         self._step_weight += float(weight) * tau
         return stats

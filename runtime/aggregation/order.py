@@ -31,8 +31,10 @@ from ._tensors import ACCUMULATOR_DTYPE, TensorMeta, cast_back
 SLICE = 1 << 13
 """Columns per slice: n rows of 8192 float32 values (1.6 MB for 50 updates) stay in cache."""
 
-COMPILED_SLICE = 1 << 12
-"""Columns per slice of the compiled path (float32): 800 KB for 50 updates, in L2."""
+COMPILED_SLICE = 1 << 8
+"""Columns per slice of the compiled path (float32): 52 KB for 50 updates, about L1's
+size, so each comparator's loads and stores hit L1 (4096 columns, in L2, were 1.2x
+slower at 50 x 11.7M: bench/README.md)."""
 
 Comparator = tuple[int, int]
 
@@ -81,18 +83,36 @@ def network_placing(count: int, ranks: tuple[int, ...]) -> tuple[Comparator, ...
     return min(network_for_ranks(count, ranks), network_for_ranks(count, others), key=len)
 
 
+class NonFiniteError(ValueError):
+    """A tensor the compiled path ordered holds NaN or Inf (which update: `check_finite`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"tensor {name!r} contains NaN or Inf")
+
+
+def proves_finite(updates: Sequence[Mapping[str, Tensor]], meta: TensorMeta) -> bool:
+    """Whether `coordinate_statistic` takes tensor `meta` through the compiled path, which
+    raises NonFiniteError when a value is NaN or Inf (so callers need not read it first):
+    float32 on the CPU in every update."""
+    return meta.dtype == torch.float32 and meta.device.type == "cpu" and all(
+        update[meta.name].dtype == torch.float32 and update[meta.name].device.type == "cpu"
+        for update in updates)
+
+
 def coordinate_statistic(
     updates: Sequence[Mapping[str, Tensor]], meta: TensorMeta, ranks: range
 ) -> Tensor:
     """Per coordinate of tensor `meta`, the mean of the values at `ranks` (0 = smallest)
-    among the updates', in the tensor's shape and dtype (integers rounded half to even)."""
+    among the updates', in the tensor's shape and dtype (integers rounded half to even).
+    NonFiniteError where `proves_finite` and some value is NaN or Inf; other tensors
+    must have been checked."""
     count = len(updates)
     if not ranks or ranks.start < 0 or ranks.stop > count:
         raise ValueError(f"ranks {ranks} do not fit {count} updates")
     work = meta.dtype if meta.dtype.is_floating_point else ACCUMULATOR_DTYPE
     flats = [update[meta.name].detach().to(meta.device).reshape(-1) for update in updates]
     network = network_placing(count, tuple(ranks))
-    if meta.dtype == torch.float32 and meta.device.type == "cpu":
+    if proves_finite(updates, meta):
         return _compiled_statistic(flats, meta, network, ranks)
     out = torch.empty(meta.numel, dtype=meta.dtype, device=meta.device)
     spare = torch.empty(min(SLICE, meta.numel), dtype=work, device=meta.device)
@@ -118,18 +138,13 @@ def coordinate_statistic(
 def _compiled_statistic(flats: Sequence[Tensor], meta: TensorMeta,
                         network: Sequence[Comparator], ranks: range) -> Tensor:
     """`coordinate_statistic` for float32 on the CPU: the same network and the same
-    float64 sums (so bit for bit the same result), in one compiled loop per slice instead
-    of two torch calls per comparator."""
+    float64 sums (so bit for bit the same result), in one compiled call for the whole
+    tensor, which also proves every value finite in the copy each slice needs anyway."""
     comparators = np.array(network, dtype=np.int64).reshape(-1, 2)
     kept = np.array(list(ranks), dtype=np.int64)
     out = torch.empty(meta.numel, dtype=torch.float32)
-    # Two spare rows below the updates' (see `_kernels.order_block`).
-    buffer = torch.empty((len(flats) + 2, min(COMPILED_SLICE, meta.numel)), dtype=torch.float32)
-    for start in range(0, meta.numel, COMPILED_SLICE):
-        stop = min(start + COMPILED_SLICE, meta.numel)
-        # The last slice may be narrower: a fresh block then, since out= must be whole.
-        block = buffer if stop - start == buffer.shape[1] else torch.empty(
-            (len(flats) + 2, stop - start), dtype=torch.float32)
-        torch.stack([flat[start:stop] for flat in flats], out=block[: len(flats)])
-        _kernels.order_block(block.numpy(), comparators, kept, out[start:stop].numpy())
+    sources = [flat.contiguous().numpy() for flat in flats]
+    if not _kernels.order_columns(sources, comparators, kept, out.numpy(),
+                                  min(COMPILED_SLICE, meta.numel)):
+        raise NonFiniteError(meta.name)
     return out.reshape(meta.shape)

@@ -66,9 +66,11 @@ class RoundAggregator:
 
     `max_buffered` bounds how many updates a robust round holds (ignored, and may be 0,
     for averaging strategies). Buffered deltas are kept by reference, never modified;
-    callers must not modify a delta after handing it over. `hold` (fedavg's family
-    only) lets the weighted sum keep up to that many accepted deltas by reference and
-    fold them together (`WeightedSum`): faster, for that much more memory.
+    callers must not modify a delta after handing it over. `hold` (fedavg's family and
+    fednova, without a transform) lets the weighted sum keep up to that many accepted
+    deltas by reference and fold them together (`WeightedSum`) at the next `flush` (or
+    when one more arrives): faster, for that much more memory unless the caller holds
+    those deltas anyway (the coordinator's waiting ones).
     """
 
     def __init__(
@@ -102,13 +104,16 @@ class RoundAggregator:
         self._reference_norm = anomaly.l2_norm(history.centre) if history.centre else 0.0
         self._clip: CenteredClipSum | None = None
         self._sum: WeightedSum | NormalizedSum | None = None
+        # A transformed delta is a new copy: holding it would cost memory the waiting
+        # deltas (held by their callers anyway) do not.
+        hold = hold if transform is None else 0
         if not robust and rule_for(config.rule).fold == "centered_clip":
             self._clip = CenteredClipSum(template, centre=history.centre,
                                          radius=config.clip_radius,
                                          previous_radius=history.radius)
             self._uniform = True  # every update counts the same
         elif not robust and config.rule == "fednova":
-            self._sum = NormalizedSum(template)
+            self._sum = NormalizedSum(template, hold=hold)
         elif not robust:
             self._sum = WeightedSum(template, hold=hold)
         self._stats: list[anomaly.UpdateStats] = []
@@ -129,6 +134,11 @@ class RoundAggregator:
     def buffered(self) -> int:
         """How many whole updates are held in memory (always 0 for averaging strategies)."""
         return len(self._buffer)
+
+    @property
+    def held(self) -> int:
+        """How many accepted deltas wait, by reference, for the next fold (`hold`)."""
+        return self._sum.held if self._sum is not None else 0
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -167,15 +177,17 @@ class RoundAggregator:
         weight = 1.0 if self._uniform else float(num_samples)
         if self._transform is None and self._sum is not None:
             # The common path: one read for checks and stats, one fold, no copy.
+            # Scored as received: its norm and its inner product with the last aggregate
+            # (where there is one) from the same read as its finiteness check.
             if isinstance(self._sum, NormalizedSum):
-                stats = self._sum.add(delta, weight, local_steps, what=what, bound=bound)
+                stats = self._sum.add(delta, weight, local_steps, what=what, bound=bound,
+                                      reference=self._reference)
             else:
-                stats = self._sum.add(delta, weight, what=what, bound=bound)
+                stats = self._sum.add(delta, weight, what=what, bound=bound,
+                                      reference=self._reference)
             self._nodes.append(node_id)
-            # Scored as received: its norm from the fold's read, its cosine to the last
-            # aggregate from one more pass where there is one.
             self._stats.append(anomaly.with_norm(delta, stats.norm, self._reference,
-                                                 self._reference_norm))
+                                                 self._reference_norm, dot=stats.dot))
             return stats
         sent = delta
         # Checked before the transform too: a transform may hide a NaN (a clip by a NaN
@@ -203,6 +215,13 @@ class RoundAggregator:
         self._stats.append(anomaly.with_norm(sent, stats.norm, self._reference,
                                              self._reference_norm))
         return stats
+
+    def flush(self) -> None:
+        """Fold the deltas `hold` keeps waiting, now, together: a caller that takes several
+        waiting deltas at once adds them all and then flushes, so the sum is read and
+        written once for the lot. Nothing to do for rules that keep no held deltas."""
+        if self._sum is not None:
+            self._sum.flush()
 
     def finish(self) -> AggregateOutcome:
         """Aggregate what arrived. Once only; frees the buffer.

@@ -120,7 +120,8 @@ class WeightedSum:
         return self._total_weight
 
     def add(self, update: Mapping[str, Tensor], weight: float, *, what: str = "update",
-            bound: Bound | None = None) -> UpdateStats:
+            bound: Bound | None = None,
+            reference: Mapping[str, Tensor] | None = None) -> UpdateStats:
         """Fold `update` in with `weight` (> 0). `update` is not modified (and, unless
         `hold` > 0, not kept).
 
@@ -129,10 +130,12 @@ class WeightedSum:
         `bound`, the update's stats go to it and it is folded as ``factor * update``
         (its weight still counts whole in the mean's denominator, as a clipped copy
         would); whatever `bound` raises propagates. A refused update leaves the sum
-        exactly as it was. Returns the update's stats (of the update as given).
+        exactly as it was. Returns the update's stats (of the update as given; with
+        `reference`, shaped like the template, its inner product with it too, from the
+        same read).
         """
         scale = _check_weight(weight)
-        stats = check_matches(self._layout, update, what=what)
+        stats = check_matches(self._layout, update, what=what, reference=reference)
         factor = 1.0 if bound is None else float(bound(stats))
         if not 0.0 < factor <= 1.0:
             raise ValueError(f"{what}: the bound's factor must be in (0, 1], got {factor!r}")
@@ -180,8 +183,17 @@ class WeightedSum:
         self._flush()
         return {meta.name: self._mean_of(meta.name, meta.dtype) for meta in self._layout}
 
+    @property
+    def held(self) -> int:
+        """How many accepted updates wait, by reference, to be folded."""
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Fold the held updates into the sum now, in arrival order, in one pass over it
+        (eight at a time), and drop the references to them. A no-op when none are held."""
+        self._flush()
+
     def _flush(self) -> None:
-        """Fold the held updates into the sum, in arrival order."""
         pending, self._pending = self._pending, []
         if not pending:
             return

@@ -83,19 +83,22 @@ from .quarantine import (
     robustness_state,
 )
 from .registry import Client, ClientRegistry
-from .round import Round, RoundResult, select_clients
+from .round import FOLD_TOGETHER, Round, RoundResult, select_clients
 from .secure_round import SecureRound, distributed_noise_std, secure_config
 from .selection import candidate_of, choose, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .traffic import traffic
-from .uploads import UploadGuard
+from .uploads import UploadGuard, assembling_slots
 
 if TYPE_CHECKING:
     from .central_dp import CentralDP
     from .metrics import CoordinatorMetrics
 
 __all__ = ["RoundEngine", "RoundRecord"]
+
+#: Bytes per parameter of a folding round's running sum (aggregation.weighted: float64).
+ACCUMULATOR_BYTES = 8
 
 log = logging.getLogger("fedkube.coordinator")
 
@@ -145,10 +148,6 @@ class RoundEngine:
         self.bounds = UpdateBounds(admission.model_copy(
             update={"max_update_norm": None, "norm_bound_factor": None})
             if self.spec.privacy.mode == "central" else admission)
-        # Uploads being assembled are bounded (memory); stalled ones are cut off.
-        self.uploads = UploadGuard(slots=admission.concurrent_uploads,
-                                   idle_seconds=admission.upload_idle_seconds,
-                                   total_seconds=admission.upload_timeout_seconds)
         self.book = StatusBook(job=self.name, spec=self.spec, registry=self.registry,
                                events=self.events)
         self.status = self.book.status
@@ -173,6 +172,10 @@ class RoundEngine:
         self.round = 0
         self.history: list[RoundRecord] = []
         self.aggregation = aggregation_config(self.spec.strategy)
+        # Uploads being assembled are bounded (memory); stalled ones are cut off.
+        self.uploads = UploadGuard(slots=self._upload_slots(),
+                                   idle_seconds=admission.upload_idle_seconds,
+                                   total_seconds=admission.upload_timeout_seconds)
         self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.aggregation))
         self.selection = selection_config(self.spec)
         self.dropout_estimate = self.spec.simulation.dropout
@@ -530,7 +533,8 @@ class RoundEngine:
         aggregator = RoundAggregator(
             self.aggregation, self.weights, max_buffered=len(selected) if buffered else 0,
             transform=self.central.transform if self.central else None,
-            uniform_weights=self.central is not None, history=self.round_history)
+            uniform_weights=self.central is not None, history=self.round_history,
+            hold=FOLD_TOGETHER - 1)
         cap = self.spec.privacy.target_epsilon if self.spec.privacy.mode == "local" else None
         self.bounds.next_round()
         return Round(plan=plan, selected={c.node_id: c for c in selected}, wanted=wanted,
@@ -730,6 +734,18 @@ class RoundEngine:
             await asyncio.wait_for(self.registry.changed.wait(), timeout=timeout)
         except TimeoutError:
             pass
+
+    def _upload_slots(self) -> int:
+        """admission.concurrentUploads, or when unset as many as the memory budget allows
+        beside the running sum (float64: ACCUMULATOR_BYTES per parameter) of a rule that
+        folds; robust rules buffer every update, so the uploads do not set their memory."""
+        chosen = self.spec.admission.concurrent_uploads
+        if chosen is not None:
+            return chosen
+        folds = not rule_for(self.aggregation.rule).buffered
+        parameters = sum(t.numel() for t in self.weights.values())
+        return assembling_slots(model_bytes=self.model_bytes,
+                                sum_bytes=parameters * ACCUMULATOR_BYTES if folds else None)
 
     def job_running(self) -> bool:
         return self.status.phase not in TERMINAL_PHASES

@@ -4,6 +4,7 @@ fold each update as it arrives, close at all-in or at the deadline."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
@@ -45,10 +46,26 @@ class RoundResult:
     train_loss: float | None
 
 
+FOLD_TOGETHER = 8
+"""The most waiting deltas folded in one pass over the sum (the compiled fold's widest);
+the aggregator holds up to this many minus one (`RoundAggregator(hold=...)`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Waiting:
+    """A delta waiting for the fold, and where its caller awaits the answer."""
+
+    header: UpdateHeader
+    delta: Weights
+    answer: asyncio.Future[Bounded]
+
+
 @dataclass
 class Round:
     """The open round's state. Its methods are called from the event loop; folding runs
-    in a worker thread under `fold_lock`, so a close never races a fold."""
+    in a worker thread under `fold_lock`, so a close never races a fold. `aggregator`
+    should hold `FOLD_TOGETHER - 1` deltas, so that a batch of waiting ones is folded
+    in one pass (`fold`)."""
 
     plan: TrainPlan
     selected: dict[str, Client]
@@ -71,6 +88,8 @@ class Round:
     closed: bool = False
     started: float = 0.0  # monotonic time of dispatch
     bytes_up: int = 0  # of the updates accepted this round, as they travelled
+    _waiting: list[_Waiting] = field(default_factory=list)
+    _folding: asyncio.Future[list[Bounded | Rejected]] | None = None
 
     @property
     def number(self) -> int:
@@ -129,19 +148,90 @@ class Round:
     async def fold(self, header: UpdateHeader, delta: Weights, live: IsLive) -> Bounded:
         """Bound a validated delta (norm, sample count) and fold it into the running
         aggregate; the global model is untouched. Raises Rejected if the bounds refuse it
-        or the round closed meanwhile."""
-        async with self.fold_lock:
-            self.admit(header)
+        or the round closed meanwhile.
+
+        Deltas that arrive while a fold runs wait; whoever takes `fold_lock` next folds
+        every waiting one (up to `FOLD_TOGETHER`) in one pass over the sum, each checked
+        and bounded on its own first, and answers each of them. They were all in memory
+        already, so folding them together costs no memory."""
+        waiting = _Waiting(header, delta, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        try:
+            async with self.fold_lock:
+                await self._settle()
+                if not waiting.answer.done():
+                    await self._fold_waiting()
+        except asyncio.CancelledError:
+            if waiting in self._waiting:  # never taken: it was not folded
+                self._waiting.remove(waiting)
+            raise
+        bounded = waiting.answer.result()  # raises the Rejected it got
+        self.check_complete(live)
+        return bounded
+
+    async def _fold_waiting(self) -> None:
+        """Admit, bound and fold the waiting deltas (under `fold_lock`); answer each."""
+        batch: list[_Waiting] = []
+        nodes: set[str] = set()
+        for waiting in list(self._waiting):
+            if len(batch) == FOLD_TOGETHER:
+                break
+            if waiting.header.node_id in nodes:
+                continue  # the same node twice: the next batch answers the second
+            self._waiting.remove(waiting)
             try:
-                bounded = await asyncio.to_thread(self._bound_and_add, header, delta)
-            except ValueError as error:
-                raise Rejected(RejectReason.MALFORMED, str(error)) from None
+                self.admit(waiting.header)
+            except Rejected as refusal:
+                waiting.answer.set_exception(refusal)
+                continue
+            batch.append(waiting)
+            nodes.add(waiting.header.node_id)
+        if not batch:
+            return
+        # The thread folds the batch even if this caller is cancelled meanwhile, so the
+        # answers come from the work itself, and the next fold or the close waits for it.
+        self._folding = asyncio.ensure_future(asyncio.to_thread(self._bound_and_add_all, batch))
+        self._folding.add_done_callback(functools.partial(self._answer, batch))
+        await asyncio.shield(self._folding)
+
+    async def _settle(self) -> None:
+        """Wait for a batch whose caller was cancelled to finish folding (under
+        `fold_lock`)."""
+        if self._folding is not None and not self._folding.done():
+            await asyncio.shield(self._folding)
+
+    def _answer(self, batch: Sequence[_Waiting], work: asyncio.Future[list[Bounded | Rejected]]
+                ) -> None:
+        if work.cancelled() or work.exception() is not None:
+            failure = work.exception() if not work.cancelled() else None
+            for waiting in batch:
+                if failure is None:
+                    waiting.answer.cancel()
+                else:
+                    waiting.answer.set_exception(failure)
+            return
+        for waiting, outcome in zip(batch, work.result(), strict=True):
+            if isinstance(outcome, Rejected):
+                waiting.answer.set_exception(outcome)
+                continue
+            header = waiting.header
             self.answered.add(header.node_id)
             self.accepted.append(header.node_id)
             if "loss" in header.metrics:
-                self.train_losses.append((header.metrics["loss"], bounded.weight))
-        self.check_complete(live)
-        return bounded
+                self.train_losses.append((header.metrics["loss"], outcome.weight))
+            waiting.answer.set_result(outcome)
+
+    def _bound_and_add_all(self, batch: Sequence[_Waiting]) -> list[Bounded | Rejected]:
+        outcomes: list[Bounded | Rejected] = []
+        for waiting in batch:
+            try:
+                outcomes.append(self._bound_and_add(waiting.header, waiting.delta))
+            except Rejected as refusal:  # the bounds' (norm, sample cap)
+                outcomes.append(refusal)
+            except ValueError as error:
+                outcomes.append(Rejected(RejectReason.MALFORMED, str(error)))
+        self.aggregator.flush()
+        return outcomes
 
     def _bound_and_add(self, header: UpdateHeader, delta: Weights) -> Bounded:
         node_id, claimed = header.node_id, int(header.num_samples)
@@ -184,6 +274,7 @@ class Round:
     async def close(self) -> RoundResult:
         """Refuse anything later, then aggregate what arrived (if enough did)."""
         async with self.fold_lock:
+            await self._settle()
             self.closed = True
         dropped = len(self.selected) - len(self.answered)
         aggregate = None

@@ -5,10 +5,11 @@ deadline per upload. A slot is freed however the upload ends.
 The slots are what bounds the coordinator's memory: an upload is assembled whole (a norm
 bound needs its whole norm before it may be folded) and held until its fold is done, so
 `slots` assembled uploads at most exist at once, however many clients upload together.
-The coordinator uses `admission.concurrentUploads` slots (4 unless the job says
-otherwise); with one, its peak is the running sum, the model and one upload. Others wait
-for a slot in order before a byte of theirs is read (gRPC's flow control holds their
-chunks back on the client), within the total deadline.
+The coordinator uses `admission.concurrentUploads` slots; unset, `assembling_slots`
+picks as many as keep a round that folds into a running sum within MEMORY_BUDGET times
+the model (one, beside a float64 sum of a float32 model). Others wait for a slot in
+order before a byte of theirs is read (gRPC's flow control holds their chunks back on
+the client), within the total deadline.
 `peak_held` counts the most slots ever held at once, so tests can check the bound."""
 
 from __future__ import annotations
@@ -22,16 +23,34 @@ from ..messages import Rejected, RejectReason
 
 T = TypeVar("T")
 
-#: Uploads assembled at once when the job does not say (`admission.concurrentUploads`):
-#: more than one, so that a client on a slow link, or one that stalls until its idle
-#: deadline, does not hold up every other upload of the round.
+#: Uploads assembled at once, when the job does not say, by a round that keeps every
+#: update anyway (robust rules: its buffer, not the uploads, sets its memory): more than
+#: one, so that a client on a slow link, or one that stalls until its idle deadline, does
+#: not hold up every other upload of the round.
 ASSEMBLING = 4
+#: The most a round that folds into a running sum may hold, as a multiple of the model's
+#: bytes, when the job leaves `admission.concurrentUploads` unset: the sum and the uploads
+#: being assembled (issue 17: "at most 3x the model with any number of clients").
+MEMORY_BUDGET = 3.0
+
+
+def assembling_slots(*, model_bytes: int, sum_bytes: int | None,
+                     budget: float = MEMORY_BUDGET) -> int:
+    """Uploads to assemble at once when the job does not say: beside a running sum of
+    `sum_bytes`, as many whole uploads of `model_bytes` as fit in `budget` times the
+    model, and at least one; ASSEMBLING where updates are buffered (`sum_bytes` None)."""
+    if sum_bytes is None:
+        return ASSEMBLING
+    if model_bytes <= 0:
+        return 1
+    return max(1, int((budget * model_bytes - sum_bytes) // model_bytes))
 
 
 class UploadGuard:
     def __init__(self, *, slots: int, idle_seconds: float, total_seconds: float) -> None:
         self.idle_seconds = idle_seconds
         self.total_seconds = total_seconds
+        self.slots = slots
         self._slots = asyncio.Semaphore(slots)
         self._in_flight: set[str] = set()
         self.held = 0

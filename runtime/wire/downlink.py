@@ -14,9 +14,11 @@ import torch
 from ..compression import EncodingError
 from ..compression.downlink import ModelDelta, apply_delta
 from ..proto import fedkube_pb2 as pb
+from .buffers import BufferPool
 from .tensors import (
     _DTYPES,
     CHUNK_BYTES,
+    ReceivedTensor,
     Schema,
     TensorAssembler,
     WireError,
@@ -66,30 +68,39 @@ class ModelAssembler:
     """The agent's side: rebuilds the global model from raw chunks and delta chunks,
     applying each delta to the tensor of `held` (the version `held_version`, which the
     agent named in its request). `finish()` returns the whole model or raises WireError
-    naming the tensor; `held` is never written to."""
+    naming the tensor; `held` is never written to. Chunks may be TensorChunks or
+    `ReceivedTensor`s (GetModel's zero-copy parse); raw tensors are received into `pool`'s
+    reused buffers when one is given."""
 
     def __init__(self, schema: Schema, *, held: Mapping[str, torch.Tensor] | None = None,
-                 held_version: int | None = None) -> None:
+                 held_version: int | None = None, pool: BufferPool | None = None) -> None:
         self._schema = schema
+        self._pool = pool
         self._held = held
         self._held_version = held_version
         self._raw: dict[str, TensorAssembler] = {}
         self._deltas: dict[str, _IncomingDelta] = {}
         self.bytes_received = 0
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk | ReceivedTensor) -> None:
+        received = chunk
+        if isinstance(chunk, ReceivedTensor):
+            chunk = chunk.tensor
+            data = chunk.data if received.data is None else received.data
+        else:
+            data = chunk.data
         name = chunk.name
         spec = self._schema.get(name)
         if spec is None:
             raise WireError(f"unexpected tensor {name!r}")
-        self.bytes_received += len(chunk.data)
+        self.bytes_received += len(data)
         if not chunk.HasField("delta"):
             if name in self._deltas:
                 raise WireError(f"tensor {name!r}: raw chunk after delta ones")
             assembler = self._raw.get(name)
             if assembler is None:
-                assembler = self._raw[name] = TensorAssembler({name: spec})
-            assembler.add(chunk)
+                assembler = self._raw[name] = TensorAssembler({name: spec}, pool=self._pool)
+            assembler.add(received)
             return
         if name in self._raw:
             raise WireError(f"tensor {name!r}: delta chunk after raw ones")
@@ -110,10 +121,10 @@ class ModelAssembler:
             raise WireError(f"tensor {name!r}: delta header changed between chunks")
         if chunk.offset != incoming.filled:
             raise WireError(f"tensor {name!r}: delta chunk at byte {chunk.offset} out of order")
-        end = incoming.filled + len(chunk.data)
+        end = incoming.filled + len(data)
         if end > incoming.delta.size:
             raise WireError(f"tensor {name!r}: {end} bytes, its delta has {incoming.delta.size}")
-        incoming.payload[incoming.filled:end] = chunk.data
+        incoming.payload[incoming.filled:end] = data
         incoming.filled = end
 
     def finish(self) -> dict[str, torch.Tensor]:

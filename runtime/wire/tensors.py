@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from ..compression import DecodedUpdate, EncodedTensor, EncodingError
 from ..messages import RejectReason
 from ..proto import fedkube_pb2 as pb
+from .buffers import BufferPool
 
 # 4 MiB of payload per message: larger chunks mean fewer per-message costs (a protobuf
 # object, an event-loop turn on each side, HTTP/2 framing); bench/wire.py measures the
@@ -256,6 +257,33 @@ def parse_update_chunk(encoded: bytes) -> ReceivedChunk:
 _UPDATE_TAG = _varint(_UPDATE_TENSOR << 3 | 2)
 
 
+class ReceivedTensor:
+    """A TensorChunk as received (what GetModel streams): its fields but `data` parsed by
+    protobuf, and `data` as a view of the bytes gRPC handed over. `TensorAssembler.add`
+    takes it."""
+
+    __slots__ = ("data", "nbytes", "tensor")
+
+    def __init__(self, tensor: pb.TensorChunk, data: memoryview | None, nbytes: int) -> None:
+        self.tensor, self.data, self.nbytes = tensor, data, nbytes
+
+    @property
+    def model_version(self) -> int:
+        return self.tensor.model_version
+
+
+def parse_tensor_chunk(encoded: bytes) -> ReceivedTensor:
+    """A gRPC deserializer for GetModel: `TensorChunk.FromString` without copying the
+    payload into the message and out again; `nbytes` is the message's encoded size."""
+    rest, payload = _split_data(memoryview(encoded))
+    tensor = pb.TensorChunk()
+    try:
+        tensor.ParseFromString(rest)
+    except DecodeError as error:
+        raise WireError(f"a malformed tensor chunk: {error}") from None
+    return ReceivedTensor(tensor, payload, len(encoded))
+
+
 def serialize(message: bytes | pb.TensorChunk | pb.UpdateChunk) -> bytes:
     """A gRPC serializer for streams of `serialized_*` chunks mixed with messages."""
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -350,9 +378,10 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 class _Incoming:
     """One tensor being received: its preallocated storage and how much has arrived."""
 
-    def __init__(self, spec: TensorSpec) -> None:
+    def __init__(self, spec: TensorSpec, pool: BufferPool | None) -> None:
         self.spec = spec
-        self.storage = torch.empty(spec.nbytes, dtype=torch.uint8)
+        self.storage = (torch.empty(spec.nbytes, dtype=torch.uint8) if pool is None
+                        else torch.from_numpy(pool.take(spec.nbytes)))
         self.view = memoryview(self.storage.numpy())  # chunks are written through this
         self.filled = 0
 
@@ -376,10 +405,14 @@ class TensorAssembler:
 
     Holds one model's worth of bytes at most. `finish()` returns the tensors only if
     every expected tensor arrived complete and finite; otherwise it raises WireError.
+    With `pool`, raw tensors are received into its reused buffers (already mapped)
+    instead of fresh memory.
     """
 
-    def __init__(self, schema: Schema, *, max_bytes: int | None = None) -> None:
+    def __init__(self, schema: Schema, *, max_bytes: int | None = None,
+                 pool: BufferPool | None = None) -> None:
         self._schema = schema
+        self._pool = pool
         self._max_bytes = max_bytes if max_bytes is not None else sum(
             s.nbytes for s in schema.values())
         self._incoming: dict[str, _Incoming] = {}
@@ -390,11 +423,12 @@ class TensorAssembler:
     def bytes_received(self) -> int:
         return self._received
 
-    def add(self, chunk: pb.TensorChunk | ReceivedChunk) -> None:
-        """One chunk: a TensorChunk, or a `ReceivedChunk` whose tensor's payload is a view."""
-        if isinstance(chunk, ReceivedChunk):
+    def add(self, chunk: pb.TensorChunk | ReceivedChunk | ReceivedTensor) -> None:
+        """One chunk: a TensorChunk, or a `ReceivedChunk` / `ReceivedTensor` whose
+        payload is a view of the received bytes."""
+        if isinstance(chunk, (ReceivedChunk, ReceivedTensor)):
             data = chunk.data
-            chunk = chunk.message.tensor
+            chunk = chunk.tensor
             if data is None:
                 data = chunk.data
         else:
@@ -420,7 +454,7 @@ class TensorAssembler:
             raise WireError(f"update exceeds {self._max_bytes} bytes", RejectReason.OVERSIZE)
         incoming = self._incoming.get(chunk.name)
         if incoming is None:
-            incoming = self._incoming[chunk.name] = _Incoming(expected)
+            incoming = self._incoming[chunk.name] = _Incoming(expected, self._pool)
         itemsize = _DTYPES[expected.dtype].itemsize
         if chunk.offset * itemsize != incoming.filled:
             raise WireError(

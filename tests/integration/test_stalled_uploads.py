@@ -16,7 +16,7 @@ from rawclient import RawClient, finish, job, start
 
 pytestmark = pytest.mark.timeout(240)
 
-STALLERS = 5  # more than the coordinator's upload slots (4 by default)
+STALLERS = 5  # more than the coordinator's upload slots (1 by default under fedavg)
 
 
 async def _stall_once(client: RawClient, release: asyncio.Event, codes: list[str]) -> None:

@@ -1,7 +1,8 @@
-"""The coordinator's memory is bounded however many clients upload at once: with
-`admission.concurrentUploads: 1` uploads are assembled one at a time
-(runtime/coordinator/uploads.py), so the running sum, the model and one upload is its peak. Eight real uploads over gRPC arrive together; the upload
-guard counts how many it ever held at once."""
+"""The coordinator's memory is bounded however many clients upload at once: with the
+job's defaults (fedavg, `admission.concurrentUploads` unset) uploads are assembled one at
+a time (runtime/coordinator/uploads.py), so the running sum and one upload are its peak:
+3x the model. Eight real uploads over gRPC arrive together; the upload guard counts how
+many it ever held at once."""
 
 from __future__ import annotations
 
@@ -29,8 +30,7 @@ async def _until(predicate, timeout: float = 60) -> None:
 
 async def _scenario() -> dict[str, object]:
     coordinator = await start(job("memory", clientsPerRound=UPLOADS, minClients=UPLOADS,
-                                  simulation={"clients": UPLOADS},
-                                  admission={"concurrentUploads": 1}), registration_timeout=60)
+                                  simulation={"clients": UPLOADS}), registration_timeout=60)
     guard = coordinator.engine.uploads
     delta = filled(coordinator.initial, 0.5)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:

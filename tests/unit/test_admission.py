@@ -17,7 +17,7 @@ from fedkube.runtime.aggregation.bounds import (
 )
 from fedkube.runtime.coordinator.admission import RegistrationGate, UpdateBounds
 from fedkube.runtime.coordinator.sessions import SessionBook
-from fedkube.runtime.coordinator.uploads import UploadGuard
+from fedkube.runtime.coordinator.uploads import ASSEMBLING, UploadGuard, assembling_slots
 from fedkube.runtime.messages import Rejected, RejectReason
 from fedkube.runtime.spec import AdmissionSpec
 from hypothesis import given, settings
@@ -171,6 +171,33 @@ def test_upload_guard_cuts_off_stalls_and_frees_the_slot() -> None:
 
     assert asyncio.run(scenario()) == [RejectReason.UPLOAD_IN_FLIGHT,
                                        RejectReason.UPLOAD_STALLED, None]
+
+
+def test_unset_concurrent_uploads_keep_a_folding_round_within_three_models() -> None:
+    model = 4 * 1_000_000  # a float32 model of a million parameters
+    # Beside a float64 sum (two models) one upload fits in three models; never none.
+    assert assembling_slots(model_bytes=model, sum_bytes=2 * model) == 1
+    assert assembling_slots(model_bytes=model, sum_bytes=3 * model) == 1
+    # A float64 model's sum is one model: two uploads fit beside it.
+    assert assembling_slots(model_bytes=8_000_000, sum_bytes=8_000_000) == 2
+    assert assembling_slots(model_bytes=model, sum_bytes=2 * model, budget=6) == 4
+    # Robust rules buffer every update anyway: the uploads do not set their memory.
+    assert assembling_slots(model_bytes=model, sum_bytes=None) == ASSEMBLING
+
+
+def test_the_engine_takes_its_upload_slots_from_the_rule_unless_the_job_says() -> None:
+    from fedkube.runtime.coordinator.engine import RoundEngine
+    from fedkube.runtime.spec import parse_job
+
+    def slots(**spec: object) -> int:
+        job = parse_job({"apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+                         "metadata": {"name": "slots"},
+                         "spec": {"model": "mlp", "data": {"dataset": "digits"}, **spec}})
+        return RoundEngine(job).uploads.slots
+
+    assert slots() == 1  # fedavg of a float32 model: the sum and one upload
+    assert slots(strategy={"name": "median"}) == ASSEMBLING
+    assert slots(admission={"concurrentUploads": 3}) == 3
 
 
 def test_json_logs_are_one_object_per_line_with_job_round_and_node() -> None:

@@ -157,3 +157,21 @@ def test_order_statistics_cross_slices_and_keep_shapes_and_dtypes() -> None:
     assert torch.equal(median["w"], reference)
     rows = torch.stack([u["n"].double() for u in updates]).sort(dim=0).values
     assert torch.equal(median["n"], torch.round(rows[2:4].mean(dim=0)).to(torch.int64))
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("rule", ["median", "trimmed"])
+def test_order_statistics_refuse_a_non_finite_value_naming_update_and_tensor(
+        poison: float, rule: str) -> None:
+    # float32 tensors are proven finite inside the compiled order (no read of their own),
+    # the float16 one by the plain check: both must name where the poison is.
+    generator = torch.Generator().manual_seed(11)
+    updates = [{"w": torch.randn(LONG, generator=generator),
+                "h": torch.randn(5, generator=generator).to(torch.float16)} for _ in range(7)]
+    aggregate = (coordinate_median if rule == "median"
+                 else lambda u: trimmed_mean(u, beta=0.2))
+    for name, position in (("w", LONG - 2), ("h", 1)):
+        poisoned = [{k: v.clone() for k, v in u.items()} for u in updates]
+        poisoned[4][name][position] = poison
+        with pytest.raises(ValueError, match=f"update 4 tensor '{name}' contains NaN or Inf"):
+            aggregate(poisoned)

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 from fedkube.runtime.aggregation import RoundAggregator, WeightedSum
-from fedkube.runtime.aggregation._kernels import fold_group, sum_of_squares
+from fedkube.runtime.aggregation._kernels import (
+    dot,
+    fold_group,
+    squares_and_dot,
+    sum_of_squares,
+)
 from fedkube.runtime.aggregation.catalog import AggregationConfig
 
 SIZE = 5_003  # not a multiple of anything the loops unroll by
@@ -104,7 +109,44 @@ def test_kernels_against_numpy() -> None:
     assert np.array_equal(acc, expected)
     squares = float(np.sum(xs[0].astype(np.float64) ** 2))
     assert sum_of_squares(xs[0]) == pytest.approx(squares, rel=1e-12)
+    inner = float(np.dot(xs[0].astype(np.float64), xs[1].astype(np.float64)))
+    assert dot(xs[0], xs[1]) == pytest.approx(inner, rel=1e-12)
+    assert squares_and_dot(xs[0], xs[1]) == pytest.approx((squares, inner), rel=1e-12)
+    with pytest.raises(ValueError, match="arrays of 5003 and 5002 values"):
+        dot(xs[0], xs[1][1:])
     xs[0][17] = np.inf
     assert not np.isfinite(sum_of_squares(xs[0]))
     with pytest.raises(ValueError, match="7 arrays but 6 weights"):
         fold_group(acc, xs, weights[:6])
+
+
+def test_fednova_holds_like_fedavg_and_a_transform_holds_nothing() -> None:
+    updates = _updates(3)
+    fednova = RoundAggregator(AggregationConfig(rule="fednova"), updates[0], max_buffered=0,
+                              hold=3)
+    one_at_a_time = RoundAggregator(AggregationConfig(rule="fednova"), updates[0],
+                                    max_buffered=0)
+    for index, update in enumerate(updates):
+        fednova.add(f"node-{index}", update, 10 + index, local_steps=index + 1)
+        one_at_a_time.add(f"node-{index}", update, 10 + index, local_steps=index + 1)
+    assert fednova.held == 3
+    fednova.flush()
+    assert fednova.held == 0
+    held, plain = fednova.finish().mean_delta, one_at_a_time.finish().mean_delta
+    assert all(torch.equal(held[k], plain[k]) for k in plain)
+    # A transform's output is a fresh copy: holding it would cost memory.
+    transformed = RoundAggregator(AggregationConfig(rule="fedavg"), updates[0], max_buffered=0,
+                                  hold=3, transform=lambda delta: {k: v.clone() for k, v in delta.items()})
+    transformed.add("node-0", updates[0], 10)
+    assert transformed.held == 0
+
+
+def test_the_check_read_also_gives_the_inner_product_with_a_reference() -> None:
+    updates = _updates(2, seed=5)
+    reference = {k: v for k, v in updates[1].items() if k != "n"}  # floating tensors only
+    stats = WeightedSum(updates[0]).add(updates[0], 1.0, reference=reference)
+    expected = sum(float(updates[0][k].double().dot(reference[k].double())) for k in ("w", "h"))
+    assert stats.dot == pytest.approx(expected, rel=1e-12)
+    norm = float(torch.cat([updates[0][k].double() for k in ("w", "h")]).norm())
+    assert stats.norm == pytest.approx(norm, rel=1e-5)  # float16's norm is taken in float16
+    assert WeightedSum(updates[0]).add(updates[0], 1.0).dot is None

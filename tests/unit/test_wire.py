@@ -162,6 +162,78 @@ def test_received_chunks_assemble_without_copying_the_message_first() -> None:
         wire.parse_update_chunk(b"\x12" + bytes([len(inner)]) + inner)
 
 
+def test_model_chunks_parse_without_copying_and_keep_every_check() -> None:
+    from fedkube.runtime.proto import fedkube_pb2 as pb
+
+    weights = _weights()
+    schema = wire.schema_of(weights)
+    for encoded in (list(wire.serialized_chunks(weights, model_version=4, chunk_bytes=16)),
+                    [m.SerializeToString() for m in wire.to_chunks(weights, model_version=4)]):
+        assembler = wire.TensorAssembler(schema)
+        for data in encoded:
+            part = wire.parse_tensor_chunk(data)
+            assert part.model_version == 4 and part.nbytes == len(data)
+            assert part.tensor.data == b""  # the payload stayed in gRPC's bytes
+            assembler.add(part)
+        back = assembler.finish()
+        assert all(torch.equal(back[name], tensor) for name, tensor in weights.items())
+    stray = next(wire.serialized_chunks({"other": torch.ones(2)}))
+    with pytest.raises(wire.WireError, match="unexpected tensor 'other'"):
+        wire.TensorAssembler(schema).add(wire.parse_tensor_chunk(stray))
+    cut = pb.TensorChunk(name="fc.bias").SerializeToString() + b"\x2a\x64" + bytes(10)
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.parse_tensor_chunk(cut)
+
+
+def test_model_deltas_assemble_from_zero_copy_chunks_into_pooled_buffers() -> None:
+    from fedkube.runtime.compression.downlink import model_delta
+
+    old = {"w": torch.randn(64, 64), "b": torch.randn(64), "steps": torch.tensor(3)}
+    new = {name: t + 1 for name, t in old.items()}
+    parts = {"w": model_delta(old, new)["w"], "b": new["b"], "steps": new["steps"]}
+    pool = wire.BufferPool(max_bytes=1 << 20)
+    for _ in range(2):  # the second time from the first one's buffers
+        assembler = wire.ModelAssembler(wire.schema_of(old), held=old, held_version=7,
+                                        pool=pool)
+        for data in wire.serialized_model_chunks(parts, model_version=8, base_version=7,
+                                                 chunk_bytes=1024):
+            assembler.add(wire.parse_tensor_chunk(data))
+        back = assembler.finish()
+        assert all(torch.equal(back[name], t) for name, t in new.items())
+        del back, assembler
+    assert pool.reused == 2  # the two raw tensors; the delta's result is its own
+
+
+def test_pooled_memory_is_reused_only_once_nothing_uses_it() -> None:
+    pool = wire.BufferPool(max_bytes=1 << 20)
+    weights = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    schema = wire.schema_of(weights)
+
+    def receive(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assembler = wire.TensorAssembler(schema, pool=pool)
+        for data in wire.serialized_chunks(tensors, chunk_bytes=1024):
+            assembler.add(wire.parse_tensor_chunk(data))
+        return dict(assembler.finish())
+
+    kept = receive(weights)
+    row = kept["w"][3]  # a view keeps the whole buffer in use
+    del kept
+    other = receive({name: t + 1 for name, t in weights.items()})
+    assert pool.reused == 1  # the bias's memory came back, the weight's not: `row` views it
+    assert torch.equal(row, weights["w"][3])  # and it was not written over
+    address = other["w"].data_ptr()
+    del other
+    again = receive(weights)
+    assert pool.reused == 3 and again["w"].data_ptr() == address  # the same memory, mapped
+    assert all(torch.equal(again[name], t) for name, t in weights.items())
+    del row, again
+    assert pool.spare_bytes <= pool.max_bytes
+    small = wire.BufferPool(max_bytes=100)  # spares beyond its bound are freed
+    del_me = small.take(4096)
+    del del_me
+    assert small.spare_bytes == 0
+
+
 def test_the_allocator_tuning_defers_to_the_users_own_settings() -> None:
     from fedkube.runtime.wire.allocator import keep_large_buffers_mapped
 
