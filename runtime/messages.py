@@ -167,3 +167,4 @@ class UpdateHeader:
     refusal_reason: str = ""
     compression: str = ""  # the setting the client applied, e.g. "top1%+q8"
     uplink_bytes_per_second: float = 0.0  # its last measured upload throughput
+    upload_bytes: int = 0  # tensor payload bytes that follow (0: not said)

@@ -453,8 +453,9 @@ class AdmissionSpec(_Model):
     )
     concurrent_uploads: int | None = Field(
         None, ge=1, le=1024,
-        description="Uploads the coordinator receives and assembles at once; each holds "
-        "one model's worth of memory until it is folded, and the others wait their turn "
+        description="Models' worth of uploads the coordinator receives and assembles at "
+        "once (a compressed upload takes only the bytes it declares); each is held until "
+        "it is folded, and the others wait their turn "
         "(one stalled client holds up those behind it until uploadIdleSeconds). Null: as "
         "many as keep a round that folds into a running sum within 3x the model (the sum "
         "and the uploads: 1 for a float32 model), 4 for robust rules (which buffer every "

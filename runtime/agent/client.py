@@ -318,7 +318,8 @@ class Agent:
                 payload=Payload.DELTA, num_samples=result.num_samples, metrics=result.metrics,
                 epsilon_spent=result.epsilon, delta=result.delta,
                 compression=setting.describe(),
-                uplink_bytes_per_second=self.uplink_bytes_per_second)
+                uplink_bytes_per_second=self.uplink_bytes_per_second,
+                upload_bytes=compressed.sent_bytes)
             started = loop.time()
             reply = await stub.SubmitUpdate(
                 _update_stream(header, compressed.parts, self.config.network),

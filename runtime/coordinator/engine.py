@@ -173,7 +173,7 @@ class RoundEngine:
         self.history: list[RoundRecord] = []
         self.aggregation = aggregation_config(self.spec.strategy)
         # Uploads being assembled are bounded (memory); stalled ones are cut off.
-        self.uploads = UploadGuard(slots=self._upload_slots(),
+        self.uploads = UploadGuard(slots=self._upload_slots(), slot_bytes=self.model_bytes,
                                    idle_seconds=admission.upload_idle_seconds,
                                    total_seconds=admission.upload_timeout_seconds)
         self.policy = JobPolicy(self.spec, min_updates=minimum_updates(self.aggregation))

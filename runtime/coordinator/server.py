@@ -186,18 +186,25 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if header.payload is Payload.REFUSAL:
             self.engine.record_refusal(header)
             return pb.SubmitReply(accepted=True, message="refusal recorded")
-        async with self.engine.uploads.slot(header.node_id):
+        uploads = self.engine.uploads
+        room = uploads.reservation(header.upload_bytes)
+        declared = room < uploads.slot_bytes  # a smaller room than a whole model's
+        async with uploads.slot(header.node_id, room):
             # Fresh memory, not a BufferPool's: a spare upload kept mapped would sit beside
             # the running sum and the round's mean at close, 4x the model instead of 3x.
-            assembler = wire.TensorAssembler(self.engine.schema)
+            assembler = wire.TensorAssembler(self.engine.schema,
+                                             max_bytes=room if declared else None)
             try:
-                async for part in self.engine.uploads.rest(chunks):
+                async for part in uploads.rest(chunks):
                     if not part.HasField("tensor"):
                         raise Rejected(RejectReason.MALFORMED,
                                        "a second UpdateHeader in one update")
                     assembler.add(part)
                 delta = assembler.finish()
             except wire.WireError as error:
+                if declared and error.reason is RejectReason.OVERSIZE:
+                    raise Rejected(error.reason, f"{error} (its header's upload_bytes "
+                                   f"declared {header.upload_bytes})") from None
                 raise Rejected(error.reason, str(error)) from None
             await self.engine.accept_update(header, delta, assembler.bytes_received)
             del delta, assembler  # released before the next upload takes the slot

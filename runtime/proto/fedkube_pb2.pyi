@@ -281,7 +281,7 @@ class TensorEncoding(_message.Message):
     def __init__(self, count: _Optional[int] = ..., sparse: bool = ..., bits: _Optional[int] = ..., block: _Optional[int] = ..., lossless: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("node_id", "round", "model_version", "num_samples", "metrics", "epsilon_spent", "delta", "payload", "refusal_reason", "compression", "uplink_bytes_per_second")
+    __slots__ = ("node_id", "round", "model_version", "num_samples", "metrics", "epsilon_spent", "delta", "payload", "refusal_reason", "compression", "uplink_bytes_per_second", "upload_bytes")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +300,7 @@ class UpdateHeader(_message.Message):
     REFUSAL_REASON_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     UPLINK_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     round: int
     model_version: int
@@ -311,7 +312,8 @@ class UpdateHeader(_message.Message):
     refusal_reason: str
     compression: str
     uplink_bytes_per_second: float
-    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., payload: _Optional[str] = ..., refusal_reason: _Optional[str] = ..., compression: _Optional[str] = ..., uplink_bytes_per_second: _Optional[float] = ...) -> None: ...
+    upload_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., epsilon_spent: _Optional[float] = ..., delta: _Optional[float] = ..., payload: _Optional[str] = ..., refusal_reason: _Optional[str] = ..., compression: _Optional[str] = ..., uplink_bytes_per_second: _Optional[float] = ..., upload_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "tensor")

@@ -199,7 +199,8 @@ def header_to_pb(header: UpdateHeader) -> pb.UpdateHeader:
         epsilon_spent=header.epsilon_spent, delta=header.delta,
         payload=header.payload.value, refusal_reason=header.refusal_reason,
         compression=header.compression,
-        uplink_bytes_per_second=header.uplink_bytes_per_second)
+        uplink_bytes_per_second=header.uplink_bytes_per_second,
+        upload_bytes=header.upload_bytes)
 
 
 def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
@@ -214,7 +215,8 @@ def header_from_pb(message: pb.UpdateHeader) -> UpdateHeader:
         payload=payload, num_samples=message.num_samples, metrics=dict(message.metrics),
         epsilon_spent=message.epsilon_spent, delta=message.delta,
         refusal_reason=message.refusal_reason, compression=message.compression,
-        uplink_bytes_per_second=message.uplink_bytes_per_second)
+        uplink_bytes_per_second=message.uplink_bytes_per_second,
+        upload_bytes=message.upload_bytes)
 
 
 # ------------------------------------------------------------ secure aggregation

@@ -24,9 +24,9 @@ def _pieces(client: RawClient, tensors: dict[str, torch.Tensor]) -> list[pb.Upda
         tensors, model_version=client.plan.model_version, chunk_bytes=SMALL_CHUNKS)]
 
 
-async def _send(client: RawClient, pieces: list[pb.UpdateChunk]) -> object:
+async def _send(client: RawClient, pieces: list[pb.UpdateChunk], **header: object) -> object:
     async def stream() -> AsyncIterator[pb.UpdateChunk]:
-        yield pb.UpdateChunk(header=client.header())
+        yield pb.UpdateChunk(header=client.header(**header))
         for piece in pieces:
             yield piece
 
@@ -38,13 +38,15 @@ async def _send(client: RawClient, pieces: list[pb.UpdateChunk]) -> object:
 
 
 async def _scenario() -> dict[str, object]:
-    coordinator = await start(job("late", clientsPerRound=3, simulation={"clients": 3}),
+    coordinator = await start(job("late", clientsPerRound=4, simulation={"clients": 4}),
                               registration_timeout=30)
     seen: dict[str, object] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
-        nan_tail, bad_tail, honest = [await RawClient.join(channel, name, samples=10)
-                                      for name in ("nan-tail", "bad-tail", "honest")]
-        await asyncio.gather(*(c.open().next_task() for c in (nan_tail, bad_tail, honest)))
+        nan_tail, bad_tail, understated, honest = [
+            await RawClient.join(channel, name, samples=10)
+            for name in ("nan-tail", "bad-tail", "understated", "honest")]
+        clients = (nan_tail, bad_tail, understated, honest)
+        await asyncio.gather(*(c.open().next_task() for c in clients))
         weights = coordinator.initial
         last = next(reversed(weights))
         # Every chunk well-formed; a NaN in the very last element of the last tensor.
@@ -62,9 +64,17 @@ async def _scenario() -> dict[str, object]:
         pieces[late].tensor.offset = 0
         seen["order"] = await _send(bad_tail, pieces)
         seen["order:untouched"] = coordinator.untouched()
-        # The honest update, after both refusals.
-        seen["honest"] = await _send(honest, _pieces(honest, filled(weights, 0.5)))
-        status = await finish(coordinator, nan_tail, bad_tail, honest)
+        # Its header declares a tenth of what it sends (to share the room compressed
+        # uploads get): refused once it passes what it declared.
+        pieces = _pieces(understated, filled(weights, 11.0))
+        payload = sum(len(piece.tensor.data) for piece in pieces)
+        seen["understated"] = await _send(understated, pieces, upload_bytes=payload // 10)
+        seen["understated:untouched"] = coordinator.untouched()
+        # The honest update, after the refusals, declaring exactly what it sends.
+        pieces = _pieces(honest, filled(weights, 0.5))
+        seen["honest"] = await _send(honest, pieces, upload_bytes=sum(
+            len(piece.tensor.data) for piece in pieces))
+        status = await finish(coordinator, *clients)
     seen.update(phase=status.phase.value, moved=coordinator.moved())
     return seen
 
@@ -76,7 +86,9 @@ def test_an_update_refused_by_its_last_chunk_leaves_no_trace() -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in details
     code, details = seen["order"]
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "out of order" in details
-    assert seen["nan:untouched"] and seen["order:untouched"]
+    code, details = seen["understated"]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "upload_bytes" in details
+    assert seen["nan:untouched"] and seen["order:untouched"] and seen["understated:untouched"]
     assert seen["honest"] == "accepted"
     assert seen["phase"] == "Succeeded"
     # Only the honest update moved the model: by 0.5 everywhere (to float32 rounding of

@@ -214,3 +214,76 @@ def test_json_logs_are_one_object_per_line_with_job_round_and_node() -> None:
     entry = json.loads(line)
     assert (entry["job"], entry["round"], entry["node"]) == ("j", 3, "n1")
     assert entry["message"] == "refused n1" and entry["level"] == "WARNING"
+
+
+def test_upload_guard_holds_declared_bytes_together_and_serves_waiters_in_order() -> None:
+    async def scenario() -> list[str]:
+        guard = UploadGuard(slots=1, slot_bytes=100, idle_seconds=1, total_seconds=30)
+        order: list[str] = []
+        release = {name: asyncio.Event() for name in ("small-1", "small-2", "whole", "late")}
+
+        async def upload(name: str, nbytes: int | None) -> None:
+            async with guard.slot(name, nbytes):
+                order.append(f"+{name}")
+                await release[name].wait()
+            order.append(f"-{name}")
+
+        tasks = [asyncio.create_task(upload("small-1", 40)),
+                 asyncio.create_task(upload("small-2", 40))]
+        while guard.held < 2:  # two compressed uploads share one model's room
+            await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(upload("whole", None)))  # not said: a whole slot
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(upload("late", 10)))  # would fit, but queues behind
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert guard.held == 2 and "+late" not in order
+        release["small-1"].set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert "+whole" not in order  # 60 of 100 free: the whole model waits for more
+        release["small-2"].set()
+        while "+whole" not in order:
+            await asyncio.sleep(0)
+        assert "+late" not in order  # 0 free while the whole model assembles
+        release["whole"].set()
+        release["late"].set()
+        await asyncio.gather(*tasks)
+        assert guard.peak_bytes == 100 and guard.peak_held == 2 and guard.held == 0
+        return order
+
+    assert asyncio.run(scenario()) == [
+        "+small-1", "+small-2", "-small-1", "-small-2", "+whole", "-whole", "+late", "-late"]
+
+
+def test_upload_guard_reserves_a_whole_slot_for_a_claim_it_cannot_trust() -> None:
+    guard = UploadGuard(slots=2, slot_bytes=100, idle_seconds=1, total_seconds=30)
+    assert guard.budget_bytes == 200
+    assert [guard.reservation(n) for n in (None, 0, -5, 1, 100, 101, 10**12)] == [
+        100, 100, 100, 1, 100, 100, 100]
+
+
+def test_an_upload_that_gives_up_waiting_leaves_no_claim_behind() -> None:
+    async def scenario() -> None:
+        guard = UploadGuard(slots=1, slot_bytes=100, idle_seconds=1, total_seconds=0.2)
+        hold = asyncio.Event()
+
+        async def holder() -> None:
+            async with guard.slot("holder"):
+                await hold.wait()
+
+        held = asyncio.create_task(holder())
+        while guard.held < 1:
+            await asyncio.sleep(0)
+        with pytest.raises(Rejected) as busy:
+            async with guard.slot("waiter"):
+                pass
+        assert busy.value.reason is RejectReason.UPLOAD_BUSY
+        assert guard.in_flight() == {"holder"}
+        hold.set()
+        await held
+        async with guard.slot("next"):  # the whole room is back, no stale waiter ahead
+            assert guard.held == 1
+        assert guard.held == 0 and not guard.in_flight()
+
+    asyncio.run(scenario())
