@@ -56,6 +56,10 @@ def _samples(node_id: str) -> int:
     return 50 + int(node_id[-2:])
 
 
+def _nobody_live(node_id: str) -> bool:
+    return False
+
+
 def test_waiting_deltas_get_their_own_answers_and_the_sequential_mean() -> None:
     async def together() -> tuple[Round, list[object]]:
         engine = _engine()
@@ -65,11 +69,12 @@ def test_waiting_deltas_get_their_own_answers_and_the_sequential_mean() -> None:
         poisoned = {k: v.clone() for k, v in deltas["node-01"].items()}
         next(iter(poisoned.values())).view(-1)[3] = float("nan")
         huge = {k: v * 1e6 for k, v in deltas["node-02"].items()}
-        calls = [opened.fold(_header(opened, node, _samples(node)), delta, set(deltas))
+        live = set(deltas).__contains__
+        calls = [opened.fold(_header(opened, node, _samples(node)), delta, live)
                  for node, delta in deltas.items() if node not in ("node-01", "node-02")]
-        calls += [opened.fold(_header(opened, "node-01", 51), poisoned, set(deltas)),
-                  opened.fold(_header(opened, "node-02", 52), huge, set(deltas)),
-                  opened.fold(_header(opened, "node-03", 53), deltas["node-03"], set(deltas))]
+        calls += [opened.fold(_header(opened, "node-01", 51), poisoned, live),
+                  opened.fold(_header(opened, "node-02", 52), huge, live),
+                  opened.fold(_header(opened, "node-03", 53), deltas["node-03"], live)]
         answers = await asyncio.gather(*calls, return_exceptions=True)
         return opened, answers
 
@@ -79,7 +84,7 @@ def test_waiting_deltas_get_their_own_answers_and_the_sequential_mean() -> None:
         assert isinstance(opened, Round)
         for node, delta in _deltas(engine).items():
             if node not in ("node-01", "node-02"):
-                await opened.fold(_header(opened, node, _samples(node)), delta, set())
+                await opened.fold(_header(opened, node, _samples(node)), delta, _nobody_live)
         return opened
 
     opened, answers = asyncio.run(together())
@@ -110,12 +115,12 @@ def test_a_delta_waiting_when_the_round_closes_is_refused_as_late() -> None:
         assert isinstance(opened, Round)
         deltas = _deltas(engine)
         first = asyncio.ensure_future(opened.fold(
-            _header(opened, "node-00", 50), deltas["node-00"], set(deltas)))
+            _header(opened, "node-00", 50), deltas["node-00"], set(deltas).__contains__))
         await asyncio.sleep(0)  # it takes the fold lock
         closing = asyncio.ensure_future(opened.close())
         await asyncio.sleep(0)  # the close waits for the lock next
         late = asyncio.ensure_future(opened.fold(
-            _header(opened, "node-04", 54), deltas["node-04"], set(deltas)))
+            _header(opened, "node-04", 54), deltas["node-04"], set(deltas).__contains__))
         answers = await asyncio.gather(first, late, return_exceptions=True)
         result = await closing
         assert result.accepted == ("node-00",)
