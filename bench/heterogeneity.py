@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=None,
                         help="target accuracy (default 0.85 on mnist5k, 0.80 on digits)")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the scale parts")
-    parser.add_argument("--seeds", default="1,2,3",
+    parser.add_argument("--seeds", default="1,2,3,4,5",
                         help="(a): seeds, each variant once per seed; the median ratio is "
                         "the headline (comma-separated)")
     parser.add_argument("--only-accuracy", action="store_true",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import secrets
 import time
@@ -85,7 +84,7 @@ from .quarantine import (
 from .registry import Client, ClientRegistry
 from .round import FOLD_TOGETHER, Round, RoundResult, select_clients
 from .secure_round import SecureRound, distributed_noise_std, secure_config
-from .selection import candidate_of, choose, record_choices, selection_config
+from .selection import candidate_of, choose, draw_size, record_choices, selection_config
 from .status import StatusSink
 from .strategy import aggregation_config
 from .traffic import traffic
@@ -549,10 +548,10 @@ class RoundEngine:
         if self.selection.mode == "random":
             return select_clients(eligible, wanted=wanted, expected_dropout=expected_dropout,
                                   rng=self.rng)
-        # Exploration picks come on top, and the round closes at `wanted` updates (Oort's
-        # over-commitment): a slow explorer costs its own update, not everyone's time.
-        padded = min(len(eligible), math.ceil(wanted / max(1e-6, 1.0 - expected_dropout))
-                     + math.ceil(self.selection.exploration * wanted))
+        # Over-committed, and the round closes at `wanted` updates (Oort): a slow pick
+        # costs its own update, not everyone's time.
+        padded = draw_size(wanted, eligible=len(eligible), expected_dropout=expected_dropout,
+                           exploration=self.selection.exploration)
         candidates = [candidate_of(c) for c in eligible]
         ids, choices = choose(candidates, wanted=padded, config=self.selection, rng=self.rng)
         record_choices(eligible, choices)

@@ -9,7 +9,8 @@ it is slower than the preferred round time T:
     U_i = n_i * loss_i * (T / t_i) ** alpha   if t_i > T,   n_i * loss_i   otherwise
 
 A share of every draw is left to exploration (clients never measured come first, so new
-ones get a turn), and clients with poor reliability, high suspicion or in quarantine are
+ones get a turn). The draw over-commits (Oort's 1.3x, `draw_size`): the round closes at
+the updates it wants, so the slowest of the drawn cost only their own updates. Clients with poor reliability, high suspicion or in quarantine are
 avoided. Everything here is O(clients) per draw and works on plain `Candidate` records,
 so it is tested without a coordinator.
 """
@@ -32,6 +33,11 @@ SelectionMode = Literal["random", "adaptive"]
 
 # A reliability needs a few dispatches before it says anything.
 _MIN_DISPATCHES = 3
+
+#: Clients drawn per update a round wants, before dropout (Oort's default, Lai et al.
+#: 2021, section 5): the round closes at `wanted`, so the slowest ~23% drawn are not
+#: waited for, most of all in a first round, when no client's speed is known yet.
+OVERCOMMIT = 1.3
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,17 @@ def utility(candidate: Candidate, *, preferred_seconds: float | None, alpha: flo
     if preferred_seconds and seconds and seconds > preferred_seconds:
         statistical *= (preferred_seconds / seconds) ** alpha
     return statistical
+
+
+def draw_size(wanted: int, *, eligible: int, expected_dropout: float, exploration: float,
+              overcommit: float = OVERCOMMIT) -> int:
+    """Clients adaptive selection asks for a round that closes at `wanted` updates:
+    `wanted` over-committed (and padded for the dropout seen so far), with at least the
+    exploration picks on top, and never more than are eligible."""
+    padded = wanted / max(1e-6, 1.0 - expected_dropout)
+    size = max(math.ceil(padded * overcommit - 1e-9),
+               math.ceil(padded - 1e-9) + math.ceil(exploration * wanted - 1e-9))
+    return max(0, min(eligible, size))
 
 
 def choose(candidates: Sequence[Candidate], *, wanted: int, config: SelectionConfig,

@@ -20,7 +20,7 @@ from fedkube.runtime.aggregation import (
     staleness_weight,
 )
 from fedkube.runtime.coordinator.local_work import full_steps, local_steps, target_seconds
-from fedkube.runtime.coordinator.selection import Candidate, SelectionConfig, choose
+from fedkube.runtime.coordinator.selection import Candidate, SelectionConfig, choose, draw_size
 from fedkube.runtime.plan import Drills, plan_for
 from fedkube.runtime.spec import ManifestError, parse_job_spec
 from fedkube.runtime.wire import convert
@@ -259,3 +259,23 @@ def test_plan_carries_the_drills_and_local_steps_over_the_wire() -> None:
 def test_spec_refuses_nonsense_naming_the_fields(spec: dict, field: str) -> None:
     with pytest.raises(ManifestError, match=field):
         parse_job_spec({"model": "mlp", **spec})
+
+
+@pytest.mark.parametrize(("wanted", "eligible", "dropout", "expected"), [
+    (5, 20, 0.0, 7),      # Oort's 1.3x: 6.5 rounds up
+    (10, 40, 0.0, 13),
+    (1, 10, 0.0, 2),      # one wanted, one spare
+    (5, 6, 0.0, 6),       # never more than are eligible
+    (10, 40, 0.5, 26),    # padded for dropout first, then over-committed
+    (0, 10, 0.0, 0),
+])
+def test_adaptive_draws_over_commit_and_stay_within_the_eligible(
+        wanted: int, eligible: int, dropout: float, expected: int) -> None:
+    size = draw_size(wanted, eligible=eligible, expected_dropout=dropout, exploration=0.2)
+    assert size == expected
+    # Never fewer than the dropout-padded draw plus the exploration picks.
+    assert size >= min(eligible, math.ceil(wanted / (1 - dropout)) + math.ceil(0.2 * wanted))
+
+
+def test_exploration_beyond_the_over_commitment_still_gets_its_picks() -> None:
+    assert draw_size(10, eligible=100, expected_dropout=0.0, exploration=0.5) == 15
