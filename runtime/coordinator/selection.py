@@ -10,9 +10,10 @@ it is slower than the preferred round time T:
 
 A share of every draw is left to exploration (clients never measured come first, so new
 ones get a turn). The draw over-commits (Oort's 1.3x, `draw_size`): the round closes at
-the updates it wants, so the slowest of the drawn cost only their own updates. Clients with poor reliability, high suspicion or in quarantine are
-avoided. Everything here is O(clients) per draw and works on plain `Candidate` records,
-so it is tested without a coordinator.
+the updates it wants, so the slowest of the drawn cost only their own updates. Clients
+with poor reliability, high suspicion or in quarantine are avoided. Everything here is
+O(clients) per draw and works on plain `Candidate` records, so it is tested without a
+coordinator.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ class UploadGuard:
             if granted.done() and not granted.cancelled():
                 self._release(size)  # granted just as the wait was given up
             else:
-                self._waiting.remove(entry)
+                if entry in self._waiting:  # `_grant` may have dropped it already
+                    self._waiting.remove(entry)
                 self._grant()  # those behind it may fit now
             raise
 
