@@ -246,17 +246,21 @@ class Round:
             return verdict[0].scale
 
         self.aggregator.add(node_id, delta, weight, bound=bound,
-                            local_steps=self.claimed_steps(header))
+                            local_steps=self.counted_steps(header))
         self.bounds.record(verdict[0])
         return verdict[0]
 
-    def claimed_steps(self, header: UpdateHeader) -> int:
-        """The local steps an update counts for (FedNova): what the client reported,
-        between 1 and what it was asked for, so no claim can inflate its weight."""
+    def counted_steps(self, header: UpdateHeader) -> int:
+        """The local steps an update counts for (FedNova divides its weight by them).
+        The plan fixes them wherever it has them: an honest agent takes exactly the
+        planned steps, and a claim of fewer would multiply the client's per-step weight
+        (one step claimed for 39 taken weighs 39 times). Only without a plan does the
+        client's report count, and then at least 1."""
         planned = self.planned_steps.get(header.node_id)
-        steps = header.metrics.get("steps", planned or 1)
-        steps = int(steps) if math.isfinite(steps) else 1
-        return max(1, min(steps, planned) if planned else steps)
+        if planned:
+            return planned
+        steps = header.metrics.get("steps", 1)
+        return max(1, int(steps)) if math.isfinite(steps) else 1
 
     def check_complete(self, live: IsLive) -> None:
         if len(self.accepted) >= self.wanted or not any(

@@ -177,3 +177,29 @@ def test_a_partly_filled_fedbuff_buffer_survives_a_coordinator_restart(tmp_path)
         return narrow
 
     assert asyncio.run(lowered()).round == 3
+
+
+def test_fednova_counts_the_planned_steps_whatever_a_client_claims() -> None:
+    """FedNova divides a delta's weight by its local steps, so a client that claimed one
+    step for the twenty it was asked to take would weigh twenty times its share."""
+    async def scenario() -> torch.Tensor:
+        engine = engine_for(_job(clientsPerRound=2, strategy={"name": "fednova"}))
+        _register(engine, 2)
+        opened = engine._open_round(1)
+        assert isinstance(opened, Round)
+        assert opened.planned_steps == {"node-0": 20, "node-1": 20}
+        engine.open_round = opened  # as _run_round does, without dispatching tasks
+        for node, claim, scale in (("node-0", 1, 1.0), ("node-1", 20, 3.0)):
+            header = UpdateHeader(node_id=node, round=1, model_version=engine.version,
+                                  payload=Payload.DELTA, num_samples=100,
+                                  metrics={"loss": 1.0, "steps": claim})
+            assert opened.counted_steps(header) == 20
+            await engine.accept_update(header, _delta(engine, scale), 10)
+        result = await opened.close()
+        assert result.aggregate is not None
+        return next(iter(result.aggregate.mean_delta.values()))
+
+    mean = asyncio.run(scenario())
+    # Equal samples, equal counted steps: the plain mean (1 + 3) / 2. Counting the claim
+    # of one step would give tau_eff * (0.5 * 1/1 + 0.5 * 3/20) = 10.5 * 0.575 ~ 6.04.
+    assert torch.allclose(mean, torch.full_like(mean, 2.0), rtol=1e-5)
