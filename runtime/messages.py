@@ -58,9 +58,12 @@ SESSION_METADATA = "fedkube-session"
 class Rejected(Exception):
     """A request the coordinator refuses; the text is for the client."""
 
-    def __init__(self, reason: RejectReason, message: str) -> None:
+    def __init__(self, reason: RejectReason, message: str, *, late: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        # An answer to a round that has closed: expected wherever a round closes at its
+        # quota or its deadline (adaptive selection over-commits), so not worth a warning.
+        self.late = late
 
 
 @dataclass(frozen=True)

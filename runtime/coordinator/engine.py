@@ -353,6 +353,9 @@ class RoundEngine:
         selection and the header's own values. Raises Rejected."""
         self._client(header.node_id)
         if self.open_round is None:
+            if 0 < header.round <= self.round:
+                raise Rejected(RejectReason.WRONG_ROUND, f"round {header.round} is over: a "
+                               "late update does not count", late=True)
             raise Rejected(RejectReason.WRONG_ROUND,
                            f"round {header.round} is not open: no round is open now "
                            f"(the last was {self.round})")
@@ -373,7 +376,8 @@ class RoundEngine:
 
     def refused(self, node_id: str, rejection: Rejected) -> None:
         """The servicer refused a request: count it and log it."""
-        log.warning("refused %s: %s", node_id or "request", rejection, extra={
+        log.log(logging.INFO if rejection.late else logging.WARNING,
+                "refused %s: %s", node_id or "request", rejection, extra={
             "job": self.name, "round": self.round + 1, "node": node_id or None,
             "reason": rejection.reason.label})
         client = self.registry.get(node_id)

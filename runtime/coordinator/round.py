@@ -113,12 +113,15 @@ class Round:
 
     def admit(self, header: UpdateHeader) -> None:
         """Refuse early what can be refused before reading tensors (Rejected)."""
+        if header.round < self.number:
+            raise Rejected(RejectReason.WRONG_ROUND, f"round {header.round} is over (round "
+                           f"{self.number} is open): a late update does not count", late=True)
         if header.round != self.number:
             raise Rejected(RejectReason.WRONG_ROUND,
                            f"round {header.round} is not open (current round {self.number})")
         if self.closed:
-            raise Rejected(RejectReason.WRONG_ROUND,
-                           f"round {header.round} is already closed")
+            raise Rejected(RejectReason.WRONG_ROUND, f"round {header.round} is already "
+                           "closed: a late update does not count", late=True)
         if header.node_id not in self.selected:
             raise Rejected(RejectReason.NOT_SELECTED,
                            f"node {header.node_id!r} was not selected for round {header.round}")

@@ -203,3 +203,34 @@ def test_fednova_counts_the_planned_steps_whatever_a_client_claims() -> None:
     # Equal samples, equal counted steps: the plain mean (1 + 3) / 2. Counting the claim
     # of one step would give tau_eff * (0.5 * 1/1 + 0.5 * 3/20) = 10.5 * 0.575 ~ 6.04.
     assert torch.allclose(mean, torch.full_like(mean, 2.0), rtol=1e-5)
+
+
+def test_an_answer_to_a_closed_round_is_refused_as_late_and_a_future_round_is_not() -> None:
+    """Adaptive selection over-commits, so late answers are routine: they are refused
+    (never folded) and logged at info; an update for a round that never opened is not late."""
+    async def scenario() -> list[Rejected]:
+        engine = engine_for(_job(clientsPerRound=2))
+        _register(engine, 2)
+        opened = engine._open_round(1)
+        assert isinstance(opened, Round)
+        engine.open_round = opened
+        await opened.close()
+        refusals = []
+        for round_number in (1, 2):
+            engine.round = 1  # round 1 has closed; round 2 is not open yet
+            header = UpdateHeader(node_id="node-0", round=round_number,
+                                  model_version=engine.version, payload=Payload.DELTA,
+                                  num_samples=100, metrics={"loss": 1.0})
+            for open_round in (opened, None):
+                engine.open_round = open_round
+                with pytest.raises(Rejected) as caught:
+                    await engine.accept_update(header, _delta(engine), 10)
+                refusals.append(caught.value)
+        return refusals
+
+    late_closed, late_none, future_closed, future_none = asyncio.run(scenario())
+    assert all(r.reason is RejectReason.WRONG_ROUND
+               for r in (late_closed, late_none, future_closed, future_none))
+    assert late_closed.late and late_none.late
+    assert not future_closed.late and not future_none.late and "not open" in str(future_none)
+    assert "late update does not count" in str(late_closed)
