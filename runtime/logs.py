@@ -15,6 +15,7 @@ import contextvars
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, MutableMapping
 
@@ -94,9 +95,27 @@ def quiet_grpc_core(environ: MutableMapping[str, str]) -> None:
     environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record comes, not the one there
+    was at set-up: a caller that swaps stderr and closes its stand-in (pytest's capture,
+    an embedding program) must not leave every later line a "Logging error"."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # handle() holds the handler's lock around emit
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.stream = sys.stderr
+        super().flush()
+
+
 def configure(level: int) -> None:
     """Set up the root logger from FEDKUBE_LOG_FORMAT (text unless `json`)."""
-    handler = logging.StreamHandler()
+    handler = CurrentStderrHandler()
     handler.addFilter(ContextFilter())
     if os.environ.get("FEDKUBE_LOG_FORMAT", "").lower() == "json":
         handler.setFormatter(JsonFormatter())

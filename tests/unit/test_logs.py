@@ -74,3 +74,25 @@ def test_json_mode_silences_grpcs_own_plain_text_lines_unless_asked() -> None:
     environ = {"GRPC_VERBOSITY": "debug"}
     logs.quiet_grpc_core(environ)
     assert environ == {"GRPC_VERBOSITY": "debug"}
+
+
+def test_the_handler_follows_stderr_when_a_stand_in_was_swapped_in_and_closed(
+        monkeypatch) -> None:
+    handler = logs.CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("fedkube.test-logs.stderr")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        stand_in = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stand_in)
+        logger.warning("first")
+        assert stand_in.getvalue() == "first\n"
+        stand_in.close()  # as pytest closes its capture at the end of a test
+        later = io.StringIO()
+        monkeypatch.setattr("sys.stderr", later)
+        logger.warning("second")
+        handler.flush()
+        assert later.getvalue() == "second\n"  # not "--- Logging error ---"
+    finally:
+        logger.removeHandler(handler)
