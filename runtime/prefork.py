@@ -16,6 +16,8 @@ are now (not as they were when the server started), stdout and stderr in its log
 Protocol, one JSON object a line: requests {"args", "log", "env", "cwd"} on the server's
 stdin; replies {"started": pid} in request order, and {"exited": pid, "code": n} (minus
 the signal number when a signal ended it, as subprocess does) whenever a child ends.
+When stdin closes, the server sends SIGTERM to every agent still running, so none
+outlives a `fedkube run` that was killed outright.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -202,10 +205,15 @@ def serve() -> NoReturn:
             replies.write(json.dumps(message).encode() + b"\n")
             replies.flush()
 
+    live: set[int] = set()
+    live_lock = threading.Lock()
+
     def reap() -> None:
         while True:
             running.acquire()
             pid, status = os.waitpid(-1, 0)
+            with live_lock:
+                live.discard(pid)
             reply({"exited": pid, "code": _status_code(status)})
 
     threading.Thread(target=reap, name="reaper", daemon=True).start()
@@ -215,8 +223,18 @@ def serve() -> NoReturn:
             pid = os.fork()
         if pid == 0:
             _become_agent(request)
+        with live_lock:
+            live.add(pid)
         running.release()
         reply({"started": pid})
+    # Whoever started us is done or dead (SIGKILLed, say): agents still running would be
+    # left retrying a coordinator that is gone, so each one's session is told to stop.
+    with live_lock:
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)  # the agent and whatever it started
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)  # one forked so lately it has no session yet
     os._exit(0)
 
 

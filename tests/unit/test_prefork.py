@@ -50,3 +50,31 @@ def test_stopping_agents_signals_each_in_its_own_session(tmp_path: Path) -> None
     codes = agents.stop(grace=0.0)
     assert codes == [agent.returncode] and codes[0] in (-signal.SIGTERM, -signal.SIGKILL, 0)
     assert (tmp_path / "agents" / "agents-00.log").exists()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may not reap it at once)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_agents_do_not_outlive_the_fork_server_when_its_caller_goes(tmp_path: Path) -> None:
+    # A fork server of its own (not this process's shared one): closing its request pipe
+    # is what the kernel does when a `fedkube run` is SIGKILLed.
+    from fedkube.runtime.local import agent_args
+    from fedkube.runtime.prefork import _Server
+
+    server = _Server()
+    log = tmp_path / "agent.log"
+    log.touch()
+    pid = server.start({"args": agent_args(port=_unused_port(), indexes=[0],
+                                           state_dir=tmp_path / "state"),
+                        "log": str(log), "env": dict(os.environ), "cwd": os.getcwd()})
+    _wait_for(lambda: os.getpgid(pid) == pid, timeout=60,
+              what="the agent to lead its own process group")
+    assert _running(pid)
+    server.close()
+    _wait_for(lambda: not _running(pid), timeout=60, what="the orphaned agent to stop")
